@@ -1,0 +1,399 @@
+//! The event model: positions (`Seq`, `JournalId`), source kinds, and the domain form of a
+//! filesystem change (`FsOp`). Wire messages from `proto` become these with `TryFrom`, which is
+//! where a malformed or hostile peer's input turns into a typed `EventError`.
+
+use std::fmt;
+
+use prost::Message;
+
+use crate::proto;
+use crate::relpath::{PathError, RelPath};
+
+/// A journal sequence number: dense and increasing across one agent's journal. 0 means
+/// "nothing yet" (or, on the wire, a resync snapshot entry).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seq(pub u64);
+
+impl Seq {
+    pub const ZERO: Seq = Seq(0);
+
+    pub fn next(self) -> Seq {
+        Seq(self.0 + 1)
+    }
+
+    pub fn prev(self) -> Seq {
+        Seq(self.0.saturating_sub(1))
+    }
+}
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Identity of one journal incarnation (16 random bytes, created with the journal).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct JournalId(pub [u8; 16]);
+
+impl JournalId {
+    pub fn random() -> Self {
+        JournalId(rand::random())
+    }
+
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        Some(JournalId(b.try_into().ok()?))
+    }
+}
+
+impl fmt::Display for JournalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for JournalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// What kind of data a source or target holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Fs,
+    Postgres,
+    Sqlite,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Fs => "fs",
+            SourceKind::Postgres => "postgres",
+            SourceKind::Sqlite => "sqlite",
+        }
+    }
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<SourceKind> for proto::SourceKind {
+    fn from(k: SourceKind) -> Self {
+        match k {
+            SourceKind::Fs => proto::SourceKind::Fs,
+            SourceKind::Postgres => proto::SourceKind::Postgres,
+            SourceKind::Sqlite => proto::SourceKind::Sqlite,
+        }
+    }
+}
+
+impl TryFrom<proto::SourceKind> for SourceKind {
+    type Error = EventError;
+    fn try_from(k: proto::SourceKind) -> Result<Self, EventError> {
+        match k {
+            proto::SourceKind::Fs => Ok(SourceKind::Fs),
+            proto::SourceKind::Postgres => Ok(SourceKind::Postgres),
+            proto::SourceKind::Sqlite => Ok(SourceKind::Sqlite),
+            proto::SourceKind::Unspecified => Err(EventError::Malformed("source kind unspecified".into())),
+        }
+    }
+}
+
+/// Why an event from a peer was refused. None of these are retried as-is: the sender has a bug
+/// or is hostile, or the record was corrupted (then the stream is restarted and it is re-sent).
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("checksum mismatch on seq {seq}: record says {expected:08x}, payload has {actual:08x}")]
+    Checksum { seq: u64, expected: u32, actual: u32 },
+    #[error("undecodable payload: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("malformed event: {0}")]
+    Malformed(String),
+    #[error("bad path: {0}")]
+    Path(#[from] PathError),
+}
+
+/// Largest block a `FileWrite` carries, and the unit of block-level deltas.
+pub const BLOCK_SIZE: usize = 64 * 1024;
+
+/// Most payload bytes one `FileWrite` event carries; bigger files span several events.
+pub const CHUNK_BYTES: usize = 1024 * 1024;
+
+/// One block of new file content at `offset`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Block {
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for Block {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never log file contents.
+        write!(f, "Block {{ offset: {}, len: {} }}", self.offset, self.data.len())
+    }
+}
+
+/// A part (or all) of a file's new content; see `proto::FileWrite`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileWrite {
+    pub path: RelPath,
+    pub first: bool,
+    pub last: bool,
+    pub delta: bool,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub blocks: Vec<Block>,
+    pub content_hash: Option<[u8; 32]>,
+}
+
+/// One filesystem change, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FsOp {
+    Write(FileWrite),
+    Mkdir { path: RelPath, mode: u32 },
+    Remove { path: RelPath },
+    Rename { from: RelPath, to: RelPath },
+    Chmod { path: RelPath, mode: u32 },
+    Symlink { path: RelPath, target: Vec<u8> },
+}
+
+impl FsOp {
+    /// The path this change is about (the destination for a rename).
+    pub fn path(&self) -> &RelPath {
+        match self {
+            FsOp::Write(w) => &w.path,
+            FsOp::Mkdir { path, .. }
+            | FsOp::Remove { path }
+            | FsOp::Chmod { path, .. }
+            | FsOp::Symlink { path, .. } => path,
+            FsOp::Rename { to, .. } => to,
+        }
+    }
+
+    /// Approximate size in memory and on the wire, for flow control.
+    pub fn approx_bytes(&self) -> usize {
+        match self {
+            FsOp::Write(w) => 64 + w.path.as_bytes().len() + w.blocks.iter().map(|b| b.data.len() + 16).sum::<usize>(),
+            _ => 64 + self.path().as_bytes().len(),
+        }
+    }
+}
+
+/// A change event in domain form.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    Fs(FsOp),
+    /// Opaque payloads of other source kinds, passed through untouched.
+    Other(proto::change_event::Change),
+}
+
+const MODE_MASK: u32 = 0o7777;
+
+impl TryFrom<proto::FsChange> for FsOp {
+    type Error = EventError;
+    fn try_from(c: proto::FsChange) -> Result<Self, EventError> {
+        use proto::fs_change::Op;
+        let path = |b: bytes::Bytes| RelPath::new(b.to_vec());
+        let op = c.op.ok_or_else(|| EventError::Malformed("fs change without op".into()))?;
+        Ok(match op {
+            Op::Write(w) => {
+                let mut blocks = Vec::with_capacity(w.blocks.len());
+                for b in w.blocks {
+                    if b.data.len() > CHUNK_BYTES {
+                        return Err(EventError::Malformed(format!("block of {} bytes", b.data.len())));
+                    }
+                    let end = b.offset.checked_add(b.data.len() as u64);
+                    if end.is_none_or(|e| e > w.size) {
+                        return Err(EventError::Malformed(format!(
+                            "block at {} len {} beyond file size {}",
+                            b.offset,
+                            b.data.len(),
+                            w.size
+                        )));
+                    }
+                    blocks.push(Block { offset: b.offset, data: b.data.to_vec() });
+                }
+                let content_hash = if w.content_hash.is_empty() {
+                    None
+                } else {
+                    Some(
+                        <[u8; 32]>::try_from(&w.content_hash[..])
+                            .map_err(|_| EventError::Malformed("content hash is not 32 bytes".into()))?,
+                    )
+                };
+                if w.last && content_hash.is_none() {
+                    return Err(EventError::Malformed("last file chunk without content hash".into()));
+                }
+                FsOp::Write(FileWrite {
+                    path: path(w.path)?,
+                    first: w.first,
+                    last: w.last,
+                    delta: w.delta,
+                    size: w.size,
+                    mode: w.mode & MODE_MASK,
+                    mtime_ns: w.mtime_ns,
+                    blocks,
+                    content_hash,
+                })
+            }
+            Op::Mkdir(m) => FsOp::Mkdir { path: path(m.path)?, mode: m.mode & MODE_MASK },
+            Op::Remove(r) => FsOp::Remove { path: path(r.path)? },
+            Op::Rename(r) => {
+                let from = path(r.from)?;
+                let to = path(r.to)?;
+                if to.starts_with(&from) && to != from {
+                    return Err(EventError::Malformed(format!("rename of {from} into itself ({to})")));
+                }
+                FsOp::Rename { from, to }
+            }
+            Op::Chmod(c) => FsOp::Chmod { path: path(c.path)?, mode: c.mode & MODE_MASK },
+            Op::Symlink(s) => {
+                if s.target.is_empty() || s.target.contains(&0) || s.target.len() > crate::relpath::MAX_PATH_BYTES {
+                    return Err(EventError::Malformed("symlink target empty, too long or with NUL".into()));
+                }
+                FsOp::Symlink { path: path(s.path)?, target: s.target.to_vec() }
+            }
+        })
+    }
+}
+
+impl From<FsOp> for proto::FsChange {
+    fn from(op: FsOp) -> Self {
+        use proto::fs_change::Op;
+        let b = |p: RelPath| bytes::Bytes::from(p.into_bytes());
+        let op = match op {
+            FsOp::Write(w) => Op::Write(proto::FileWrite {
+                path: b(w.path),
+                first: w.first,
+                last: w.last,
+                delta: w.delta,
+                size: w.size,
+                mode: w.mode,
+                mtime_ns: w.mtime_ns,
+                blocks: w
+                    .blocks
+                    .into_iter()
+                    .map(|bl| proto::Block { offset: bl.offset, data: bl.data.into() })
+                    .collect(),
+                content_hash: w.content_hash.map(|h| h.to_vec().into()).unwrap_or_default(),
+            }),
+            FsOp::Mkdir { path, mode } => Op::Mkdir(proto::Mkdir { path: b(path), mode }),
+            FsOp::Remove { path } => Op::Remove(proto::Remove { path: b(path) }),
+            FsOp::Rename { from, to } => Op::Rename(proto::Rename { from: b(from), to: b(to) }),
+            FsOp::Chmod { path, mode } => Op::Chmod(proto::Chmod { path: b(path), mode }),
+            FsOp::Symlink { path, target } => Op::Symlink(proto::Symlink { path: b(path), target: target.into() }),
+        };
+        proto::FsChange { op: Some(op) }
+    }
+}
+
+impl Change {
+    /// Encodes into `ChangeEvent` payload bytes.
+    pub fn encode(self) -> Vec<u8> {
+        let change = match self {
+            Change::Fs(op) => proto::change_event::Change::Fs(op.into()),
+            Change::Other(c) => c,
+        };
+        proto::ChangeEvent { change: Some(change) }.encode_to_vec()
+    }
+
+    /// Decodes and validates `ChangeEvent` payload bytes.
+    pub fn decode(payload: &[u8]) -> Result<Change, EventError> {
+        let ev = proto::ChangeEvent::decode(payload)?;
+        match ev.change.ok_or_else(|| EventError::Malformed("empty change event".into()))? {
+            proto::change_event::Change::Fs(fs) => Ok(Change::Fs(fs.try_into()?)),
+            other => Ok(Change::Other(other)),
+        }
+    }
+}
+
+/// crc32 of payload bytes as carried in `proto::Event::crc32`.
+pub fn payload_crc(payload: &[u8]) -> u32 {
+    crc32fast::hash(payload)
+}
+
+/// Builds a wire/journal event around an encoded change.
+pub fn make_event(seq: Seq, source: &str, captured_at_us: i64, payload: Vec<u8>) -> proto::Event {
+    proto::Event {
+        seq: seq.0,
+        source: source.to_string(),
+        captured_at_us,
+        crc32: payload_crc(&payload),
+        codec: proto::Codec::None as i32,
+        payload: payload.into(),
+    }
+}
+
+/// Checks an event's checksum and decodes its change.
+pub fn open_event(ev: &proto::Event) -> Result<Change, EventError> {
+    let actual = payload_crc(&ev.payload);
+    if actual != ev.crc32 {
+        return Err(EventError::Checksum { seq: ev.seq, expected: ev.crc32, actual });
+    }
+    match proto::Codec::try_from(ev.codec) {
+        Ok(proto::Codec::None) => Change::decode(&ev.payload),
+        _ => Err(EventError::Malformed(format!("unsupported codec {}", ev.codec))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rp(s: &str) -> RelPath {
+        RelPath::new(s.as_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn roundtrip_and_crc() {
+        let op = FsOp::Write(FileWrite {
+            path: rp("a/b"),
+            first: true,
+            last: true,
+            delta: false,
+            size: 3,
+            mode: 0o644,
+            mtime_ns: 5,
+            blocks: vec![Block { offset: 0, data: b"abc".to_vec() }],
+            content_hash: Some(*blake3::hash(b"abc").as_bytes()),
+        });
+        let ev = make_event(Seq(7), "www", 1, Change::Fs(op.clone()).encode());
+        assert_eq!(open_event(&ev).unwrap(), Change::Fs(op));
+        let mut bad = ev.clone();
+        let mut p = bad.payload.to_vec();
+        p[3] ^= 1;
+        bad.payload = p.into();
+        assert!(matches!(open_event(&bad), Err(EventError::Checksum { .. })));
+    }
+
+    #[test]
+    fn refuses_hostile_paths_and_blocks() {
+        let bad = proto::FsChange {
+            op: Some(proto::fs_change::Op::Remove(proto::Remove { path: b"../x".to_vec().into() })),
+        };
+        assert!(FsOp::try_from(bad).is_err());
+        let beyond = proto::FsChange {
+            op: Some(proto::fs_change::Op::Write(proto::FileWrite {
+                path: b"x".to_vec().into(),
+                size: 2,
+                blocks: vec![proto::Block { offset: u64::MAX, data: b"zz".to_vec().into() }],
+                ..Default::default()
+            })),
+        };
+        assert!(FsOp::try_from(beyond).is_err());
+        let into_self = proto::FsChange {
+            op: Some(proto::fs_change::Op::Rename(proto::Rename { from: b"a".to_vec().into(), to: b"a/b".to_vec().into() })),
+        };
+        assert!(FsOp::try_from(into_self).is_err());
+    }
+}
