@@ -1,0 +1,179 @@
+//! The journal: every captured change, durably, under a dense increasing sequence number,
+//! until every receiver has acknowledged it (or the size cap forces a lagging receiver to
+//! resync).
+//!
+//! Sources hand changes to the [`JournalWriter`] task through a bounded channel; it appends
+//! whatever has queued up, flushes once for the whole group, and only then answers each
+//! source — so a source's upstream position advances only after its changes are durable.
+//! Shippers follow the durable end through a `watch` channel and read records back.
+
+mod sled_store;
+
+use std::sync::Arc;
+
+use lockstep_common::event::{JournalId, Seq};
+use lockstep_common::frame::FrameError;
+use lockstep_common::proto;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use sled_store::SledJournal;
+
+/// Journal failures. `Storage` and `Corrupt` need a person (disk full, damaged data dir);
+/// `Closed` means the agent is shutting down.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal storage at {path}: {source}")]
+    Storage { path: String, source: sled::Error },
+    #[error("journal record {seq} is corrupt: {source}; the journal in data_dir is damaged")]
+    Corrupt { seq: u64, source: FrameError },
+    #[error("journal record {seq} does not decode: {source}")]
+    Decode { seq: u64, source: prost::DecodeError },
+    #[error("journal writer has stopped")]
+    Closed,
+}
+
+/// A change ready to be journaled: its source, capture time and encoded payload.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub source: Arc<str>,
+    pub captured_at_us: i64,
+    pub payload: Vec<u8>,
+}
+
+/// What the lag tracker needs to know about each durable record.
+#[derive(Debug, Clone)]
+pub struct RecordMeta {
+    pub seq: Seq,
+    pub source: Arc<str>,
+    pub captured_at_us: i64,
+    pub bytes: u64,
+}
+
+/// Durable storage for journal records and small agent metadata. Implementations are
+/// synchronous and may block on I/O; call them from blocking contexts for flushes.
+pub trait JournalStore: Send + Sync + 'static {
+    /// The identity of this journal incarnation.
+    fn journal_id(&self) -> JournalId;
+    /// Appends records with the next sequence numbers; not durable until [`flush`](Self::flush).
+    fn append(&self, records: &[NewRecord]) -> Result<Vec<RecordMeta>, JournalError>;
+    /// Makes every appended record durable.
+    fn flush(&self) -> Result<(), JournalError>;
+    /// Records with seq >= `from`, in order, until `max_bytes` of payload (at least one record).
+    fn read_from(&self, from: Seq, max_records: usize, max_bytes: usize) -> Result<Vec<proto::Event>, JournalError>;
+    /// Oldest record still held, or `last_seq + 1` when empty.
+    fn first_seq(&self) -> Seq;
+    /// Newest record appended (0 when none ever was).
+    fn last_seq(&self) -> Seq;
+    /// Removes records with seq <= `through`; returns bytes freed.
+    fn truncate_through(&self, through: Seq) -> Result<u64, JournalError>;
+    /// Bytes of records held.
+    fn bytes(&self) -> u64;
+    /// Metadata of every record held (for rebuilding lag state at start-up).
+    fn scan_meta(&self) -> Result<Vec<RecordMeta>, JournalError>;
+    /// Small durable key/value metadata (receiver cursors, source positions).
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, JournalError>;
+    /// Stores metadata; durable after the next flush.
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), JournalError>;
+}
+
+struct AppendRequest {
+    records: Vec<NewRecord>,
+    reply: oneshot::Sender<Result<Vec<RecordMeta>, String>>,
+}
+
+/// Cloneable handle sources use to append.
+#[derive(Clone)]
+pub struct JournalHandle {
+    tx: mpsc::Sender<AppendRequest>,
+    durable: watch::Receiver<Seq>,
+}
+
+impl JournalHandle {
+    /// Appends `records` and waits until they are durable. Returns their metadata (with the
+    /// assigned sequence numbers). Not cancel-safe with respect to durability: if cancelled,
+    /// the records may or may not have been journaled.
+    pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<RecordMeta>, JournalError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(AppendRequest { records, reply }).await.map_err(|_| JournalError::Closed)?;
+        match rx.await {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(msg)) => Err(JournalError::Storage { path: msg, source: sled::Error::Unsupported("append failed".into()) }),
+            Err(_) => Err(JournalError::Closed),
+        }
+    }
+
+    /// Follows the durable end of the journal.
+    pub fn durable(&self) -> watch::Receiver<Seq> {
+        self.durable.clone()
+    }
+}
+
+/// The group-commit task: the only writer of the journal.
+pub struct JournalWriter {
+    store: Arc<dyn JournalStore>,
+    rx: mpsc::Receiver<AppendRequest>,
+    durable_tx: watch::Sender<Seq>,
+    on_durable: mpsc::UnboundedSender<Vec<RecordMeta>>,
+}
+
+impl JournalWriter {
+    /// Creates the writer and the handle sources use. Durable record metadata is also sent to
+    /// `on_durable` (for lag tracking and metrics).
+    pub fn new(store: Arc<dyn JournalStore>, on_durable: mpsc::UnboundedSender<Vec<RecordMeta>>) -> (Self, JournalHandle) {
+        let (tx, rx) = mpsc::channel(1024);
+        let (durable_tx, durable) = watch::channel(store.last_seq());
+        (JournalWriter { store, rx, durable_tx, on_durable }, JournalHandle { tx, durable })
+    }
+
+    /// Runs until every handle is dropped. A storage error is fatal.
+    pub async fn run(mut self) -> Result<(), JournalError> {
+        const MAX_GROUP_BYTES: usize = 16 << 20;
+        while let Some(first) = self.rx.recv().await {
+            let mut group = vec![first];
+            let mut bytes: usize = group[0].records.iter().map(|r| r.payload.len()).sum();
+            while bytes < MAX_GROUP_BYTES {
+                match self.rx.try_recv() {
+                    Ok(req) => {
+                        bytes += req.records.iter().map(|r| r.payload.len()).sum::<usize>();
+                        group.push(req);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let store = self.store.clone();
+            let recs: Vec<Vec<NewRecord>> = group.iter_mut().map(|r| std::mem::take(&mut r.records)).collect();
+            let result = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<RecordMeta>>, JournalError> {
+                let mut metas = Vec::with_capacity(recs.len());
+                for r in &recs {
+                    metas.push(store.append(r)?);
+                }
+                store.flush()?;
+                Ok(metas)
+            })
+            .await
+            .map_err(|_| JournalError::Closed)?;
+            match result {
+                Ok(metas) => {
+                    let last = metas.iter().rev().find_map(|m| m.last().map(|x| x.seq));
+                    for (req, m) in group.into_iter().zip(metas) {
+                        let _ = self.on_durable.send(m.clone());
+                        let _ = req.reply.send(Ok(m));
+                    }
+                    if let Some(last) = last {
+                        self.durable_tx.send_replace(last);
+                    }
+                }
+                Err(e) => {
+                    for req in group {
+                        let _ = req.reply.send(Err(e.to_string()));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! The fs source (being written).

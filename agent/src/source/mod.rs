@@ -1,0 +1,131 @@
+//! Sources: each turns a native change feed into an ordered stream of [`Change`]s and appends
+//! them to the journal. A source owns its upstream position and any index it needs (kept in
+//! the agent's sled database under its own tree), and advances them only after the journal has
+//! made its changes durable.
+//!
+//! Besides its own task, every source offers a [`Snapshotter`] — a consistent-enough full copy
+//! of its current state, used to (re)seed a receiver whose position is not in the journal —
+//! and accepts repair requests for single items a receiver could not reproduce.
+
+pub mod fs;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use lockstep_common::event::{Change, Seq, SourceKind};
+use lockstep_common::relpath::RelPath;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::journal::JournalHandle;
+
+/// Source failures. All are fatal for the agent (the supervisor logs and exits non-zero),
+/// except where a source retries internally.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source {source_name}: {context}: {error}")]
+    Io { source_name: String, context: String, error: std::io::Error },
+    #[error("source {source_name}: {0}", source_name = .1)]
+    Journal(crate::journal::JournalError, String),
+    #[error("source {source_name}: index: {error}")]
+    Index { source_name: String, error: sled::Error },
+    #[error("source {source_name}: {problem}")]
+    Other { source_name: String, problem: String },
+}
+
+/// Coarse state shown in `status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceState {
+    Snapshot,
+    Streaming,
+    Error,
+}
+
+/// Live status of one source, shared with the admin endpoint.
+#[derive(Debug)]
+pub struct SourceStatus {
+    pub name: String,
+    pub kind: SourceKind,
+    state: Mutex<(SourceState, Option<String>)>,
+    last_seq: AtomicU64,
+    events: AtomicU64,
+}
+
+impl SourceStatus {
+    pub fn new(name: &str, kind: SourceKind) -> Self {
+        SourceStatus {
+            name: name.to_string(),
+            kind,
+            state: Mutex::new((SourceState::Snapshot, None)),
+            last_seq: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+        }
+    }
+
+    pub fn set_state(&self, s: SourceState, error: Option<String>) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (s, error);
+    }
+
+    pub fn state(&self) -> (SourceState, Option<String>) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records that events up to `seq` were journaled (`n` of them).
+    pub fn journaled(&self, seq: Seq, n: u64) {
+        self.last_seq.fetch_max(seq.0, Ordering::SeqCst);
+        self.events.fetch_add(n, Ordering::SeqCst);
+    }
+
+    pub fn last_seq(&self) -> Seq {
+        Seq(self.last_seq.load(Ordering::SeqCst))
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::SeqCst)
+    }
+}
+
+/// A receiver asked for one item to be sent again in full.
+#[derive(Debug, Clone)]
+pub struct RepairRequest {
+    pub path: RelPath,
+    pub reason: String,
+}
+
+/// What a running source gets from the agent.
+pub struct SourceContext {
+    pub name: Arc<str>,
+    pub journal: JournalHandle,
+    /// The agent's sled database; a source keeps its own trees in it (prefix them with its name).
+    pub db: sled::Db,
+    pub status: Arc<SourceStatus>,
+    pub repairs: mpsc::Receiver<RepairRequest>,
+    pub cancel: CancellationToken,
+}
+
+/// A long-lived source task.
+pub trait Source: Send + 'static {
+    /// Captures changes until `ctx.cancel` fires. Returning early (Ok or Err) is fatal for the
+    /// agent unless cancellation was requested.
+    fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, Result<(), SourceError>>;
+}
+
+/// Produces a full copy of a source's current state for a receiver being (re)seeded.
+pub trait Snapshotter: Send + Sync + 'static {
+    /// Sends the source's full current state into `tx` as changes, in an order the receiver can
+    /// apply (parents before children). Ends when done or when `tx` is closed. The copy may be
+    /// taken while the source keeps changing; the journal records after the snapshot's start
+    /// position bring the receiver up to date (and repair requests mend any race).
+    fn snapshot(&self, tx: mpsc::Sender<Change>) -> BoxFuture<'static, Result<(), SourceError>>;
+}
+
+/// Everything the agent holds about one configured source.
+pub struct SourceHandle {
+    pub name: Arc<str>,
+    pub kind: SourceKind,
+    pub status: Arc<SourceStatus>,
+    pub snapshotter: Arc<dyn Snapshotter>,
+    pub repair_tx: mpsc::Sender<RepairRequest>,
+}

@@ -1,0 +1,57 @@
+//! Appliers: one per target, each applying one agent source's changes to its standby copy in
+//! order and persisting how far it got.
+//!
+//! The session calls [`Applier::apply`] for each change of a batch, then [`Applier::commit`]
+//! once, which makes everything applied durable and records the position — only then is the
+//! batch acknowledged. After a crash the agent re-sends from the committed position, so
+//! `apply` must be harmless to repeat for changes applied but not committed.
+//!
+//! Appliers do blocking I/O; the session runs them on blocking threads.
+
+pub mod fs;
+
+use lockstep_common::event::{Change, JournalId, Seq};
+use lockstep_common::relpath::RelPath;
+
+/// Where a target stands: the journal it follows and the last seq applied and committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub journal_id: JournalId,
+    pub seq: Seq,
+}
+
+/// Apply failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The change itself is unacceptable (it tries to leave the target, or contradicts the
+    /// protocol); the stream is refused and nothing of it is applied.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Local I/O failed (disk full, permissions); the agent retries with backoff.
+    #[error("{context}: {error}")]
+    Io { context: String, error: std::io::Error },
+}
+
+/// What applying a change produced besides the change itself.
+#[derive(Debug, Default)]
+pub struct ApplyOutcome {
+    /// Items the applier could not reproduce exactly and wants re-sent in full.
+    pub repairs: Vec<(RelPath, String)>,
+    /// The change was skipped on purpose (logged and counted as an apply error, not fatal),
+    /// e.g. a symlink leading outside the target when that is not allowed.
+    pub skipped: Option<String>,
+}
+
+/// Applies one source's changes to one standby.
+pub trait Applier: Send + 'static {
+    /// The committed position, if any.
+    fn position(&self) -> Option<Position>;
+    /// Applies one change. `seq` is 0 for resync snapshot entries.
+    fn apply(&mut self, seq: Seq, change: Change) -> Result<ApplyOutcome, ApplyError>;
+    /// A full snapshot of the source follows; remember what it mentions.
+    fn begin_resync(&mut self) -> Result<(), ApplyError>;
+    /// The snapshot is complete: remove whatever it did not mention.
+    fn end_resync(&mut self) -> Result<(), ApplyError>;
+    /// Makes everything applied so far durable, then records `pos` durably.
+    fn commit(&mut self, pos: Position) -> Result<(), ApplyError>;
+}
