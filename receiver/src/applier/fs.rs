@@ -1,1 +1,0 @@
-//! The fs applier (being written).

@@ -1,0 +1,356 @@
+//! The fs applier: applies a filesystem source's changes (`FsOp`s) to a standby directory tree
+//! (`root`) and persists how far it got in a position file.
+//!
+//! In: one change at a time, in journal order, plus resync snapshots and commits from the
+//! session. Out: the tree under `root`, the position file, and per change an [`ApplyOutcome`]
+//! with repair requests for what could not be reproduced exactly.
+//!
+//! Safety: nothing is ever written outside `root`. Every ancestor of a path is checked to be a
+//! real directory (a symlink in the way is unlinked and replaced when a directory is needed,
+//! never followed), and final components are handled without following symlinks (see
+//! [`tree`]). Symlinks whose target leads outside the root are skipped unless allowed.
+//!
+//! # Durability
+//!
+//! Changes are applied without per-file fsync (fsyncing each of 10,000 small files is far too
+//! slow). [`Applier::commit`] calls `syncfs(2)` once on the root's filesystem, which flushes
+//! file data, renames and directory entries of everything applied so far, and only then writes
+//! the position file atomically (temp, fsync, rename, dir fsync). So a durable position never
+//! covers changes that are not durable.
+//!
+//! After a crash, the tree holds an unknown subset of the changes applied after the committed
+//! position, and the agent re-sends all of them. That is safe because every operation here is
+//! harmless to repeat on top of any later state of the same sequence:
+//! - a file write rebuilds the content in a staging file and installs it only if its blake3
+//!   matches the sender's hash; otherwise it leaves the target alone and asks for a repair (a
+//!   replayed write over a newer version, or a delta over a different base, is discarded and
+//!   the later changes in the replay restore the newer state);
+//! - mkdir, chmod and symlink set an absolute state; remove of a missing path does nothing;
+//! - a rename whose source is already gone does nothing (the destination was renamed in
+//!   before, or is re-sent as a repair if it is missing too).
+//!
+//! Staging files are named deterministically per path, so a write whose earlier chunks were
+//! committed (and therefore synced with the staging file) continues in the same file after a
+//! restart.
+
+mod tree;
+mod write;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use lockstep_common::event::{Change, FsOp, JournalId, Seq};
+use lockstep_common::frame;
+use lockstep_common::relpath::{RelPath, STAGING_SUFFIX};
+
+use self::tree::{chmod_nofollow, ensure_parents, io_err, lstat, remove_any, staging_path, symlink_escapes};
+use self::write::Staging;
+use super::{Applier, ApplyError, ApplyOutcome, Position};
+
+/// Size of the position file's body: journal id (16 bytes) then seq (u64 LE).
+const POSITION_BODY_LEN: usize = 24;
+
+/// Applies a filesystem source to a standby directory tree.
+pub struct FsApplier {
+    /// The standby tree; nothing outside it is ever written.
+    root: PathBuf,
+    /// Where the committed position is persisted (framed with version and crc32).
+    position_file: PathBuf,
+    /// Whether symlinks pointing outside `root` are recreated (else skipped).
+    allow_external_symlinks: bool,
+    /// The last committed position, as loaded or as written by `commit`.
+    position: Option<Position>,
+    /// Writes in progress (between a `first` and a `last` chunk), by path.
+    staging: HashMap<RelPath, Staging>,
+    /// Writes whose staging was lost (continued after a restart without their first chunk):
+    /// their remaining chunks are ignored; a repair was requested.
+    abandoned: HashSet<RelPath>,
+    /// During a resync: every path the snapshot mentioned, with its ancestors.
+    resync: Option<HashSet<RelPath>>,
+}
+
+impl FsApplier {
+    /// Opens (creating `root` and the position file's directory if missing) and loads the
+    /// committed position, if any. A corrupt position file is an error naming it; it needs a
+    /// person (restore it, or remove it to resync the target from scratch).
+    pub fn open(root: PathBuf, position_file: PathBuf, allow_external_symlinks: bool) -> Result<FsApplier, ApplyError> {
+        fs::create_dir_all(&root).map_err(io_err(format!("create target root {}", root.display())))?;
+        if let Some(dir) = position_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(io_err(format!("create position directory {}", dir.display())))?;
+        }
+        let position = load_position(&position_file)?;
+        Ok(FsApplier {
+            root,
+            position_file,
+            allow_external_symlinks,
+            position,
+            staging: HashMap::new(),
+            abandoned: HashSet::new(),
+            resync: None,
+        })
+    }
+
+    fn apply_fs(&mut self, op: FsOp) -> Result<ApplyOutcome, ApplyError> {
+        match op {
+            FsOp::Write(w) => self.apply_write(w),
+            FsOp::Mkdir { path, mode } => self.mkdir(&path, mode),
+            FsOp::Remove { path } => self.remove(&path),
+            FsOp::Rename { from, to } => self.rename(&from, &to),
+            FsOp::Chmod { path, mode } => self.chmod(&path, mode),
+            FsOp::Symlink { path, target } => self.symlink(&path, &target),
+        }
+    }
+
+    fn mkdir(&mut self, rel: &RelPath, mode: u32) -> Result<ApplyOutcome, ApplyError> {
+        ensure_parents(&self.root, rel, true)?;
+        let path = rel.under(&self.root);
+        match lstat(&path).map_err(io_err(format!("inspect {}", path.display())))? {
+            Some(m) if m.is_dir() => {}
+            existing => {
+                if existing.is_some() {
+                    remove_any(&path)?;
+                }
+                fs::create_dir(&path).map_err(io_err(format!("create directory {}", path.display())))?;
+            }
+        }
+        chmod_nofollow(&path, mode)?;
+        Ok(ApplyOutcome::default())
+    }
+
+    fn remove(&mut self, rel: &RelPath) -> Result<ApplyOutcome, ApplyError> {
+        self.forget_writes_under(rel);
+        // Below a missing or non-directory ancestor the path does not exist: nothing to do.
+        if ensure_parents(&self.root, rel, false)? {
+            remove_any(&rel.under(&self.root))?;
+        }
+        Ok(ApplyOutcome::default())
+    }
+
+    fn rename(&mut self, from: &RelPath, to: &RelPath) -> Result<ApplyOutcome, ApplyError> {
+        self.forget_writes_under(from);
+        self.forget_writes_under(to);
+        let src = from.under(&self.root);
+        let dst = to.under(&self.root);
+        let src_meta = if ensure_parents(&self.root, from, false)? {
+            lstat(&src).map_err(io_err(format!("inspect {}", src.display())))?
+        } else {
+            None
+        };
+        let Some(src_meta) = src_meta else {
+            // Replayed after a crash (already renamed) or raced with a later change on the
+            // source: keep what is there, ask for the destination if it is missing.
+            let dst_exists = ensure_parents(&self.root, to, false)?
+                && lstat(&dst).map_err(io_err(format!("inspect {}", dst.display())))?.is_some();
+            let mut outcome = ApplyOutcome::default();
+            if !dst_exists {
+                outcome.repairs.push((to.clone(), "rename source missing".into()));
+            }
+            return Ok(outcome);
+        };
+        if from == to {
+            return Ok(ApplyOutcome::default());
+        }
+        let mut src = src;
+        if from.starts_with(to) {
+            // Moving a/b onto its own ancestor a: a must go, but b lives inside it. Park b next
+            // to a first.
+            ensure_parents(&self.root, to, true)?;
+            let parked = staging_path(&self.root, to, "rename");
+            remove_any(&parked)?;
+            fs::rename(&src, &parked).map_err(io_err(format!("move {} aside", src.display())))?;
+            src = parked;
+        }
+        ensure_parents(&self.root, to, true)?;
+        if let Some(m) = lstat(&dst).map_err(io_err(format!("inspect {}", dst.display())))? {
+            // rename(2) replaces a file by a file and an empty directory by a directory; any
+            // other combination must clear the destination first.
+            let replaceable = if m.is_dir() { src_meta.is_dir() && dir_is_empty(&dst)? } else { !src_meta.is_dir() };
+            if !replaceable {
+                remove_any(&dst)?;
+            }
+        }
+        fs::rename(&src, &dst).map_err(io_err(format!("rename {} to {}", src.display(), dst.display())))?;
+        Ok(ApplyOutcome::default())
+    }
+
+    fn chmod(&mut self, rel: &RelPath, mode: u32) -> Result<ApplyOutcome, ApplyError> {
+        let mut outcome = ApplyOutcome::default();
+        let found = ensure_parents(&self.root, rel, false)? && chmod_nofollow(&rel.under(&self.root), mode)?;
+        if !found {
+            outcome.repairs.push((rel.clone(), "chmod of a missing path".into()));
+        }
+        Ok(outcome)
+    }
+
+    fn symlink(&mut self, rel: &RelPath, target: &[u8]) -> Result<ApplyOutcome, ApplyError> {
+        if !self.allow_external_symlinks && symlink_escapes(rel, target) {
+            return Ok(ApplyOutcome {
+                skipped: Some(format!("symlink {rel} points outside the target")),
+                ..Default::default()
+            });
+        }
+        self.forget_writes_under(rel);
+        ensure_parents(&self.root, rel, true)?;
+        let path = rel.under(&self.root);
+        // Built beside and renamed over, so the path never goes missing for readers when it
+        // replaces a file or another symlink.
+        let tmp = staging_path(&self.root, rel, "symlink");
+        remove_any(&tmp)?;
+        std::os::unix::fs::symlink(OsStr::from_bytes(target), &tmp)
+            .map_err(io_err(format!("create symlink {}", tmp.display())))?;
+        if lstat(&path)
+            .map_err(io_err(format!("inspect {}", path.display())))?
+            .is_some_and(|m| m.is_dir())
+        {
+            remove_any(&path)?;
+        }
+        fs::rename(&tmp, &path).map_err(io_err(format!("install symlink {}", path.display())))?;
+        Ok(ApplyOutcome::default())
+    }
+
+    /// Drops in-memory staging state of writes at or below `rel` (their files move or vanish
+    /// with it; a later chunk then reopens or asks for a repair).
+    fn forget_writes_under(&mut self, rel: &RelPath) {
+        self.staging.retain(|p, _| !p.starts_with(rel));
+    }
+
+    /// Records `rel` and its ancestors as mentioned by the resync snapshot.
+    fn mention(&mut self, rel: &RelPath) {
+        let Some(seen) = &mut self.resync else { return };
+        let mut cur = Some(rel.clone());
+        while let Some(p) = cur {
+            cur = p.parent();
+            if !seen.insert(p) {
+                // Its ancestors were recorded with it.
+                break;
+            }
+        }
+    }
+
+    /// Removes, below `dir`, every entry the snapshot did not mention and every staging file
+    /// not belonging to a write in progress. Never follows symlinks: only real directories are
+    /// descended into.
+    fn prune(&self, dir: &Path, prefix: Option<&RelPath>, keep: &HashSet<RelPath>, live: &HashSet<&Path>) -> Result<(), ApplyError> {
+        let entries = fs::read_dir(dir).map_err(io_err(format!("list {}", dir.display())))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err(format!("list {}", dir.display())))?;
+            let path = entry.path();
+            if path == self.position_file || path == self.position_file.with_extension("tmp") {
+                // The position file may live inside the root; it is not part of the copy.
+                continue;
+            }
+            let name = entry.file_name();
+            let name = name.as_bytes();
+            if name.ends_with(STAGING_SUFFIX.as_bytes()) {
+                if !live.contains(path.as_path()) {
+                    remove_any(&path)?;
+                }
+                continue;
+            }
+            let rel = match prefix {
+                None => RelPath::new(name.to_vec()),
+                Some(p) => RelPath::new([p.as_bytes(), b"/", name].concat()),
+            };
+            // A name that is not a valid path (too long) cannot have been mentioned.
+            let Some(rel) = rel.ok().filter(|r| keep.contains(r)) else {
+                remove_any(&path)?;
+                continue;
+            };
+            let ft = entry.file_type().map_err(io_err(format!("inspect {}", path.display())))?;
+            if ft.is_dir() {
+                self.prune(&path, Some(&rel), keep, live)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Applier for FsApplier {
+    fn position(&self) -> Option<Position> {
+        self.position
+    }
+
+    fn apply(&mut self, _seq: Seq, change: Change) -> Result<ApplyOutcome, ApplyError> {
+        let op = match change {
+            Change::Fs(op) => op,
+            Change::Other(_) => return Err(ApplyError::Refused("a filesystem target accepts only fs changes".into())),
+        };
+        if self.resync.is_some() {
+            match &op {
+                FsOp::Rename { from, to } => {
+                    self.mention(from);
+                    self.mention(to);
+                }
+                FsOp::Remove { .. } => {}
+                other => self.mention(&other.path().clone()),
+            }
+        }
+        self.apply_fs(op)
+    }
+
+    fn begin_resync(&mut self) -> Result<(), ApplyError> {
+        self.resync = Some(HashSet::new());
+        Ok(())
+    }
+
+    fn end_resync(&mut self) -> Result<(), ApplyError> {
+        let keep = self
+            .resync
+            .take()
+            .ok_or_else(|| ApplyError::Refused("end of resync without a beginning".into()))?;
+        let live: HashSet<&Path> = self.staging.values().map(|s| s.tmp.as_path()).collect();
+        self.prune(&self.root, None, &keep, &live)
+    }
+
+    fn commit(&mut self, pos: Position) -> Result<(), ApplyError> {
+        // See the module docs: flush everything applied, then record the position.
+        let dir = File::open(&self.root).map_err(io_err(format!("open target root {}", self.root.display())))?;
+        // SAFETY: `dir` is an open file descriptor for the duration of the call.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io_err(format!("sync filesystem of {}", self.root.display()))(io::Error::last_os_error()));
+        }
+        let mut body = Vec::with_capacity(POSITION_BODY_LEN);
+        body.extend_from_slice(&pos.journal_id.0);
+        body.extend_from_slice(&pos.seq.0.to_le_bytes());
+        frame::write_atomic(&self.position_file, &frame::encode(&body))
+            .map_err(io_err(format!("write position file {}", self.position_file.display())))?;
+        self.position = Some(pos);
+        Ok(())
+    }
+}
+
+fn dir_is_empty(path: &Path) -> Result<bool, ApplyError> {
+    let mut it = fs::read_dir(path).map_err(io_err(format!("list {}", path.display())))?;
+    Ok(it.next().is_none())
+}
+
+/// Reads the position file; missing means "no position yet".
+fn load_position(path: &Path) -> Result<Option<Position>, ApplyError> {
+    let ctx = || format!("read position file {}", path.display());
+    let rec = match fs::read(path) {
+        Ok(rec) => rec,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(ctx())(e)),
+    };
+    let corrupt = |why: String| {
+        io_err(ctx())(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{why}; restore the file or remove it to resync this target"),
+        ))
+    };
+    let body = frame::decode(&rec).map_err(|e| corrupt(e.to_string()))?;
+    if body.len() != POSITION_BODY_LEN {
+        return Err(corrupt(format!("body is {} bytes, expected {POSITION_BODY_LEN}", body.len())));
+    }
+    let journal_id = JournalId::from_slice(&body[..16]).expect("16 bytes");
+    let seq = Seq(u64::from_le_bytes(body[16..24].try_into().expect("8 bytes")));
+    Ok(Some(Position { journal_id, seq }))
+}
