@@ -206,10 +206,7 @@ impl FsApplier {
         remove_any(&tmp)?;
         std::os::unix::fs::symlink(OsStr::from_bytes(target), &tmp)
             .map_err(io_err(format!("create symlink {}", tmp.display())))?;
-        if lstat(&path)
-            .map_err(io_err(format!("inspect {}", path.display())))?
-            .is_some_and(|m| m.is_dir())
-        {
+        if lstat(&path).map_err(io_err(format!("inspect {}", path.display())))?.is_some_and(|m| m.is_dir()) {
             remove_any(&path)?;
         }
         fs::rename(&tmp, &path).map_err(io_err(format!("install symlink {}", path.display())))?;
@@ -238,7 +235,13 @@ impl FsApplier {
     /// Removes, below `dir`, every entry the snapshot did not mention and every staging file
     /// not belonging to a write in progress. Never follows symlinks: only real directories are
     /// descended into.
-    fn prune(&self, dir: &Path, prefix: Option<&RelPath>, keep: &HashSet<RelPath>, live: &HashSet<&Path>) -> Result<(), ApplyError> {
+    fn prune(
+        &self,
+        dir: &Path,
+        prefix: Option<&RelPath>,
+        keep: &HashSet<RelPath>,
+        live: &HashSet<&Path>,
+    ) -> Result<(), ApplyError> {
         let entries = fs::read_dir(dir).map_err(io_err(format!("list {}", dir.display())))?;
         for entry in entries {
             let entry = entry.map_err(io_err(format!("list {}", dir.display())))?;
@@ -302,10 +305,7 @@ impl Applier for FsApplier {
     }
 
     fn end_resync(&mut self) -> Result<(), ApplyError> {
-        let keep = self
-            .resync
-            .take()
-            .ok_or_else(|| ApplyError::Refused("end of resync without a beginning".into()))?;
+        let keep = self.resync.take().ok_or_else(|| ApplyError::Refused("end of resync without a beginning".into()))?;
         let live: HashSet<&Path> = self.staging.values().map(|s| s.tmp.as_path()).collect();
         self.prune(&self.root, None, &keep, &live)
     }

@@ -152,9 +152,7 @@ impl FsApplier {
             remove_any(&st.tmp)?;
             return Ok(Some("content hash mismatch".into()));
         }
-        st.file
-            .set_permissions(fs::Permissions::from_mode(w.mode))
-            .map_err(io_err(ctx("chmod")))?;
+        st.file.set_permissions(fs::Permissions::from_mode(w.mode)).map_err(io_err(ctx("chmod")))?;
         st.file.set_modified(mtime(w.mtime_ns)).map_err(io_err(ctx("set mtime of")))?;
         drop(st.file);
 
@@ -164,10 +162,7 @@ impl FsApplier {
             return Ok(Some("staging file disappeared before the last chunk".into()));
         }
         let target = w.path.under(&self.root);
-        if lstat(&target)
-            .map_err(io_err(format!("inspect {}", target.display())))?
-            .is_some_and(|m| m.is_dir())
-        {
+        if lstat(&target).map_err(io_err(format!("inspect {}", target.display())))?.is_some_and(|m| m.is_dir()) {
             remove_any(&target)?;
         }
         // rename(2) replaces a file or symlink at `target` itself, never what a symlink points to.
