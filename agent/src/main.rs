@@ -1,1 +1,160 @@
-fn main(){}
+//! `lockstep-agent`: parses flags, loads config, starts telemetry and calls
+//! `lockstep_agent::run`. Exit status: 0 done, 1 the operation failed, 2 bad usage or config.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use lockstep_common::config::AgentConfig;
+use lockstep_common::telemetry::{self, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "lockstep-agent", version, about = "lockstep source agent: capture, journal and ship changes")]
+struct Cli {
+    /// Log format on stderr: text or json.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent daemon.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show journal, sources and per-receiver lag of the running agent.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a development CA and certificates (ca.pem, ca.key, ID.pem, ID.key) into DIR.
+    Certs {
+        #[arg(long)]
+        out: PathBuf,
+        /// The agent's id.
+        #[arg(long)]
+        agent: String,
+        /// A receiver's id (repeatable).
+        #[arg(long = "receiver", required = true)]
+        receivers: Vec<String>,
+        /// Extra DNS name for every certificate (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+}
+
+fn load(path: &PathBuf) -> Result<AgentConfig, ExitCode> {
+    AgentConfig::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("build tokio runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format);
+    match cli.cmd {
+        Cmd::Run { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            runtime().block_on(async move {
+                let shutdown = CancellationToken::new();
+                let s = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("shutdown requested");
+                    s.cancel();
+                });
+                match lockstep_agent::run(cfg, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+        Cmd::Status { config, json } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            runtime().block_on(async move {
+                match lockstep_common::admin::call(cfg.admin_listen, "GET", "/status", None, Duration::from_secs(10)).await {
+                    Ok((200, v)) => {
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                        } else {
+                            print_status(&v);
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Ok((code, v)) => {
+                        eprintln!("error: admin endpoint answered {code}: {v}");
+                        ExitCode::from(1)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+        Cmd::Certs { out, agent, receivers, hosts } => {
+            let mut ids = vec![agent];
+            ids.extend(receivers);
+            match lockstep_agent::certs::generate(&out, &ids, &hosts) {
+                Ok(()) => {
+                    println!("wrote ca.pem, ca.key and {} certificate/key pairs to {}", ids.len(), out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn print_status(v: &serde_json::Value) {
+    let j = &v["journal"];
+    println!("agent {}  journal last_seq {}  bytes {}", v["agent"].as_str().unwrap_or("?"), j["last_seq"], j["bytes"]);
+    for s in v["sources"].as_array().into_iter().flatten() {
+        println!("  source {:<16} {:<8} {:<10} last_seq {}", s["name"].as_str().unwrap_or(""), s["kind"].as_str().unwrap_or(""), s["state"].as_str().unwrap_or(""), s["last_seq"]);
+    }
+    for r in v["receivers"].as_array().into_iter().flatten() {
+        println!(
+            "  receiver {:<14} {:<12} acked {}  lag {:.3}s  behind {} events / {} bytes{}",
+            r["name"].as_str().unwrap_or(""),
+            if r["connected"].as_bool() == Some(true) { "connected" } else { "disconnected" },
+            r["acked_seq"],
+            r["lag_seconds"].as_f64().unwrap_or(0.0),
+            r["events_behind"],
+            r["bytes_behind"],
+            r["last_error"].as_str().map(|e| format!("  last error: {e}")).unwrap_or_default()
+        );
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -77,6 +77,12 @@ impl SledJournal {
         })
     }
 
+    /// The underlying database, for sources that keep their own trees (indexes, positions)
+    /// next to the journal so that both are lost or kept together.
+    pub fn db(&self) -> sled::Db {
+        self.db.clone()
+    }
+
     fn st(&self) -> impl Fn(sled::Error) -> JournalError + '_ {
         |source| JournalError::Storage { path: self.path.clone(), source }
     }

@@ -1,0 +1,431 @@
+//! One shipper per receiver: connects over gRPC with mutual TLS, learns the receiver's applied
+//! position from its `Welcome`, resyncs sources whose position is no longer in the journal,
+//! then streams journal records from there, within a window of unacknowledged bytes, with
+//! heartbeats when idle. Reconnects with backoff (see `lockstep_common::retry`) and always
+//! resumes from the receiver's own position, never from a local guess.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lockstep_common::config::{ReceiverEndpoint, TlsConfig};
+use lockstep_common::event::{Change, Seq};
+use lockstep_common::proto::agent_message::Msg as AMsg;
+use lockstep_common::proto::receiver_message::Msg as RMsg;
+use lockstep_common::proto::replication_client::ReplicationClient;
+use lockstep_common::proto::{self, AgentMessage};
+use lockstep_common::relpath::RelPath;
+use lockstep_common::{now_us, retry, tls, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::journal::JournalStore;
+use crate::lag::Tracker;
+use crate::metrics as m;
+use crate::source::{RepairRequest, SourceHandle};
+
+/// Most payload bytes in one `EventBatch`.
+const BATCH_BYTES: usize = 4 << 20;
+const BATCH_EVENTS: usize = 1024;
+
+/// Why a session with a receiver ended. All are retried with backoff; `Refused` also needs a
+/// person (wrong certificates or a receiver without a target for our sources).
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    #[error("connect to {endpoint}: {detail}")]
+    Connect { endpoint: String, detail: String },
+    #[error("receiver refused the stream: {0}")]
+    Refused(String),
+    #[error("stream broken: {0}")]
+    Stream(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("journal: {0}")]
+    Journal(#[from] crate::journal::JournalError),
+    #[error("snapshot of {source_name}: {detail}")]
+    Snapshot { source_name: String, detail: String },
+    #[error("shutting down")]
+    Cancelled,
+}
+
+/// Flow control shared between the sender and the acknowledgement reader.
+#[derive(Default)]
+struct Flow {
+    sent_batches: AtomicU64,
+    inflight: Mutex<VecDeque<(u64, u64)>>,
+    inflight_bytes: AtomicU64,
+    room: Notify,
+}
+
+impl Flow {
+    fn sent(&self, bytes: u64) {
+        let n = self.sent_batches.fetch_add(1, Ordering::SeqCst) + 1;
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner()).push_back((n, bytes));
+        self.inflight_bytes.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    fn acked(&self, batches: u64) {
+        let mut q = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        while q.front().is_some_and(|(n, _)| *n <= batches) {
+            let (_, b) = q.pop_front().expect("front exists");
+            self.inflight_bytes.fetch_sub(b, Ordering::SeqCst);
+        }
+        drop(q);
+        self.room.notify_waiters();
+    }
+
+    async fn wait_room(&self, window: u64, dead: &CancellationToken) -> Result<(), ShipError> {
+        loop {
+            let notified = self.room.notified();
+            if self.inflight_bytes.load(Ordering::SeqCst) < window {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = dead.cancelled() => return Err(ShipError::Stream("receiver stream closed".into())),
+            }
+        }
+    }
+}
+
+/// The per-receiver shipping task.
+pub struct Shipper {
+    pub agent_id: String,
+    pub endpoint: ReceiverEndpoint,
+    pub tls: TlsConfig,
+    pub store: Arc<dyn JournalStore>,
+    pub durable: watch::Receiver<Seq>,
+    pub sources: Vec<Arc<SourceHandle>>,
+    pub tracker: Arc<Tracker>,
+    pub heartbeat: Duration,
+    pub cancel: CancellationToken,
+}
+
+impl Shipper {
+    /// Runs until cancelled; every failure is logged and retried with backoff.
+    pub async fn run(self) -> Result<(), ShipError> {
+        let span = tracing::info_span!("shipper", receiver = %self.endpoint.name);
+        async move {
+            let mut backoff = retry::reconnect();
+            loop {
+                let started = Instant::now();
+                let result = self.session().await;
+                self.tracker.set_connected(&self.endpoint.name, false, result.as_ref().err().map(|e| e.to_string()));
+                metrics::gauge!(m::RECEIVER_CONNECTED, m::L_RECEIVER => self.endpoint.name.clone()).set(0.0);
+                if self.cancel.is_cancelled() {
+                    return Ok(());
+                }
+                match &result {
+                    Err(ShipError::Refused(msg)) => warn!(error = %msg, "receiver refused; fix the configuration or certificates, retrying"),
+                    Err(e) => info!(error = %e, "replication session ended; reconnecting"),
+                    Ok(()) => info!("replication session closed by receiver; reconnecting"),
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = retry::reconnect();
+                }
+                let delay = retry::next_delay(&mut backoff);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.cancel.cancelled() => return Ok(()),
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn connect(&self) -> Result<ReplicationClient<tonic::transport::Channel>, ShipError> {
+        let ep = &self.endpoint;
+        let cerr = |detail: String| ShipError::Connect { endpoint: ep.endpoint.clone(), detail };
+        let server_name = ep.server_name.clone().unwrap_or_else(|| ep.name.clone());
+        let tlscfg = tls::client_config(&self.tls, &server_name).map_err(|e| cerr(e.to_string()))?;
+        let channel = tonic::transport::Endpoint::from_shared(ep.endpoint.clone())
+            .map_err(|e| cerr(e.to_string()))?
+            .tls_config(tlscfg)
+            .map_err(|e| cerr(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .connect()
+            .await
+            .map_err(|e| cerr(format!("{e}: {}", source_chain(&e))))?;
+        Ok(ReplicationClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    async fn session(&self) -> Result<(), ShipError> {
+        let name = self.endpoint.name.clone();
+        let mut client = tokio::select! {
+            c = self.connect() => c?,
+            _ = self.cancel.cancelled() => return Err(ShipError::Cancelled),
+        };
+        let (tx, rx) = mpsc::channel::<AgentMessage>(8);
+        let hello = proto::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_id: self.agent_id.clone(),
+            journal_id: self.store.journal_id().0.to_vec().into(),
+            sources: self
+                .sources
+                .iter()
+                .map(|s| proto::SourceInfo { name: s.name.to_string(), kind: proto::SourceKind::from(s.kind) as i32 })
+                .collect(),
+            last_seq: self.store.last_seq().0,
+            epoch: 0,
+        };
+        tx.send(AgentMessage { msg: Some(AMsg::Hello(hello)) }).await.map_err(|_| ShipError::Stream("send hello".into()))?;
+        let mut inbound = client.replicate(ReceiverStream::new(rx)).await.map_err(status_err)?.into_inner();
+        let welcome = match tokio::time::timeout(Duration::from_secs(30), inbound.message()).await {
+            Err(_) => return Err(ShipError::Protocol("no welcome within 30 s".into())),
+            Ok(Err(s)) => return Err(status_err(s)),
+            Ok(Ok(None)) => return Err(ShipError::Stream("closed before welcome".into())),
+            Ok(Ok(Some(proto::ReceiverMessage { msg: Some(RMsg::Welcome(w)) }))) => w,
+            Ok(Ok(Some(_))) => return Err(ShipError::Protocol("first message was not a welcome".into())),
+        };
+        if welcome.protocol_version != PROTOCOL_VERSION {
+            return Err(ShipError::Refused(format!("receiver speaks protocol {}, we speak {PROTOCOL_VERSION}", welcome.protocol_version)));
+        }
+        info!(receiver_id = %welcome.receiver_id, "connected");
+        self.tracker.set_connected(&name, true, None);
+        metrics::gauge!(m::RECEIVER_CONNECTED, m::L_RECEIVER => name.clone()).set(1.0);
+
+        // Decide where each source resumes.
+        let durable_now = *self.durable.borrow();
+        let first = self.store.first_seq();
+        let reported: HashMap<String, proto::SourcePosition> =
+            welcome.positions.into_iter().map(|p| (p.source.clone(), p)).collect();
+        let mut positions: HashMap<Arc<str>, Seq> = HashMap::new();
+        let mut resync = Vec::new();
+        for s in &self.sources {
+            match reported.get(&*s.name) {
+                Some(p) if p.known && p.seq + 1 >= first.0 && p.seq <= durable_now.0 => {
+                    positions.insert(s.name.clone(), Seq(p.seq));
+                }
+                Some(p) => {
+                    if p.known {
+                        warn!(source = %s.name, position = p.seq, journal_first = first.0, journal_last = durable_now.0,
+                            "receiver position is outside the journal (it lagged past the size cap, or was restored from another copy); resyncing");
+                    } else {
+                        info!(source = %s.name, "receiver has no position in this journal; seeding it with a full snapshot");
+                    }
+                    resync.push(s.clone());
+                }
+                None => return Err(ShipError::Protocol(format!("welcome lacks source {}", s.name))),
+            }
+        }
+        let acked_now = positions.values().copied().min().unwrap_or(durable_now);
+        self.tracker.reset_acked(&name, acked_now);
+
+        // Acknowledgements and repair requests arrive on their own task.
+        let flow = Arc::new(Flow::default());
+        let dead = CancellationToken::new();
+        let reader = {
+            let flow = flow.clone();
+            let dead = dead.clone();
+            let tracker = self.tracker.clone();
+            let store = self.store.clone();
+            let name = name.clone();
+            let repairs: HashMap<String, mpsc::Sender<RepairRequest>> =
+                self.sources.iter().map(|s| (s.name.to_string(), s.repair_tx.clone())).collect();
+            let idle_limit = self.heartbeat * 3 + Duration::from_secs(10);
+            tokio::spawn(async move {
+                let r = read_acks(&mut inbound, &flow, &tracker, &*store, &name, &repairs, idle_limit).await;
+                dead.cancel();
+                r
+            })
+        };
+        let result = self.send_all(&tx, &flow, &dead, resync, positions).await;
+        dead.cancel();
+        drop(tx);
+        let reader_result = reader.await.unwrap_or(Ok(()));
+        result.and(reader_result)
+    }
+
+    async fn send_all(
+        &self,
+        tx: &mpsc::Sender<AgentMessage>,
+        flow: &Flow,
+        dead: &CancellationToken,
+        resync: Vec<Arc<SourceHandle>>,
+        mut positions: HashMap<Arc<str>, Seq>,
+    ) -> Result<(), ShipError> {
+        let window = self.endpoint.window_bytes;
+        let name = &self.endpoint.name;
+        let send = |msg: AMsg| async move {
+            tokio::select! {
+                r = tx.send(AgentMessage { msg: Some(msg) }) => r.map_err(|_| ShipError::Stream("outbound closed".into())),
+                _ = dead.cancelled() => Err(ShipError::Stream("receiver stream closed".into())),
+                _ = self.cancel.cancelled() => Err(ShipError::Cancelled),
+            }
+        };
+        let send_batch = |events: Vec<proto::Event>| async move {
+            let bytes: u64 = events.iter().map(|e| e.payload.len() as u64 + 64).sum();
+            flow.wait_room(window, dead).await?;
+            flow.sent(bytes);
+            metrics::counter!(m::BYTES_SENT_TOTAL, m::L_RECEIVER => name.clone()).increment(bytes);
+            send(AMsg::Batch(proto::EventBatch { events })).await
+        };
+
+        for s in resync {
+            let at = *self.durable.borrow();
+            info!(source = %s.name, seq = at.0, "resync: sending a full snapshot");
+            metrics::counter!(m::RESYNCS_TOTAL, m::L_RECEIVER => name.clone()).increment(1);
+            self.tracker.set_resyncing(name, Some(s.name.to_string()));
+            send(AMsg::ResyncBegin(proto::ResyncBegin { source: s.name.to_string(), seq: at.0 })).await?;
+            let (stx, mut srx) = mpsc::channel::<Change>(256);
+            let snap = {
+                let snapshotter = s.snapshotter.clone();
+                tokio::spawn(async move { snapshotter.snapshot(stx).await })
+            };
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            let source: &str = &s.name;
+            while let Some(change) = srx.recv().await {
+                let payload = change.encode();
+                bytes += payload.len();
+                batch.push(lockstep_common::event::make_event(Seq::ZERO, source, now_us(), payload));
+                if bytes >= BATCH_BYTES || batch.len() >= BATCH_EVENTS {
+                    send_batch(std::mem::take(&mut batch)).await?;
+                    bytes = 0;
+                }
+            }
+            if !batch.is_empty() {
+                send_batch(batch).await?;
+            }
+            match snap.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(ShipError::Snapshot { source_name: s.name.to_string(), detail: e.to_string() }),
+                Err(e) => return Err(ShipError::Snapshot { source_name: s.name.to_string(), detail: e.to_string() }),
+            }
+            send(AMsg::ResyncEnd(proto::ResyncEnd { source: s.name.to_string(), seq: at.0 })).await?;
+            positions.insert(s.name.clone(), at);
+            self.tracker.set_resyncing(name, None);
+            info!(source = %s.name, seq = at.0, "resync: snapshot sent");
+        }
+
+        let mut next = positions.values().copied().min().unwrap_or(Seq::ZERO).next();
+        let mut durable = self.durable.clone();
+        let mut last_sent = Instant::now();
+        let mut tick = tokio::time::interval(self.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err(ShipError::Cancelled);
+            }
+            let durable_end = *durable.borrow_and_update();
+            if next <= durable_end {
+                let store = self.store.clone();
+                let from = next;
+                let events = tokio::task::spawn_blocking(move || store.read_from(from, BATCH_EVENTS, BATCH_BYTES))
+                    .await
+                    .map_err(|e| ShipError::Stream(e.to_string()))??;
+                let events: Vec<proto::Event> = events.into_iter().filter(|e| e.seq <= durable_end.0).collect();
+                let Some(first) = events.first() else {
+                    return Err(ShipError::Protocol(format!("journal has no record at {next} though {durable_end} is durable")));
+                };
+                if first.seq != next.0 {
+                    // Truncated past this receiver while we were connected (size cap): the
+                    // next session resyncs it.
+                    return Err(ShipError::Protocol(format!(
+                        "journal no longer holds seq {next} (oldest is {}); reconnecting to resync",
+                        first.seq
+                    )));
+                }
+                next = Seq(events.last().expect("non-empty").seq + 1);
+                send_batch(events).await?;
+                last_sent = Instant::now();
+                continue;
+            }
+            tokio::select! {
+                r = durable.changed() => if r.is_err() { return Err(ShipError::Cancelled) },
+                _ = tick.tick() => {
+                    if last_sent.elapsed() >= self.heartbeat {
+                        send(AMsg::Heartbeat(proto::Heartbeat { sent_at_us: now_us(), last_seq: durable_end.0 })).await?;
+                        last_sent = Instant::now();
+                        debug!("heartbeat");
+                    }
+                }
+                _ = dead.cancelled() => return Err(ShipError::Stream("receiver stream closed".into())),
+                _ = self.cancel.cancelled() => return Err(ShipError::Cancelled),
+            }
+        }
+    }
+}
+
+async fn read_acks(
+    inbound: &mut tonic::Streaming<proto::ReceiverMessage>,
+    flow: &Flow,
+    tracker: &Tracker,
+    store: &dyn JournalStore,
+    name: &str,
+    repairs: &HashMap<String, mpsc::Sender<RepairRequest>>,
+    idle_limit: Duration,
+) -> Result<(), ShipError> {
+    let mut last_cursor = Seq::ZERO;
+    loop {
+        let msg = match tokio::time::timeout(idle_limit, inbound.message()).await {
+            Err(_) => return Err(ShipError::Stream(format!("no word from receiver for {idle_limit:?}"))),
+            Ok(Err(s)) => return Err(status_err(s)),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(m))) => m,
+        };
+        match msg.msg {
+            Some(RMsg::Ack(a)) => {
+                flow.acked(a.batches);
+                tracker.set_acked(name, Seq(a.seq));
+                // The journal may drop only what every target has *committed*.
+                let seq = a.positions.iter().map(|p| Seq(p.seq)).min().unwrap_or(Seq(a.seq));
+                tracker.set_committed(name, seq);
+                if seq > last_cursor {
+                    // Durable with the journal's next flush; a stale cursor only delays truncation.
+                    store.put_meta(&cursor_key(name), &seq.0.to_be_bytes())?;
+                    last_cursor = seq;
+                }
+            }
+            Some(RMsg::Repair(r)) => {
+                let Ok(path) = RelPath::new(r.path.to_vec()) else {
+                    warn!(source = %r.source, "receiver asked to repair an invalid path; ignored");
+                    continue;
+                };
+                match repairs.get(&r.source) {
+                    Some(tx) => {
+                        debug!(source = %r.source, path = %path, reason = %r.reason, "repair requested");
+                        let _ = tx.try_send(RepairRequest { path, reason: r.reason });
+                    }
+                    None => warn!(source = %r.source, "repair for a source this receiver does not get; ignored"),
+                }
+            }
+            Some(RMsg::Welcome(_)) | None => return Err(ShipError::Protocol("unexpected message from receiver".into())),
+        }
+    }
+}
+
+/// Journal metadata key holding a receiver's acknowledged position.
+pub fn cursor_key(receiver: &str) -> String {
+    format!("cursor/{receiver}")
+}
+
+fn status_err(s: tonic::Status) -> ShipError {
+    match s.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::FailedPrecondition => {
+            ShipError::Refused(s.message().to_string())
+        }
+        _ => ShipError::Stream(format!("{}: {}", s.code(), s.message())),
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push(s.to_string());
+        cur = s.source();
+    }
+    out.join(": ")
+}

@@ -1,0 +1,10 @@
+//! Metric names and label keys of the receiver.
+
+pub const EVENTS_APPLIED_TOTAL: &str = "lockstep_receiver_events_applied_total";
+pub const APPLY_ERRORS_TOTAL: &str = "lockstep_receiver_apply_errors_total";
+pub const APPLIED_SEQ: &str = "lockstep_receiver_applied_seq";
+pub const SESSIONS_REFUSED_TOTAL: &str = "lockstep_receiver_sessions_refused_total";
+pub const CORRUPT_RECORDS_TOTAL: &str = "lockstep_receiver_corrupt_records_total";
+
+pub const L_AGENT: &str = "agent";
+pub const L_SOURCE: &str = "source";

@@ -1,0 +1,457 @@
+//! The gRPC `Replication` service: authenticates the agent by its client certificate, maps
+//! each of its sources to a configured target (refusing anything else), answers `Welcome` with
+//! the targets' committed positions, then runs a session that verifies, applies in order,
+//! commits and acknowledges.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, Stream};
+use lockstep_common::event::{open_event, EventError, JournalId, Seq};
+use lockstep_common::proto::agent_message::Msg as AMsg;
+use lockstep_common::proto::receiver_message::Msg as RMsg;
+use lockstep_common::proto::replication_server::Replication;
+use lockstep_common::proto::{self, AgentMessage, ReceiverMessage};
+use lockstep_common::{now_us, tls, PROTOCOL_VERSION};
+use tokio::sync::{mpsc, OwnedMutexGuard};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::applier::{Applier, ApplyError, Position};
+use crate::metrics as m;
+use crate::target::Target;
+
+/// Most bytes of batches gathered into one apply + commit + ack round.
+const GROUP_BYTES: usize = 32 << 20;
+/// Idle targets (no events in a round) get their position moved at most this often.
+const IDLE_COMMIT: Duration = Duration::from_secs(1);
+
+/// The service shared by all sessions.
+pub struct ReplicationService {
+    pub receiver_id: String,
+    pub targets: Arc<BTreeMap<(String, String), Arc<Target>>>,
+}
+
+type ApplierGuard = OwnedMutexGuard<Option<Box<dyn Applier>>>;
+
+struct SessionTarget {
+    target: Arc<Target>,
+    guard: ApplierGuard,
+    /// Highest seq applied (or known to contain nothing for this source).
+    applied: Seq,
+    committed: Seq,
+    dirty: bool,
+    resyncing: bool,
+    last_commit: Instant,
+}
+
+impl SessionTarget {
+    fn applier(&mut self) -> &mut dyn Applier {
+        self.guard.as_deref_mut().expect("opened before the session starts")
+    }
+}
+
+struct Session {
+    agent: String,
+    journal_id: JournalId,
+    targets: HashMap<String, SessionTarget>,
+    /// Highest journal seq seen on this stream; journal records must arrive strictly increasing.
+    last_seq: Seq,
+    batches: u64,
+}
+
+/// What one round of applying produced.
+struct Round {
+    repairs: Vec<proto::Repair>,
+    result: Result<(), Status>,
+}
+
+impl Session {
+    fn fail(&mut self, source: &str, status: Status) -> Status {
+        if let Some(t) = self.targets.get(source) {
+            let mut st = t.target.status();
+            st.apply_errors += 1;
+            st.last_error = Some(status.message().to_string());
+        }
+        metrics::counter!(m::APPLY_ERRORS_TOTAL, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.to_string()).increment(1);
+        status
+    }
+
+    fn apply_event(&mut self, ev: proto::Event, repairs: &mut Vec<proto::Repair>) -> Result<(), Status> {
+        let source = ev.source.clone();
+        if !self.targets.contains_key(&source) {
+            return Err(Status::invalid_argument(format!("event for source {source:?}, which was not announced in hello")));
+        }
+        let change = match open_event(&ev) {
+            Ok(c) => c,
+            Err(e @ EventError::Checksum { .. }) => {
+                metrics::counter!(m::CORRUPT_RECORDS_TOTAL, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.clone()).increment(1);
+                warn!(source = %source, seq = ev.seq, error = %e, "corrupt record refused; the agent will re-send it");
+                return Err(Status::data_loss(format!("{e}; re-send")));
+            }
+            Err(e) => {
+                return Err(self.fail(&source, Status::invalid_argument(format!("source {source} seq {}: {e}", ev.seq))));
+            }
+        };
+        let seq = Seq(ev.seq);
+        let t = self.targets.get_mut(&source).expect("checked above");
+        if seq == Seq::ZERO {
+            if !t.resyncing {
+                return Err(Status::invalid_argument(format!("snapshot entry for {source} outside a resync")));
+            }
+        } else {
+            if seq <= self.last_seq {
+                return Err(Status::invalid_argument(format!("seq {seq} after {}: out of order", self.last_seq)));
+            }
+            if t.resyncing {
+                return Err(Status::invalid_argument(format!("journal record for {source} during its resync")));
+            }
+            if seq <= t.applied {
+                self.last_seq = seq;
+                return Ok(()); // already applied before a reconnect or crash
+            }
+        }
+        match t.applier().apply(seq, change) {
+            Ok(outcome) => {
+                // Only now does the stream position cover this record: a failed apply must
+                // not let idle targets (or this one) move past it.
+                if seq > Seq::ZERO {
+                    t.applied = seq;
+                    self.last_seq = seq;
+                }
+                t.dirty = true;
+                for (path, reason) in outcome.repairs {
+                    repairs.push(proto::Repair { source: source.clone(), path: path.into_bytes().into(), reason });
+                }
+                {
+                    let mut st = t.target.status();
+                    st.events_applied += 1;
+                    st.last_apply_at_us = Some(now_us());
+                    st.applied_seq = t.applied.0;
+                }
+                metrics::counter!(m::EVENTS_APPLIED_TOTAL, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.clone()).increment(1);
+                if let Some(why) = outcome.skipped {
+                    warn!(source = %source, seq = %seq, reason = %why, "change skipped");
+                    let _ = self.fail(&source, Status::ok(why));
+                }
+                Ok(())
+            }
+            Err(ApplyError::Refused(why)) => {
+                warn!(source = %source, seq = %seq, reason = %why, "change refused; refusing the stream");
+                Err(self.fail(&source, Status::permission_denied(format!("source {source} seq {seq} refused: {why}"))))
+            }
+            Err(e @ ApplyError::Io { .. }) => {
+                warn!(source = %source, seq = %seq, error = %e, "apply failed; the agent will retry");
+                Err(self.fail(&source, Status::internal(format!("source {source} seq {seq}: {e}"))))
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: AgentMessage, repairs: &mut Vec<proto::Repair>) -> Result<(), Status> {
+        match msg.msg {
+            Some(AMsg::Batch(b)) => {
+                for ev in b.events {
+                    self.apply_event(ev, repairs)?;
+                }
+                self.batches += 1;
+                Ok(())
+            }
+            Some(AMsg::Heartbeat(h)) => {
+                // Everything up to the agent's durable end has been sent before this heartbeat.
+                let end = Seq(h.last_seq);
+                if end > self.last_seq {
+                    self.last_seq = end;
+                }
+                Ok(())
+            }
+            Some(AMsg::ResyncBegin(r)) => {
+                let t = self.targets.get_mut(&r.source).ok_or_else(|| Status::invalid_argument("resync of unknown source"))?;
+                info!(source = %r.source, seq = r.seq, "resync begins");
+                t.applier().begin_resync().map_err(|e| Status::internal(e.to_string()))?;
+                t.resyncing = true;
+                t.target.status().resyncing = true;
+                Ok(())
+            }
+            Some(AMsg::ResyncEnd(r)) => {
+                let t = self.targets.get_mut(&r.source).ok_or_else(|| Status::invalid_argument("resync of unknown source"))?;
+                if !t.resyncing {
+                    return Err(Status::invalid_argument("resync end without begin"));
+                }
+                t.applier().end_resync().map_err(|e| Status::internal(e.to_string()))?;
+                t.resyncing = false;
+                t.applied = Seq(r.seq);
+                t.dirty = true;
+                t.target.status().resyncing = false;
+                info!(source = %r.source, seq = r.seq, "resync complete");
+                Ok(())
+            }
+            Some(AMsg::Hello(_)) | None => Err(Status::invalid_argument("unexpected message in stream")),
+        }
+    }
+
+    /// Makes applied changes durable and records positions. Targets that saw nothing still move
+    /// to the stream's position (all records up to it were delivered), at most once a second.
+    fn commit(&mut self) -> Result<(), Status> {
+        let last = self.last_seq;
+        for (source, t) in self.targets.iter_mut() {
+            if t.resyncing {
+                continue;
+            }
+            if last > t.applied {
+                t.applied = last;
+            }
+            let due = t.dirty || (t.applied > t.committed && t.last_commit.elapsed() >= IDLE_COMMIT);
+            if !due {
+                continue;
+            }
+            let pos = Position { journal_id: self.journal_id, seq: t.applied };
+            if let Err(e) = t.applier().commit(pos) {
+                let mut st = t.target.status();
+                st.apply_errors += 1;
+                st.last_error = Some(e.to_string());
+                return Err(Status::internal(format!("commit {source}: {e}")));
+            }
+            t.committed = t.applied;
+            t.dirty = false;
+            t.last_commit = Instant::now();
+            let mut st = t.target.status();
+            st.committed_seq = t.committed.0;
+            st.applied_seq = t.applied.0;
+            metrics::gauge!(m::APPLIED_SEQ, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.clone()).set(t.committed.0 as f64);
+        }
+        Ok(())
+    }
+
+    fn ack(&self) -> ReceiverMessage {
+        ReceiverMessage {
+            msg: Some(RMsg::Ack(proto::Ack {
+                seq: self.targets.values().filter(|t| !t.resyncing).map(|t| t.applied).min().unwrap_or(self.last_seq).min(self.last_seq).0,
+                positions: self
+                    .targets
+                    .iter()
+                    .map(|(s, t)| proto::SourcePosition { source: s.clone(), seq: t.committed.0, known: true })
+                    .collect(),
+                batches: self.batches,
+            })),
+        }
+    }
+
+    fn round(&mut self, msgs: Vec<AgentMessage>) -> Round {
+        let mut repairs = Vec::new();
+        let mut result = Ok(());
+        for msg in msgs {
+            if let Err(s) = self.handle(msg, &mut repairs) {
+                result = Err(s);
+                break;
+            }
+        }
+        // Commit what was applied even when the round failed part-way: it is all valid.
+        let c = self.commit();
+        Round { repairs, result: result.and(c) }
+    }
+}
+
+fn approx_size(m: &AgentMessage) -> usize {
+    match &m.msg {
+        Some(AMsg::Batch(b)) => b.events.iter().map(|e| e.payload.len() + 64).sum(),
+        _ => 64,
+    }
+}
+
+impl ReplicationService {
+    async fn start(&self, req: Request<Streaming<AgentMessage>>) -> Result<(Session, Streaming<AgentMessage>), Status> {
+        let ids = tls::peer_identities(&req).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(Duration::from_secs(30), inbound.message()).await {
+            Ok(Ok(Some(AgentMessage { msg: Some(AMsg::Hello(h)) }))) => h,
+            Ok(Err(s)) => return Err(s),
+            Err(_) => return Err(Status::deadline_exceeded("no hello within 30 s")),
+            _ => return Err(Status::invalid_argument("first message must be hello")),
+        };
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "agent speaks protocol {}, receiver {} speaks {PROTOCOL_VERSION}; upgrade one side",
+                hello.protocol_version, self.receiver_id
+            )));
+        }
+        if !ids.iter().any(|i| *i == hello.agent_id) {
+            return Err(Status::permission_denied(format!(
+                "the client certificate names {ids:?} but the agent says it is {:?}",
+                hello.agent_id
+            )));
+        }
+        let agent = hello.agent_id.clone();
+        let journal_id = JournalId::from_slice(&hello.journal_id).ok_or_else(|| Status::invalid_argument("journal id must be 16 bytes"))?;
+        let mut wanted = Vec::new();
+        let mut seen = HashSet::new();
+        for s in &hello.sources {
+            if !seen.insert(s.name.clone()) {
+                return Err(Status::invalid_argument(format!("source {} announced twice", s.name)));
+            }
+            let Some(t) = self.targets.get(&(agent.clone(), s.name.clone())) else {
+                return Err(Status::permission_denied(format!(
+                    "receiver {} has no target for agent {agent:?} source {:?}; add a [[targets]] entry with agent = {agent:?}, source = {:?} to receiver.toml (or list only the sources it should get under the agent's [[receivers]].sources)",
+                    self.receiver_id, s.name, s.name
+                )));
+            };
+            let kind = proto::SourceKind::try_from(s.kind).ok().and_then(|k| lockstep_common::event::SourceKind::try_from(k).ok());
+            if kind != Some(t.cfg.kind) {
+                return Err(Status::failed_precondition(format!(
+                    "agent source {:?} is of kind {:?} but the receiver's target is {}",
+                    s.name, kind, t.cfg.kind
+                )));
+            }
+            wanted.push((s.name.clone(), t.clone()));
+        }
+        wanted.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut targets = HashMap::new();
+        for (name, t) in wanted {
+            let lock = t.applier.clone().lock_owned();
+            let mut guard = tokio::time::timeout(Duration::from_secs(15), lock).await.map_err(|_| {
+                Status::unavailable(format!("source {name} of agent {agent} is still being applied by another session; retry"))
+            })?;
+            if guard.is_none() {
+                let t2 = t.clone();
+                let opened = tokio::task::spawn_blocking(move || t2.open_applier())
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                match opened {
+                    Ok(a) => *guard = Some(a),
+                    Err(e) => {
+                        t.status().last_error = Some(e.to_string());
+                        return Err(Status::internal(format!("open target for source {name}: {e}")));
+                    }
+                }
+            }
+            let pos = guard.as_ref().and_then(|a| a.position()).filter(|p| p.journal_id == journal_id).map(|p| p.seq);
+            {
+                let mut st = t.status();
+                st.connected = true;
+                st.journal_id = Some(journal_id.to_string());
+                st.committed_seq = pos.unwrap_or_default().0;
+                st.applied_seq = st.committed_seq;
+            }
+            targets.insert(
+                name,
+                SessionTarget {
+                    target: t,
+                    guard,
+                    applied: pos.unwrap_or_default(),
+                    committed: pos.unwrap_or_default(),
+                    dirty: false,
+                    resyncing: false,
+                    last_commit: Instant::now(),
+                },
+            );
+        }
+        Ok((Session { agent, journal_id, targets, last_seq: Seq::ZERO, batches: 0 }, inbound))
+    }
+}
+
+async fn run_session(session: Session, mut inbound: Streaming<AgentMessage>, out: mpsc::Sender<Result<ReceiverMessage, Status>>) {
+    let mut holder = Some(session);
+    let end = session_loop(&mut holder, &mut inbound, &out).await;
+    if let Err(s) = &end {
+        info!(code = ?s.code(), error = %s.message(), "session ended");
+        let _ = out.send(Err(s.clone())).await;
+    } else {
+        debug!("session closed by agent");
+    }
+    if let Some(session) = holder {
+        for t in session.targets.values() {
+            let mut st = t.target.status();
+            st.connected = false;
+            if let Err(s) = &end {
+                st.last_error = Some(s.message().to_string());
+            }
+        }
+    }
+}
+
+/// Gathers what has arrived, applies and commits it on a blocking thread, then acknowledges.
+async fn session_loop(
+    holder: &mut Option<Session>,
+    inbound: &mut Streaming<AgentMessage>,
+    out: &mpsc::Sender<Result<ReceiverMessage, Status>>,
+) -> Result<(), Status> {
+    loop {
+        let first = match tokio::time::timeout(Duration::from_secs(120), inbound.message()).await {
+            Err(_) => return Err(Status::deadline_exceeded("agent silent for 120 s")),
+            Ok(Err(s)) => return Err(s),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(m))) => m,
+        };
+        let mut bytes = approx_size(&first);
+        let mut msgs = vec![first];
+        let mut closed = false;
+        while bytes < GROUP_BYTES {
+            match inbound.message().now_or_never() {
+                Some(Ok(Some(m))) => {
+                    bytes += approx_size(&m);
+                    msgs.push(m);
+                }
+                Some(Ok(None)) => {
+                    closed = true;
+                    break;
+                }
+                Some(Err(_)) | None => break,
+            }
+        }
+        let mut session = holder.take().expect("session present between rounds");
+        let (session, round) = tokio::task::spawn_blocking(move || {
+            let r = session.round(msgs);
+            (session, r)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("apply thread failed: {e}")))?;
+        let ack = session.ack();
+        *holder = Some(session);
+        for r in round.repairs {
+            if out.send(Ok(ReceiverMessage { msg: Some(RMsg::Repair(r)) })).await.is_err() {
+                return Ok(());
+            }
+        }
+        round.result?;
+        if out.send(Ok(ack)).await.is_err() || closed {
+            return Ok(());
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Replication for ReplicationService {
+    type ReplicateStream = Pin<Box<dyn Stream<Item = Result<ReceiverMessage, Status>> + Send + 'static>>;
+
+    async fn replicate(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::ReplicateStream>, Status> {
+        let peer = req.remote_addr();
+        let (session, inbound) = match self.start(req).await {
+            Ok(s) => s,
+            Err(s) => {
+                metrics::counter!(m::SESSIONS_REFUSED_TOTAL).increment(1);
+                warn!(peer = ?peer, code = ?s.code(), error = %s.message(), "session refused");
+                return Err(s);
+            }
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let welcome = proto::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            receiver_id: self.receiver_id.clone(),
+            positions: session
+                .targets
+                .iter()
+                .map(|(s, t)| {
+                    let known = t.guard.as_ref().and_then(|a| a.position()).is_some_and(|p| p.journal_id == session.journal_id);
+                    proto::SourcePosition { source: s.clone(), seq: t.committed.0, known }
+                })
+                .collect(),
+        };
+        info!(agent = %session.agent, peer = ?peer, sources = session.targets.len(), "session started");
+        let _ = tx.send(Ok(ReceiverMessage { msg: Some(RMsg::Welcome(welcome)) })).await;
+        let span = tracing::info_span!("session", agent = %session.agent);
+        tokio::spawn(run_session(session, inbound, tx).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,74 @@
+//! Targets: the configured standbys, each with its applier (opened on first use and then kept,
+//! so its in-memory state survives reconnects) and the status shown by `status`.
+//!
+//! A target's applier sits behind an async mutex: one session at a time applies to it. A
+//! reconnecting agent whose old session has not yet noticed the cut waits for it briefly.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use lockstep_common::config::TargetConfig;
+use lockstep_common::event::SourceKind;
+use serde::Serialize;
+
+use crate::applier::{Applier, ApplyError};
+
+/// Live status of one target.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct TargetStatus {
+    pub connected: bool,
+    pub applied_seq: u64,
+    pub committed_seq: u64,
+    pub journal_id: Option<String>,
+    pub last_apply_at_us: Option<i64>,
+    pub events_applied: u64,
+    pub apply_errors: u64,
+    pub resyncing: bool,
+    pub last_error: Option<String>,
+}
+
+/// One configured standby.
+pub struct Target {
+    pub cfg: TargetConfig,
+    pub applier: Arc<tokio::sync::Mutex<Option<Box<dyn Applier>>>>,
+    pub status: Mutex<TargetStatus>,
+    position_file: PathBuf,
+}
+
+impl Target {
+    pub fn new(cfg: TargetConfig, data_dir: &Path) -> Self {
+        let position_file = data_dir.join("positions").join(&cfg.agent).join(format!("{}.pos", cfg.source));
+        Target { cfg, applier: Arc::default(), status: Mutex::default(), position_file }
+    }
+
+    pub fn status(&self) -> std::sync::MutexGuard<'_, TargetStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens the applier for this target's kind (blocking I/O).
+    pub fn open_applier(&self) -> Result<Box<dyn Applier>, ApplyError> {
+        match self.cfg.kind {
+            SourceKind::Fs => {
+                let root = self.cfg.path.clone().expect("validated: fs target has a path");
+                Ok(Box::new(crate::applier::fs::FsApplier::open(
+                    root,
+                    self.position_file.clone(),
+                    self.cfg.allow_external_symlinks,
+                )?))
+            }
+            other => Err(ApplyError::Refused(format!("targets of kind {other} are not supported by this build yet"))),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let st = self.status().clone();
+        let mut v = serde_json::to_value(st).unwrap_or_default();
+        v["agent"] = self.cfg.agent.clone().into();
+        v["source"] = self.cfg.source.clone().into();
+        v["kind"] = self.cfg.kind.as_str().into();
+        if let Some(p) = &self.cfg.path {
+            v["path"] = p.display().to_string().into();
+        }
+        v
+    }
+}
