@@ -1,0 +1,619 @@
+//! The fs source's engine: a single blocking thread that owns the index and decides every
+//! change by comparing the disk with it — for watcher hints, reconciliation scans, and repair
+//! requests alike — then journals the ops in the order decided and, once they are durable,
+//! updates the index.
+//!
+//! Journal appends happen from this thread with `futures::executor::block_on` (the append
+//! future only talks to the journal writer through channels). Ops are gathered and appended in
+//! groups (at most `GROUP_BYTES`), so scans do not pay one flush per file and a large file is
+//! never held in memory.
+
+use std::collections::HashSet;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lockstep_common::event::{Change, FsOp};
+use lockstep_common::relpath::RelPath;
+use tokio_util::sync::CancellationToken;
+
+use super::content::{self, Plan};
+use super::index::{Entry, Index, Kind};
+use super::walk::{list_dir, Filter};
+use super::watch::{Batch, Hint, Msg};
+use crate::journal::{JournalHandle, NewRecord};
+use crate::source::{RepairRequest, SourceError, SourceState, SourceStatus};
+
+/// How long to keep gathering watcher events after the first one before acting. Short: the
+/// write-to-visible budget is tens of milliseconds end to end.
+const COALESCE: Duration = Duration::from_millis(5);
+/// Most events gathered into one batch, so a storm still makes steady progress.
+const MAX_BATCH_EVENTS: usize = 20_000;
+/// Payload bytes gathered before a journal append.
+const GROUP_BYTES: usize = 16 << 20;
+/// Records gathered before a journal append (bounds the staged index updates too).
+const GROUP_RECORDS: usize = 2048;
+/// Reconciliation scan period once the inotify watch limit was hit.
+const FALLBACK_SCAN: Duration = Duration::from_secs(2);
+
+type R<T> = Result<T, SourceError>;
+
+/// What `sync_entry` found.
+#[derive(PartialEq, Eq)]
+enum Synced {
+    Other,
+    /// A directory that was already indexed.
+    Dir,
+    /// A directory that was not (its content must be walked).
+    NewDir,
+}
+
+pub(crate) struct Engine {
+    pub(crate) name: Arc<str>,
+    pub(crate) root: PathBuf,
+    pub(crate) filter: Arc<Filter>,
+    pub(crate) index: Index,
+    pub(crate) db: sled::Db,
+    pub(crate) journal: JournalHandle,
+    pub(crate) status: Arc<SourceStatus>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) rescan_interval: Duration,
+    /// The watcher must live as long as the engine; `None` when it could not be started.
+    pub(crate) watcher: Option<notify::RecommendedWatcher>,
+    /// The inotify watch limit was hit: events may be missing, so scan every `FALLBACK_SCAN`.
+    pub(crate) fallback: bool,
+    /// Building the baseline index: nothing is journaled.
+    silent: bool,
+    pending: Vec<NewRecord>,
+    pending_bytes: usize,
+    /// Paths already compared in the current batch: later hints for them are redundant
+    /// (anything that changed after the comparison produces a new event).
+    done: HashSet<RelPath>,
+}
+
+fn gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) || e.raw_os_error() == Some(libc::ELOOP)
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        name: Arc<str>,
+        root: PathBuf,
+        filter: Arc<Filter>,
+        index: Index,
+        db: sled::Db,
+        journal: JournalHandle,
+        status: Arc<SourceStatus>,
+        cancel: CancellationToken,
+        rescan_interval: Duration,
+    ) -> Engine {
+        Engine {
+            name,
+            root,
+            filter,
+            index,
+            db,
+            journal,
+            status,
+            cancel,
+            rescan_interval,
+            watcher: None,
+            fallback: false,
+            silent: false,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            done: HashSet::new(),
+        }
+    }
+
+    fn ix<T>(&self, r: sled::Result<T>) -> R<T> {
+        r.map_err(|error| SourceError::Index { source_name: self.name.to_string(), error })
+    }
+
+    fn rel(&self, abs: &Path) -> Option<RelPath> {
+        match RelPath::from_under(&self.root, abs)? {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(path = %abs.display(), error = %e, "skipping a path that cannot be replicated");
+                None
+            }
+        }
+    }
+
+    // ---- journaling ----
+
+    fn emit(&mut self, op: FsOp) -> R<()> {
+        if self.silent {
+            return Ok(());
+        }
+        let payload = Change::Fs(op).encode();
+        self.pending_bytes += payload.len();
+        self.pending.push(NewRecord { source: self.name.clone(), captured_at_us: lockstep_common::now_us(), payload });
+        self.maybe_flush()
+    }
+
+    fn maybe_flush(&mut self) -> R<()> {
+        if self.pending_bytes >= GROUP_BYTES || self.pending.len() >= GROUP_RECORDS || self.index.staged_len() >= GROUP_RECORDS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Appends the gathered ops, waits until they are durable, then commits the staged index
+    /// updates. Not interruptible: once started, it finishes or fails.
+    fn flush(&mut self) -> R<()> {
+        if !self.pending.is_empty() {
+            let records = std::mem::take(&mut self.pending);
+            self.pending_bytes = 0;
+            let n = records.len() as u64;
+            let metas = futures::executor::block_on(self.journal.append(records))
+                .map_err(|e| SourceError::Journal(e, self.name.to_string()))?;
+            if let Some(last) = metas.last() {
+                self.status.journaled(last.seq, n);
+            }
+        }
+        if self.index.has_staged() {
+            let r = self.index.commit();
+            self.ix(r)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, rel: &RelPath, kind: Kind) -> R<()> {
+        self.emit(FsOp::Remove { path: rel.clone() })?;
+        self.index.stage_remove(rel, kind);
+        self.done.insert(rel.clone());
+        Ok(())
+    }
+
+    // ---- the main loop ----
+
+    /// Runs until cancelled. Builds the baseline index on first start, reconciles on later
+    /// starts, then follows watcher events.
+    pub(crate) fn run(mut self, rx: Receiver<Msg>) -> R<()> {
+        let r = self.run_inner(rx);
+        if let Err(e) = &r {
+            self.status.set_state(SourceState::Error, Some(e.to_string()));
+        }
+        r
+    }
+
+    fn run_inner(&mut self, rx: Receiver<Msg>) -> R<()> {
+        let baseline = self.index.baseline_done();
+        if !self.ix(baseline)? {
+            self.status.set_state(SourceState::Snapshot, None);
+            let t = Instant::now();
+            let cleared = self.index.clear();
+            self.ix(cleared)?;
+            self.silent = true;
+            let done = self.reconcile(None)?;
+            self.silent = false;
+            if !done {
+                return Ok(());
+            }
+            let r = self.index.set_baseline_done(&self.db);
+            self.ix(r)?;
+            tracing::info!(elapsed_ms = t.elapsed().as_millis() as u64, "baseline index built");
+        } else {
+            self.status.set_state(SourceState::Streaming, None);
+            self.full_scan("start-up")?;
+        }
+        self.status.set_state(SourceState::Streaming, None);
+
+        let mut next_scan = self.next_scan_deadline();
+        loop {
+            if self.cancel.is_cancelled() {
+                return Ok(());
+            }
+            let timeout = next_scan.map(|d| d.saturating_duration_since(Instant::now())).unwrap_or(Duration::from_secs(3600));
+            let first = match rx.recv_timeout(timeout) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => {
+                    if next_scan.is_some_and(|d| d <= Instant::now()) {
+                        self.full_scan(if self.fallback { "watch limit fallback" } else { "periodic" })?;
+                        next_scan = self.next_scan_deadline();
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            };
+            let mut batch = Batch::default();
+            batch.add(first);
+            let window_end = Instant::now() + COALESCE;
+            while !batch.stop && batch.events < MAX_BATCH_EVENTS {
+                let left = window_end.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match rx.recv_timeout(left) {
+                    Ok(m) => batch.add(m),
+                    Err(_) => break,
+                }
+            }
+            if batch.stop {
+                return Ok(());
+            }
+            if self.process(batch)? {
+                next_scan = self.next_scan_deadline();
+            }
+        }
+    }
+
+    fn next_scan_deadline(&self) -> Option<Instant> {
+        let mut every = (!self.rescan_interval.is_zero()).then_some(self.rescan_interval);
+        if self.fallback || self.watcher.is_none() {
+            every = Some(every.map_or(FALLBACK_SCAN, |e| e.min(FALLBACK_SCAN)));
+        }
+        every.map(|e| Instant::now() + e)
+    }
+
+    /// Handles one batch; returns whether a full scan ran.
+    fn process(&mut self, mut batch: Batch) -> R<bool> {
+        let mut scanned = false;
+        if batch.watch_limit && !self.fallback {
+            tracing::warn!(
+                "inotify watch limit reached (fs.inotify.max_user_watches); changes in unwatched directories are \
+                 caught by reconciliation scans every {}s until it is raised, e.g. `sysctl -w fs.inotify.max_user_watches=1048576`",
+                FALLBACK_SCAN.as_secs()
+            );
+            self.fallback = true;
+            batch.rescan = true;
+        }
+        if batch.rescan {
+            if batch.overflow {
+                tracing::warn!(
+                    "inotify event queue overflowed; running a full reconciliation scan (raise fs.inotify.max_queued_events, \
+                     e.g. `sysctl -w fs.inotify.max_queued_events=1048576`)"
+                );
+            }
+            self.full_scan("watcher overflow")?;
+            scanned = true;
+        } else {
+            for (from, to) in std::mem::take(&mut batch.renames) {
+                let ok = match (self.rel(&from), self.rel(&to)) {
+                    (Some(f), Some(t)) => self.try_rename(&f, &t)?,
+                    _ => false,
+                };
+                if !ok {
+                    batch.hints.entry(from).or_default().content = true;
+                }
+                let h = batch.hints.entry(to).or_default();
+                h.content = true;
+                h.subtree = true;
+            }
+            let mut hints: Vec<(RelPath, Hint)> =
+                batch.hints.drain().filter_map(|(p, h)| self.rel(&p).map(|r| (r, h))).collect();
+            // Sorted, parents come before their children.
+            hints.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (rel, h) in hints {
+                if self.cancel.is_cancelled() {
+                    return Ok(scanned);
+                }
+                self.sync_path(&rel, h)?;
+            }
+        }
+        for r in std::mem::take(&mut batch.repairs) {
+            self.repair(r)?;
+        }
+        self.flush()?;
+        self.done.clear();
+        Ok(scanned)
+    }
+
+    fn full_scan(&mut self, why: &str) -> R<()> {
+        let t = Instant::now();
+        tracing::info!(why, "reconciliation scan started");
+        let done = self.reconcile(None)?;
+        self.flush()?;
+        self.done.clear();
+        tracing::info!(why, completed = done, elapsed_ms = t.elapsed().as_millis() as u64, "reconciliation scan finished");
+        Ok(())
+    }
+
+    // ---- deciding changes ----
+
+    /// A rename seen by the watcher: one `Rename` op (moving the index subtree) when the old
+    /// path is indexed and gone. Returns false when it must be handled as plain hints.
+    fn try_rename(&mut self, from: &RelPath, to: &RelPath) -> R<bool> {
+        if from == to || to.starts_with(from) || self.filter.out_of_scope(from) || self.filter.out_of_scope(to) {
+            return Ok(false);
+        }
+        let old = self.index.get(from);
+        if self.ix(old)?.is_none() {
+            return Ok(false);
+        }
+        match std::fs::symlink_metadata(from.under(&self.root)) {
+            Err(e) if gone(&e) => {}
+            _ => return Ok(false),
+        }
+        if let Some(parent) = to.parent() {
+            let p = self.index.get(&parent);
+            if !matches!(self.ix(p)?, Some(e) if e.kind == Kind::Dir) {
+                return Ok(false);
+            }
+        }
+        // The subtree move works on committed entries: make everything before it durable.
+        self.flush()?;
+        self.emit(FsOp::Rename { from: from.clone(), to: to.clone() })?;
+        self.flush()?;
+        let r = self.index.move_subtree_now(from, to);
+        self.ix(r)?;
+        tracing::debug!(%from, %to, "rename");
+        Ok(true)
+    }
+
+    /// Compares one path (from a hint) with the index and journals the difference.
+    fn sync_path(&mut self, rel: &RelPath, hint: Hint) -> R<()> {
+        if self.done.contains(rel) {
+            return Ok(());
+        }
+        if self.filter.out_of_scope(rel) {
+            let old = self.index.get(rel);
+            if let Some(e) = self.ix(old)? {
+                self.remove(rel, e.kind)?;
+            }
+            return Ok(());
+        }
+        if let Some(parent) = rel.parent() {
+            let p = self.index.get(&parent);
+            if !matches!(self.ix(p)?, Some(e) if e.kind == Kind::Dir) {
+                // An unknown parent is a new directory: syncing it walks it, covering `rel`.
+                return self.sync_path(&parent, Hint::default());
+            }
+        }
+        let meta = match std::fs::symlink_metadata(rel.under(&self.root)) {
+            Ok(m) => m,
+            Err(e) if gone(&e) => {
+                let old = self.index.get(rel);
+                if let Some(old) = self.ix(old)? {
+                    self.remove(rel, old.kind)?;
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(path = %rel, error = %e, "inspect changed path");
+                return Ok(());
+            }
+        };
+        let synced = self.sync_entry(rel, &meta, hint.content)?;
+        if synced == Synced::NewDir || (synced == Synced::Dir && hint.subtree) {
+            self.reconcile(Some(rel))?;
+        }
+        Ok(())
+    }
+
+    /// Compares one existing entry with its index entry and journals the difference. With
+    /// `force_content`, a file is read even when size and mtime match (a write was seen, and
+    /// mtime granularity can hide it).
+    fn sync_entry(&mut self, rel: &RelPath, meta: &std::fs::Metadata, force_content: bool) -> R<Synced> {
+        self.done.insert(rel.clone());
+        let old = self.index.get(rel);
+        let old = self.ix(old)?;
+        let ft = meta.file_type();
+        let abs = rel.under(&self.root);
+        if ft.is_dir() {
+            let mode = content::mode_of(meta);
+            match &old {
+                Some(o) if o.kind == Kind::Dir => {
+                    if o.mode != mode {
+                        self.emit(FsOp::Chmod { path: rel.clone(), mode })?;
+                        self.index.stage_put(rel, Entry::dir(mode));
+                    }
+                    return Ok(Synced::Dir);
+                }
+                // The applier replaces a non-directory by a directory itself.
+                _ => {}
+            }
+            self.emit(FsOp::Mkdir { path: rel.clone(), mode })?;
+            self.index.stage_put(rel, Entry::dir(mode));
+            return Ok(Synced::NewDir);
+        }
+        if ft.is_symlink() {
+            let target = match std::fs::read_link(&abs) {
+                Ok(t) => std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str()).to_vec(),
+                Err(e) if gone(&e) || e.kind() == io::ErrorKind::InvalidInput => {
+                    // Replaced since the stat; its own event brings it back here.
+                    return Ok(Synced::Other);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %rel, error = %e, "read symlink");
+                    return Ok(Synced::Other);
+                }
+            };
+            if let Some(o) = &old {
+                if o.kind == Kind::Symlink && o.target == target {
+                    return Ok(Synced::Other);
+                }
+                if o.kind == Kind::Dir {
+                    self.remove(rel, Kind::Dir)?;
+                }
+            }
+            self.emit(FsOp::Symlink { path: rel.clone(), target: target.clone() })?;
+            self.index.stage_put(rel, Entry::symlink(target));
+            return Ok(Synced::Other);
+        }
+        if !ft.is_file() {
+            // fifos, sockets, devices are not replicated.
+            if let Some(o) = &old {
+                self.remove(rel, o.kind)?;
+            }
+            return Ok(Synced::Other);
+        }
+        let old_file = old.as_ref().filter(|o| o.kind == Kind::File);
+        if let Some(o) = old_file {
+            if !force_content && o.size == meta.len() && o.mtime_ns == content::mtime_ns_of(meta) {
+                let mode = content::mode_of(meta);
+                if o.mode != mode {
+                    self.emit(FsOp::Chmod { path: rel.clone(), mode })?;
+                    let mut e = o.clone();
+                    e.mode = mode;
+                    self.index.stage_put(rel, e);
+                }
+                return Ok(Synced::Other);
+            }
+        }
+        if let Some(o) = &old {
+            if o.kind == Kind::Dir {
+                self.remove(rel, Kind::Dir)?;
+            }
+        }
+        self.sync_file(rel, &abs, old_file.cloned())?;
+        Ok(Synced::Other)
+    }
+
+    /// Reads a file and journals its new content (a delta against `old` when there is one).
+    fn sync_file(&mut self, rel: &RelPath, abs: &Path, old: Option<Entry>) -> R<()> {
+        let (mut file, fmeta) = match content::open_nofollow(abs) {
+            Ok((f, m)) if m.is_file() => (f, m),
+            Ok(_) => return Ok(()),
+            Err(e) if gone(&e) => {
+                // Vanished (or replaced by a symlink) since the stat: its own event follows.
+                if old.is_some() && std::fs::symlink_metadata(abs).is_err() {
+                    self.remove(rel, Kind::File)?;
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(path = %rel, error = %e, "open file");
+                return Ok(());
+            }
+        };
+        let plan = match (&old, self.silent) {
+            (_, true) => Plan::Record,
+            (Some(o), false) => Plan::Delta(o),
+            (None, false) => Plan::Full,
+        };
+        let outcome = content::read_file(rel, &mut file, &fmeta, plan, true, &mut |w| self.emit(FsOp::Write(w)))?;
+        if !outcome.emitted {
+            if let Some(o) = &old {
+                if o.mode != outcome.mode {
+                    self.emit(FsOp::Chmod { path: rel.clone(), mode: outcome.mode })?;
+                }
+            }
+        }
+        let entry = outcome.entry();
+        if old.as_ref() != Some(&entry) {
+            self.index.stage_put(rel, entry);
+        }
+        Ok(())
+    }
+
+    /// Walks the tree below `prefix` (or all of it), syncing every entry against the index,
+    /// then removes index entries (journaling `Remove`) for paths no longer on disk. Returns
+    /// false when cancelled part-way (nothing is removed then).
+    fn reconcile(&mut self, prefix: Option<&RelPath>) -> R<bool> {
+        let mut seen: HashSet<RelPath> = HashSet::new();
+        // Directories that could not be listed: keep what the index says is inside them.
+        let mut unlisted: Vec<RelPath> = Vec::new();
+        if let Some(p) = prefix {
+            seen.insert(p.clone());
+        }
+        let mut stack: Vec<Option<RelPath>> = vec![prefix.cloned()];
+        while let Some(dir) = stack.pop() {
+            if self.cancel.is_cancelled() {
+                return Ok(false);
+            }
+            let abs = match &dir {
+                Some(d) => d.under(&self.root),
+                None => self.root.clone(),
+            };
+            let children = match list_dir(&abs, dir.as_ref(), &self.filter) {
+                Ok(c) => c,
+                Err(error) if dir.is_none() => {
+                    return Err(SourceError::Io {
+                        source_name: self.name.to_string(),
+                        context: format!("list root {}", self.root.display()),
+                        error,
+                    })
+                }
+                Err(e) => {
+                    if !gone(&e) {
+                        tracing::warn!(dir = %abs.display(), error = %e, "list directory");
+                    }
+                    if let Some(d) = dir {
+                        unlisted.push(d);
+                    }
+                    continue;
+                }
+            };
+            let mut subdirs = Vec::new();
+            for c in children {
+                let meta = match std::fs::symlink_metadata(c.rel.under(&self.root)) {
+                    Ok(m) => m,
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => {
+                        tracing::warn!(path = %c.rel, error = %e, "inspect path");
+                        seen.insert(c.rel);
+                        continue;
+                    }
+                };
+                seen.insert(c.rel.clone());
+                let synced = if self.done.contains(&c.rel) && !meta.is_dir() {
+                    Synced::Other
+                } else {
+                    self.sync_entry(&c.rel, &meta, false)?
+                };
+                if synced != Synced::Other && !self.filter.prunes(&c.rel) {
+                    subdirs.push(Some(c.rel));
+                }
+                self.maybe_flush()?;
+            }
+            stack.extend(subdirs.into_iter().rev());
+        }
+        // Whatever the index holds that the walk did not see is gone.
+        self.flush()?;
+        let keys = self.index.keys(prefix);
+        for k in self.ix(keys)? {
+            if seen.contains(&k) || unlisted.iter().any(|u| k.starts_with(u) && k != *u) {
+                continue;
+            }
+            let e = self.index.get(&k);
+            if let Some(e) = self.ix(e)? {
+                self.remove(&k, e.kind)?;
+                self.maybe_flush()?;
+            }
+        }
+        self.flush()?;
+        Ok(true)
+    }
+
+    /// A receiver could not reproduce `path`: journal its full current state.
+    fn repair(&mut self, req: RepairRequest) -> R<()> {
+        let rel = req.path;
+        tracing::info!(path = %rel, reason = %req.reason, "repair requested");
+        self.done.remove(&rel);
+        let abs = rel.under(&self.root);
+        let meta = if self.filter.out_of_scope(&rel) { None } else { std::fs::symlink_metadata(&abs).ok() };
+        let Some(meta) = meta else {
+            self.emit(FsOp::Remove { path: rel.clone() })?;
+            self.index.stage_remove(&rel, Kind::Dir);
+            return Ok(());
+        };
+        if meta.is_dir() {
+            let mode = content::mode_of(&meta);
+            self.emit(FsOp::Mkdir { path: rel.clone(), mode })?;
+            self.index.stage_put(&rel, Entry::dir(mode));
+        } else if meta.file_type().is_symlink() || meta.is_file() {
+            // Forget the index entry so the path goes out whole (full content, not a delta).
+            self.index.stage_remove(&rel, Kind::File);
+            self.sync_entry(&rel, &meta, true)?;
+        } else {
+            self.emit(FsOp::Remove { path: rel.clone() })?;
+            self.index.stage_remove(&rel, Kind::File);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Ops not yet appended are simply dropped: their index entries were never committed,
+        // so the next scan re-emits them.
+        if !self.pending.is_empty() {
+            tracing::debug!(records = self.pending.len(), "dropping unjournaled ops at shutdown");
+        }
+    }
+}

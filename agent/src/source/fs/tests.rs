@@ -1,0 +1,1 @@
+//! Tests of the fs source against real files and a real journal.

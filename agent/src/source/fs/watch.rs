@@ -1,0 +1,134 @@
+//! The notify (inotify) watcher and how its events become work: the callback only forwards
+//! each event into a channel (it must never block), and the engine gathers what arrives within
+//! a few milliseconds into a [`Batch`] — renames in order, other paths deduplicated as hints to
+//! re-compare against the index — so bursts cost one pass while latency stays tiny.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+use notify::{Event, EventKind, RecursiveMode, Watcher};
+
+use crate::source::RepairRequest;
+
+/// What reaches the engine thread.
+pub(crate) enum Msg {
+    Fs(notify::Result<Event>),
+    Repair(RepairRequest),
+    Stop,
+}
+
+/// Starts a recursive watcher on `root` whose events go to `tx`.
+pub(crate) fn start(root: &Path, tx: Sender<Msg>) -> notify::Result<notify::RecommendedWatcher> {
+    let mut w = notify::recommended_watcher(move |res: notify::Result<Event>| {
+        // Our own reads produce open/close-nowrite events; dropping them here keeps the channel
+        // quiet and avoids a feedback loop.
+        if let Ok(ev) = &res {
+            if matches!(ev.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
+                return;
+            }
+        }
+        let _ = tx.send(Msg::Fs(res));
+    })?;
+    w.watch(root, RecursiveMode::Recursive)?;
+    Ok(w)
+}
+
+/// Whether a watcher error means the inotify watch limit was hit.
+pub(crate) fn is_watch_limit(e: &notify::Error) -> bool {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => true,
+        notify::ErrorKind::Io(io) => io.raw_os_error() == Some(libc::ENOSPC),
+        _ => false,
+    }
+}
+
+/// What to re-check about one path.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Hint {
+    /// Content may have changed even if size and mtime did not (a write was seen): read it.
+    pub content: bool,
+    /// If it is a directory, reconcile everything below it too (it was moved in).
+    pub subtree: bool,
+}
+
+/// Watcher events gathered over one coalescing window.
+#[derive(Default)]
+pub(crate) struct Batch {
+    pub renames: Vec<(PathBuf, PathBuf)>,
+    pub hints: HashMap<PathBuf, Hint>,
+    /// The kernel queue overflowed (or the watcher failed): only a full scan is trustworthy.
+    pub rescan: bool,
+    /// The kernel's inotify queue overflowed (events were lost).
+    pub overflow: bool,
+    /// The inotify watch limit was hit.
+    pub watch_limit: bool,
+    pub repairs: Vec<RepairRequest>,
+    pub stop: bool,
+    pub events: usize,
+}
+
+impl Batch {
+    fn hint(&mut self, p: &Path, h: Hint) {
+        let e = self.hints.entry(p.to_path_buf()).or_default();
+        e.content |= h.content;
+        e.subtree |= h.subtree;
+    }
+
+    pub(crate) fn add(&mut self, msg: Msg) {
+        let ev = match msg {
+            Msg::Stop => {
+                self.stop = true;
+                return;
+            }
+            Msg::Repair(r) => {
+                self.repairs.push(r);
+                return;
+            }
+            Msg::Fs(Err(e)) => {
+                if is_watch_limit(&e) {
+                    self.watch_limit = true;
+                } else {
+                    tracing::warn!(error = %e, "file watcher error; running a full reconciliation scan");
+                    self.rescan = true;
+                }
+                return;
+            }
+            Msg::Fs(Ok(ev)) => ev,
+        };
+        self.events += 1;
+        if ev.need_rescan() {
+            self.rescan = true;
+            self.overflow = true;
+            return;
+        }
+        let content = Hint { content: true, subtree: false };
+        match ev.kind {
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) if ev.paths.len() == 2 => {
+                self.renames.push((ev.paths[0].clone(), ev.paths[1].clone()));
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                for p in &ev.paths {
+                    self.hint(p, Hint { content: true, subtree: true });
+                }
+            }
+            EventKind::Modify(ModifyKind::Metadata(_)) => {
+                for p in &ev.paths {
+                    self.hint(p, Hint::default());
+                }
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Access(_)
+            | EventKind::Create(_)
+            | EventKind::Remove(_)
+            | EventKind::Modify(_)
+            | EventKind::Any
+            | EventKind::Other => {
+                for p in &ev.paths {
+                    self.hint(p, content);
+                }
+            }
+        }
+    }
+}
