@@ -191,13 +191,21 @@ impl FsApplier {
     }
 
     fn symlink(&mut self, rel: &RelPath, target: &[u8]) -> Result<ApplyOutcome, ApplyError> {
+        self.forget_writes_under(rel);
         if !self.allow_external_symlinks && symlink_escapes(rel, target) {
+            // Whatever was at the path is stale on the source; drop it rather than keep an
+            // old version the source no longer has.
+            if ensure_parents(&self.root, rel, false)? {
+                remove_any(&rel.under(&self.root))?;
+            }
             return Ok(ApplyOutcome {
-                skipped: Some(format!("symlink {rel} points outside the target")),
+                skipped: Some(format!(
+                    "symlink {rel} -> {} points outside the target",
+                    String::from_utf8_lossy(target)
+                )),
                 ..Default::default()
             });
         }
-        self.forget_writes_under(rel);
         ensure_parents(&self.root, rel, true)?;
         let path = rel.under(&self.root);
         // Built beside and renamed over, so the path never goes missing for readers when it
@@ -288,12 +296,9 @@ impl Applier for FsApplier {
         };
         if self.resync.is_some() {
             match &op {
-                FsOp::Rename { from, to } => {
-                    self.mention(from);
-                    self.mention(to);
-                }
+                // What a snapshot removes or renames away is not part of it.
                 FsOp::Remove { .. } => {}
-                other => self.mention(&other.path().clone()),
+                other => self.mention(other.path()),
             }
         }
         self.apply_fs(op)

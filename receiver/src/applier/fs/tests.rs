@@ -384,6 +384,7 @@ fn symlinks_and_escapes() {
     apply_ok(&mut a, fsop(FsOp::Symlink { path: rp("g"), target: b"d".to_vec() }));
     assert!(fs::symlink_metadata(root.join("g")).unwrap().file_type().is_symlink());
 
+    fs::write(root.join("e1"), b"stale").unwrap();
     for (path, target) in [("e1", "/etc/passwd"), ("d/e2", "../../outside"), ("e3", "a/../../b")] {
         let out = a.apply(Seq(1), fsop(FsOp::Symlink { path: rp(path), target: target.as_bytes().to_vec() })).unwrap();
         assert!(out.skipped.is_some(), "{path} -> {target} not skipped");
@@ -528,4 +529,33 @@ fn position_survives_reopen_and_corruption_is_reported() {
     let err = FsApplier::open(t.path().join("root"), file.clone(), false).err().expect("corruption undetected");
     assert!(err.to_string().contains(&file.display().to_string()), "{err}");
     assert!(matches!(err, ApplyError::Io { .. }));
+}
+
+#[test]
+fn resync_keeps_staging_of_write_in_progress() {
+    let t = tempfile::tempdir().unwrap();
+    let mut a = new_applier(t.path());
+    let content = data(CHUNK_BYTES + 5, 6);
+    let events = full_write("d/f", &content, 0o644, 0);
+    a.begin_resync().unwrap();
+    apply_ok(&mut a, events[0].clone());
+    a.end_resync().unwrap();
+    apply_ok(&mut a, events[1].clone());
+    assert!(fs::read(t.path().join("root/d/f")).unwrap() == content);
+}
+
+#[test]
+#[ignore = "timing, run by hand"]
+fn many_small_files_timing() {
+    let t = tempfile::tempdir().unwrap();
+    let mut a = new_applier(t.path());
+    let start = std::time::Instant::now();
+    for i in 0..10_000 {
+        for ev in full_write(&format!("d{}/f{i}", i % 100), &data(1000, i), 0o644, 0) {
+            apply_ok(&mut a, ev);
+        }
+    }
+    let applied = start.elapsed();
+    a.commit(Position { journal_id: JournalId([1; 16]), seq: Seq(10_000) }).unwrap();
+    eprintln!("apply {applied:?}, apply+commit {:?}", start.elapsed());
 }

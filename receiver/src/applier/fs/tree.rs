@@ -131,6 +131,12 @@ pub(super) fn staging_path(root: &Path, rel: &RelPath, kind: &str) -> PathBuf {
 /// Whether a symlink at `link` with `target` would point outside the root, judged lexically
 /// from the link's directory: absolute targets, and relative ones whose `..` climb above the
 /// root at any point, do.
+///
+/// This judges one link on its own, as the protocol defines it. It cannot see that the kernel
+/// resolves `d/..` through `d` when `d` is itself a symlink (`d -> .` makes `d/../x` leave the
+/// root), nor that a later rename of the link's directory to a shallower place changes where
+/// `../` leads. The applier itself never follows symlinks, so neither lets it write outside the
+/// root; they matter only to programs that later read the standby.
 pub(super) fn symlink_escapes(link: &RelPath, target: &[u8]) -> bool {
     if target.first() == Some(&b'/') {
         return true;
