@@ -1,1 +1,317 @@
+//! Test harness for lockstep's end-to-end, fault-injection and benchmark runs: real binaries
+//! as child processes (so they can be killed with SIGKILL), real certificates, real TLS and
+//! gRPC on loopback, real files in temp dirs, and a tree comparison that checks content, modes,
+//! symlinks and empty directories.
 
+pub mod proxy;
+pub mod tree;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Directory holding the built `lockstep-agent` and `lockstep-receiver` binaries.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} not built; run `cargo build --workspace --bins` (cargo test --workspace builds it)", p.display());
+    p
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A replication setup on this host: one agent watching `src`, one receiver applying to
+/// `dst`, dev certificates, configs — and the processes, started on demand.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub src: PathBuf,
+    pub dst: PathBuf,
+    pub agent_cfg: PathBuf,
+    pub receiver_cfg: PathBuf,
+    pub agent_admin: SocketAddr,
+    pub receiver_admin: SocketAddr,
+    pub receiver_listen: SocketAddr,
+    pub agent_metrics: SocketAddr,
+    agent: Option<Child>,
+    receiver: Option<Child>,
+    starts: u32,
+}
+
+/// Options for [`Setup::new`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Extra lines for the agent's `[[sources]]` entry.
+    pub source_extra: String,
+    /// Extra top-level lines for agent.toml (before any table).
+    pub agent_extra: String,
+    /// Endpoint the agent dials instead of the receiver's own port (e.g. a proxy).
+    pub via: Option<SocketAddr>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { source_extra: String::new(), agent_extra: String::new(), via: None }
+    }
+}
+
+impl Setup {
+    pub fn new() -> Result<Setup> {
+        Self::with(Options::default())
+    }
+
+    pub fn with(opts: Options) -> Result<Setup> {
+        let dir = tempfile::Builder::new().prefix("lockstep-test-").tempdir()?;
+        let root = dir.path();
+        let src = root.join("src");
+        let dst = root.join("standby");
+        std::fs::create_dir_all(&src)?;
+        let certs = root.join("certs");
+        lockstep_agent::certs::generate(&certs, &["web-1".into(), "eu-west".into()], &["localhost".into()])
+            .map_err(anyhow::Error::msg)?;
+        let port = |_: ()| SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let (agent_admin, receiver_admin, receiver_listen, agent_metrics) = (port(()), port(()), port(()), port(()));
+        let endpoint = opts.via.unwrap_or(receiver_listen);
+        let agent_cfg = root.join("agent.toml");
+        std::fs::write(
+            &agent_cfg,
+            format!(
+                r#"id = "web-1"
+data_dir = "agent-data"
+admin_listen = "{agent_admin}"
+metrics_listen = "{agent_metrics}"
+heartbeat_interval = "500ms"
+{extra}
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/web-1.pem"
+key = "certs/web-1.key"
+
+[[sources]]
+name = "www"
+kind = "fs"
+path = "src"
+{source_extra}
+
+[[receivers]]
+name = "eu-west"
+endpoint = "https://{endpoint}"
+"#,
+                extra = opts.agent_extra,
+                source_extra = opts.source_extra
+            ),
+        )?;
+        let receiver_cfg = root.join("receiver.toml");
+        std::fs::write(
+            &receiver_cfg,
+            format!(
+                r#"id = "eu-west"
+listen = "{receiver_listen}"
+data_dir = "receiver-data"
+admin_listen = "{receiver_admin}"
+
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/eu-west.pem"
+key = "certs/eu-west.key"
+
+[[targets]]
+agent = "web-1"
+source = "www"
+kind = "fs"
+path = "standby"
+"#
+            ),
+        )?;
+        Ok(Setup {
+            dir,
+            src,
+            dst,
+            agent_cfg,
+            receiver_cfg,
+            agent_admin,
+            receiver_admin,
+            receiver_listen,
+            agent_metrics,
+            agent: None,
+            receiver: None,
+            starts: 0,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn(&mut self, binary: &str, cfg: &Path, log: &str) -> Result<Child> {
+        self.starts += 1;
+        let log_path = self.root().join(format!("{log}.{}.log", self.starts));
+        let log = std::fs::File::create(&log_path)?;
+        Command::new(bin(binary))
+            .arg("run")
+            .arg("--config")
+            .arg(cfg)
+            .env("RUST_LOG", std::env::var("LOCKSTEP_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {binary}"))
+    }
+
+    pub fn start_agent(&mut self) -> Result<()> {
+        assert!(self.agent.is_none(), "agent already running");
+        let cfg = self.agent_cfg.clone();
+        self.agent = Some(self.spawn("lockstep-agent", &cfg, "agent")?);
+        Ok(())
+    }
+
+    pub fn start_receiver(&mut self) -> Result<()> {
+        assert!(self.receiver.is_none(), "receiver already running");
+        let cfg = self.receiver_cfg.clone();
+        self.receiver = Some(self.spawn("lockstep-receiver", &cfg, "receiver")?);
+        Ok(())
+    }
+
+    pub fn start(&mut self) -> Result<()> {
+        self.start_receiver()?;
+        self.start_agent()
+    }
+
+    fn kill(child: &mut Option<Child>) {
+        if let Some(mut c) = child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    /// kill -9 the agent.
+    pub fn kill_agent(&mut self) {
+        Self::kill(&mut self.agent);
+    }
+
+    /// kill -9 the receiver.
+    pub fn kill_receiver(&mut self) {
+        Self::kill(&mut self.receiver);
+    }
+
+    /// Fails if a daemon has exited on its own.
+    pub fn check_alive(&mut self) -> Result<()> {
+        let mut dead = None;
+        for (name, c) in [("agent", &mut self.agent), ("receiver", &mut self.receiver)] {
+            if let Some(child) = c {
+                if let Some(st) = child.try_wait()? {
+                    dead = Some(format!("{name} exited on its own with {st}"));
+                }
+            }
+        }
+        match dead {
+            Some(d) => bail!("{d}; logs:\n{}", self.logs_tail()),
+            None => Ok(()),
+        }
+    }
+
+    /// The last lines of every daemon log, for failure messages.
+    pub fn logs_tail(&self) -> String {
+        let mut out = String::new();
+        let mut logs: Vec<_> = std::fs::read_dir(self.root())
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect())
+            .unwrap_or_default();
+        logs.sort();
+        for p in logs {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("==> {} <==\n", p.display()));
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    pub fn agent_status(&self) -> Result<serde_json::Value> {
+        admin_get(self.agent_admin, "/status")
+    }
+
+    pub fn receiver_status(&self) -> Result<serde_json::Value> {
+        admin_get(self.receiver_admin, "/status")
+    }
+
+    /// Waits until the standby equals the source tree and the agent reports nothing behind.
+    pub fn wait_converged(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last_diff;
+        loop {
+            self.check_alive()?;
+            let caught_up = self.agent_status().ok().is_some_and(|s| {
+                let r = &s["receivers"][0];
+                r["connected"] == true && r["events_behind"] == 0 && r["resyncing"].is_null()
+            });
+            if caught_up {
+                match tree::diff(&self.src, &self.dst) {
+                    Ok(d) if d.is_empty() => return Ok(()),
+                    Ok(d) => last_diff = d.join("\n"),
+                    Err(e) => last_diff = e.to_string(),
+                }
+            } else {
+                last_diff = "agent not caught up".into();
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "standby did not converge within {timeout:?}:\n{last_diff}\nagent status: {}\n{}",
+                    self.agent_status().map(|v| v.to_string()).unwrap_or_else(|e| e.to_string()),
+                    self.logs_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        Self::kill(&mut self.agent);
+        Self::kill(&mut self.receiver);
+        if std::thread::panicking() || std::env::var_os("LOCKSTEP_KEEP").is_some() {
+            eprintln!("{}", self.logs_tail());
+            let path = self.dir.path().to_path_buf();
+            eprintln!("keeping test dir {}", path.display());
+            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")));
+        }
+    }
+}
+
+/// GET an admin path (blocking; for tests and benches).
+pub fn admin_get(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (code, v) = rt.block_on(lockstep_common::admin::call(addr, "GET", path, None, Duration::from_secs(5)))?;
+    if code != 200 {
+        bail!("admin {path} answered {code}: {v}");
+    }
+    Ok(v)
+}
+
+/// Plain HTTP GET of a path (for the Prometheus endpoint).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}

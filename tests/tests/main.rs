@@ -1,1 +1,6 @@
+//! End-to-end tests: real agent and receiver processes, real certificates, TLS and gRPC on
+//! loopback, real files. One integration binary keeps link time down.
 
+mod fs_crash;
+mod fs_e2e;
+mod security;

@@ -1,0 +1,205 @@
+//! Directory replication end to end: every kind of change, bulk creation, block-level deltas,
+//! a receiver restored from an older copy, a cut and corrupted link.
+
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::time::Duration;
+
+use lockstep_tests::{proxy::Proxy, Options, Setup};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn write(p: &std::path::Path, data: &[u8]) {
+    if let Some(parent) = p.parent() {
+        fs::create_dir_all(parent).unwrap();
+    }
+    fs::write(p, data).unwrap();
+}
+
+#[test]
+fn each_kind_of_change_replicates() {
+    let mut s = Setup::new().unwrap();
+    // Present before the agent first starts: reaches the standby through the initial sync.
+    write(&s.src.join("pre/a.txt"), b"existing");
+    fs::create_dir_all(s.src.join("pre/empty-dir")).unwrap();
+    write(&s.src.join("pre/big.bin"), &vec![7u8; 3 << 20]);
+    symlink("a.txt", s.src.join("pre/link")).unwrap();
+    s.start().unwrap();
+    s.wait_converged(CONVERGE).unwrap();
+
+    let src = s.src.clone();
+    write(&src.join("new.txt"), b"hello");
+    write(&src.join("empty"), b"");
+    fs::OpenOptions::new().append(true).open(src.join("pre/a.txt")).unwrap();
+    {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new().append(true).open(src.join("pre/a.txt")).unwrap();
+        f.write_all(b" + appended").unwrap();
+    }
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = fs::OpenOptions::new().write(true).open(src.join("pre/big.bin")).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&[9u8; 5000]).unwrap();
+    }
+    fs::create_dir_all(src.join("d1/d2/d3")).unwrap();
+    write(&src.join("d1/d2/d3/deep.txt"), b"deep");
+    s.wait_converged(CONVERGE).unwrap();
+
+    fs::OpenOptions::new().write(true).open(src.join("pre/big.bin")).unwrap().set_len(100_000).unwrap();
+    fs::remove_file(src.join("new.txt")).unwrap();
+    fs::rename(src.join("d1"), src.join("moved")).unwrap();
+    fs::rename(src.join("empty"), src.join("moved/empty-renamed")).unwrap();
+    fs::set_permissions(src.join("pre/a.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(src.join("moved/d2"), fs::Permissions::from_mode(0o750)).unwrap();
+    symlink("../pre/a.txt", src.join("moved/link-up")).unwrap();
+    fs::remove_dir(src.join("pre/empty-dir")).unwrap();
+    fs::create_dir(src.join("fresh-empty")).unwrap();
+    // Atomic replace-by-rename, the way editors and deploy tools write.
+    write(&src.join("config.tmp"), b"version 2");
+    fs::rename(src.join("config.tmp"), src.join("pre/a.txt")).unwrap();
+    s.wait_converged(CONVERGE).unwrap();
+
+    fs::remove_dir_all(src.join("moved")).unwrap();
+    fs::remove_file(src.join("pre/link")).unwrap();
+    write(&src.join("pre/link"), b"now a file");
+    s.wait_converged(CONVERGE).unwrap();
+}
+
+#[test]
+fn excluded_paths_stay_behind() {
+    let mut s = Setup::with(Options { source_extra: "exclude = [\"*.swp\", \"cache/**\", \"cache\"]".into(), ..Default::default() }).unwrap();
+    s.start().unwrap();
+    write(&s.src.join("keep.txt"), b"k");
+    write(&s.src.join("x.swp"), b"swap");
+    write(&s.src.join("cache/blob"), b"c");
+    std::thread::sleep(Duration::from_millis(500));
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while !s.dst.join("keep.txt").exists() {
+        assert!(std::time::Instant::now() < deadline, "keep.txt never arrived\n{}", s.logs_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!s.dst.join("x.swp").exists());
+    assert!(!s.dst.join("cache").exists());
+}
+
+#[test]
+fn ten_thousand_small_files() {
+    let mut s = Setup::new().unwrap();
+    s.start().unwrap();
+    s.wait_converged(CONVERGE).unwrap();
+    for d in 0..100 {
+        for f in 0..100 {
+            write(&s.src.join(format!("d{d:03}/f{f:03}.txt")), format!("file {d} {f}\n").repeat(d % 7 + 1).as_bytes());
+        }
+    }
+    s.wait_converged(Duration::from_secs(180)).unwrap();
+}
+
+fn bytes_sent(s: &Setup) -> f64 {
+    let text = lockstep_tests::http_get(s.agent_metrics, "/metrics").unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("lockstep_replication_bytes_sent_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn small_patch_in_large_file_sends_few_bytes() {
+    let mut s = Setup::new().unwrap();
+    let mut data = vec![0u8; 64 << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    write(&s.src.join("big.img"), &data);
+    s.start().unwrap();
+    s.wait_converged(CONVERGE).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = bytes_sent(&s);
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = fs::OpenOptions::new().write(true).open(s.src.join("big.img")).unwrap();
+        f.seek(SeekFrom::Start(40 << 20)).unwrap();
+        f.write_all(&vec![0xABu8; 64 << 10]).unwrap();
+    }
+    s.wait_converged(CONVERGE).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = bytes_sent(&s) - before;
+    eprintln!("64 KiB patch in a 64 MiB file: {sent} bytes sent");
+    assert!(sent > 0.0 && sent < (256 << 10) as f64, "sent {sent} bytes for a 64 KiB patch");
+}
+
+#[test]
+fn receiver_restored_from_older_copy_converges() {
+    let mut s = Setup::new().unwrap();
+    write(&s.src.join("a/one.txt"), b"one");
+    s.start().unwrap();
+    s.wait_converged(CONVERGE).unwrap();
+    // Back up the receiver (data dir and standby) as an operator's snapshot would.
+    s.kill_receiver();
+    let backup = s.root().join("backup");
+    copy_tree(&s.root().join("receiver-data"), &backup.join("receiver-data"));
+    copy_tree(&s.dst, &backup.join("standby"));
+    s.start_receiver().unwrap();
+    for i in 0..50 {
+        write(&s.src.join(format!("a/later-{i}.txt")), format!("later {i}").as_bytes());
+    }
+    fs::remove_file(s.src.join("a/one.txt")).unwrap();
+    fs::rename(s.src.join("a"), s.src.join("b")).unwrap();
+    s.wait_converged(CONVERGE).unwrap();
+    // Restore the old copy: its position predates what the agent's journal still holds.
+    s.kill_receiver();
+    fs::remove_dir_all(s.root().join("receiver-data")).unwrap();
+    fs::remove_dir_all(&s.dst).unwrap();
+    copy_tree(&backup.join("receiver-data"), &s.root().join("receiver-data"));
+    copy_tree(&backup.join("standby"), &s.dst);
+    write(&s.dst.join("junk-only-on-standby"), b"stale");
+    s.start_receiver().unwrap();
+    s.wait_converged(CONVERGE).unwrap();
+    // And a receiver whose data dir is gone entirely, with stale files in the standby.
+    s.kill_receiver();
+    fs::remove_dir_all(s.root().join("receiver-data")).unwrap();
+    write(&s.dst.join("stale/file"), b"stale");
+    s.start_receiver().unwrap();
+    s.wait_converged(CONVERGE).unwrap();
+}
+
+#[test]
+fn cut_and_corrupted_link_recovers() {
+    let receiver_port = lockstep_tests::free_port();
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], receiver_port));
+    let proxy = Proxy::start(target).unwrap();
+    let mut s = Setup::with(Options { via: Some(proxy.addr), ..Default::default() }).unwrap();
+    // Point the receiver at the port the proxy forwards to.
+    let cfg = fs::read_to_string(&s.receiver_cfg).unwrap().replace(&s.receiver_listen.to_string(), &target.to_string());
+    fs::write(&s.receiver_cfg, cfg).unwrap();
+    s.start().unwrap();
+    for i in 0..200 {
+        write(&s.src.join(format!("f{i}")), &vec![i as u8; 20_000]);
+        if i == 50 {
+            proxy.cut();
+        }
+        if i == 100 {
+            proxy.corrupt_after(30_000);
+        }
+        if i == 150 {
+            proxy.block(true);
+            std::thread::sleep(Duration::from_millis(700));
+            proxy.block(false);
+        }
+    }
+    s.wait_converged(CONVERGE).unwrap();
+    proxy.delay(Duration::from_millis(40));
+    write(&s.src.join("slow-link"), b"still arrives");
+    s.wait_converged(CONVERGE).unwrap();
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    let st = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(st.success());
+}
