@@ -66,7 +66,9 @@ impl AgentState {
 fn build_source(cfg: &lockstep_common::config::SourceConfig) -> anyhow::Result<(Box<dyn Source>, Arc<dyn source::Snapshotter>)> {
     match cfg.kind {
         SourceKind::Fs => {
-            anyhow::bail!("TMPX")
+            let s = source::fs::FsSource::new(cfg)?;
+            let snap = s.snapshotter();
+            Ok((Box::new(s), snap))
         }
         other => anyhow::bail!(
             "source {:?}: kind {other} is not supported by this build yet; remove it from the config",
