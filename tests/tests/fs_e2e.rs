@@ -200,6 +200,7 @@ fn cut_and_corrupted_link_recovers() {
 }
 
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    fs::create_dir_all(to.parent().unwrap()).unwrap();
     let st = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
     assert!(st.success());
 }
