@@ -74,7 +74,9 @@ pub(crate) struct Engine {
 }
 
 fn gone(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) || e.raw_os_error() == Some(libc::ELOOP)
+    e.kind() == io::ErrorKind::NotFound
+        || e.raw_os_error() == Some(libc::ENOTDIR)
+        || e.raw_os_error() == Some(libc::ELOOP)
 }
 
 impl Engine {
@@ -136,7 +138,10 @@ impl Engine {
     }
 
     fn maybe_flush(&mut self) -> R<()> {
-        if self.pending_bytes >= GROUP_BYTES || self.pending.len() >= GROUP_RECORDS || self.index.staged_len() >= GROUP_RECORDS {
+        if self.pending_bytes >= GROUP_BYTES
+            || self.pending.len() >= GROUP_RECORDS
+            || self.index.staged_len() >= GROUP_RECORDS
+        {
             self.flush()?;
         }
         Ok(())
@@ -191,6 +196,7 @@ impl Engine {
             self.silent = true;
             let done = self.reconcile(None)?;
             self.silent = false;
+            self.done.clear();
             if !done {
                 return Ok(());
             }
@@ -208,7 +214,8 @@ impl Engine {
             if self.cancel.is_cancelled() {
                 return Ok(());
             }
-            let timeout = next_scan.map(|d| d.saturating_duration_since(Instant::now())).unwrap_or(Duration::from_secs(3600));
+            let timeout =
+                next_scan.map(|d| d.saturating_duration_since(Instant::now())).unwrap_or(Duration::from_secs(3600));
             let first = match rx.recv_timeout(timeout) {
                 Ok(m) => m,
                 Err(RecvTimeoutError::Timeout) => {
@@ -309,7 +316,12 @@ impl Engine {
         let done = self.reconcile(None)?;
         self.flush()?;
         self.done.clear();
-        tracing::info!(why, completed = done, elapsed_ms = t.elapsed().as_millis() as u64, "reconciliation scan finished");
+        tracing::info!(
+            why,
+            completed = done,
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "reconciliation scan finished"
+        );
         Ok(())
     }
 

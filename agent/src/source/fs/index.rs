@@ -51,11 +51,27 @@ pub(crate) struct Entry {
 
 impl Entry {
     pub(crate) fn dir(mode: u32) -> Entry {
-        Entry { kind: Kind::Dir, mode, size: 0, mtime_ns: 0, blocks: Vec::new(), content_hash: [0; 32], target: Vec::new() }
+        Entry {
+            kind: Kind::Dir,
+            mode,
+            size: 0,
+            mtime_ns: 0,
+            blocks: Vec::new(),
+            content_hash: [0; 32],
+            target: Vec::new(),
+        }
     }
 
     pub(crate) fn symlink(target: Vec<u8>) -> Entry {
-        Entry { kind: Kind::Symlink, mode: 0o777, size: 0, mtime_ns: 0, blocks: Vec::new(), content_hash: [0; 32], target }
+        Entry {
+            kind: Kind::Symlink,
+            mode: 0o777,
+            size: 0,
+            mtime_ns: 0,
+            blocks: Vec::new(),
+            content_hash: [0; 32],
+            target,
+        }
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
@@ -96,7 +112,8 @@ impl Entry {
         let target = r.take(tlen)?.to_vec();
         let nblocks = u32::from_le_bytes(r.take(4)?.try_into().ok()?) as usize;
         let raw = r.take(nblocks.checked_mul(BLOCK_HASH_BYTES)?)?;
-        let blocks = raw.chunks_exact(BLOCK_HASH_BYTES).map(|c| c.try_into().unwrap_or([0; BLOCK_HASH_BYTES])).collect();
+        let blocks =
+            raw.chunks_exact(BLOCK_HASH_BYTES).map(|c| c.try_into().unwrap_or([0; BLOCK_HASH_BYTES])).collect();
         if !r.0.is_empty() {
             return None;
         }

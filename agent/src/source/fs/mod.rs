@@ -62,12 +62,21 @@ impl FsSource {
             error,
         })?;
         let filter = Filter::new(&cfg.exclude).map_err(|e| other(format!("exclude: {e}")))?;
-        Ok(FsSource { name: cfg.name.as_str().into(), root, filter: Arc::new(filter), rescan_interval: cfg.rescan_interval })
+        Ok(FsSource {
+            name: cfg.name.as_str().into(),
+            root,
+            filter: Arc::new(filter),
+            rescan_interval: cfg.rescan_interval,
+        })
     }
 
     /// The snapshotter that seeds receivers with the tree's full current state.
     pub fn snapshotter(&self) -> Arc<dyn Snapshotter> {
-        Arc::new(snapshot::FsSnapshotter { name: self.name.clone(), root: self.root.clone(), filter: self.filter.clone() })
+        Arc::new(snapshot::FsSnapshotter {
+            name: self.name.clone(),
+            root: self.root.clone(),
+            filter: self.filter.clone(),
+        })
     }
 }
 

@@ -45,7 +45,11 @@ impl Snapshotter for FsSnapshotter {
                         tracing::debug!("snapshot receiver closed");
                         Ok(())
                     }
-                    Err(error) => Err(SourceError::Io { source_name: n.to_string(), context: "walk tree for snapshot".into(), error }),
+                    Err(error) => Err(SourceError::Io {
+                        source_name: n.to_string(),
+                        context: "walk tree for snapshot".into(),
+                        error,
+                    }),
                 }
             })
             .await
@@ -112,7 +116,8 @@ fn walk(root: &std::path::Path, filter: &Filter, tx: &mpsc::Sender<Change>) -> s
                         continue;
                     }
                 };
-                let r = content::read_file(&c.rel, &mut file, &meta, Plan::Full, false, &mut |w| send(tx, FsOp::Write(w)));
+                let r =
+                    content::read_file(&c.rel, &mut file, &meta, Plan::Full, false, &mut |w| send(tx, FsOp::Write(w)));
                 if r.is_err() {
                     return Ok(Err(Closed));
                 }
