@@ -50,7 +50,7 @@ enum Cmd {
     },
 }
 
-fn load(path: &PathBuf) -> Result<AgentConfig, ExitCode> {
+fn load(path: &std::path::Path) -> Result<AgentConfig, ExitCode> {
     AgentConfig::load(path).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(2)
@@ -93,7 +93,9 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             runtime().block_on(async move {
-                match lockstep_common::admin::call(cfg.admin_listen, "GET", "/status", None, Duration::from_secs(10)).await {
+                match lockstep_common::admin::call(cfg.admin_listen, "GET", "/status", None, Duration::from_secs(10))
+                    .await
+                {
                     Ok((200, v)) => {
                         if json {
                             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -134,7 +136,13 @@ fn print_status(v: &serde_json::Value) {
     let j = &v["journal"];
     println!("agent {}  journal last_seq {}  bytes {}", v["agent"].as_str().unwrap_or("?"), j["last_seq"], j["bytes"]);
     for s in v["sources"].as_array().into_iter().flatten() {
-        println!("  source {:<16} {:<8} {:<10} last_seq {}", s["name"].as_str().unwrap_or(""), s["kind"].as_str().unwrap_or(""), s["state"].as_str().unwrap_or(""), s["last_seq"]);
+        println!(
+            "  source {:<16} {:<8} {:<10} last_seq {}",
+            s["name"].as_str().unwrap_or(""),
+            s["kind"].as_str().unwrap_or(""),
+            s["state"].as_str().unwrap_or(""),
+            s["last_seq"]
+        );
     }
     for r in v["receivers"].as_array().into_iter().flatten() {
         println!(

@@ -119,7 +119,9 @@ impl Shipper {
                     return Ok(());
                 }
                 match &result {
-                    Err(ShipError::Refused(msg)) => warn!(error = %msg, "receiver refused; fix the configuration or certificates, retrying"),
+                    Err(ShipError::Refused(msg)) => {
+                        warn!(error = %msg, "receiver refused; fix the configuration or certificates, retrying")
+                    }
                     Err(e) => info!(error = %e, "replication session ended; reconnecting"),
                     Ok(()) => info!("replication session closed by receiver; reconnecting"),
                 }
@@ -179,7 +181,9 @@ impl Shipper {
             last_seq: self.store.last_seq().0,
             epoch: 0,
         };
-        tx.send(AgentMessage { msg: Some(AMsg::Hello(hello)) }).await.map_err(|_| ShipError::Stream("send hello".into()))?;
+        tx.send(AgentMessage { msg: Some(AMsg::Hello(hello)) })
+            .await
+            .map_err(|_| ShipError::Stream("send hello".into()))?;
         let mut inbound = client.replicate(ReceiverStream::new(rx)).await.map_err(status_err)?.into_inner();
         let welcome = match tokio::time::timeout(Duration::from_secs(30), inbound.message()).await {
             Err(_) => return Err(ShipError::Protocol("no welcome within 30 s".into())),
@@ -189,11 +193,11 @@ impl Shipper {
             Ok(Ok(Some(_))) => return Err(ShipError::Protocol("first message was not a welcome".into())),
         };
         if welcome.protocol_version != PROTOCOL_VERSION {
-            return Err(ShipError::Refused(format!("receiver speaks protocol {}, we speak {PROTOCOL_VERSION}", welcome.protocol_version)));
+            return Err(ShipError::Refused(format!(
+                "receiver speaks protocol {}, we speak {PROTOCOL_VERSION}",
+                welcome.protocol_version
+            )));
         }
-        info!(receiver_id = %welcome.receiver_id, "connected");
-        self.tracker.set_connected(&name, true, None);
-        metrics::gauge!(m::RECEIVER_CONNECTED, m::L_RECEIVER => name.clone()).set(1.0);
 
         // Decide where each source resumes.
         let durable_now = *self.durable.borrow();
@@ -221,6 +225,12 @@ impl Shipper {
         }
         let acked_now = positions.values().copied().min().unwrap_or(durable_now);
         self.tracker.reset_acked(&name, acked_now);
+        // Mark the resync before "connected", so status never shows a connected, caught-up
+        // receiver that is about to be reseeded.
+        self.tracker.set_resyncing(&name, resync.first().map(|s| s.name.to_string()));
+        info!(receiver_id = %welcome.receiver_id, resync = resync.len(), "connected");
+        self.tracker.set_connected(&name, true, None);
+        metrics::gauge!(m::RECEIVER_CONNECTED, m::L_RECEIVER => name.clone()).set(1.0);
 
         // Acknowledgements and repair requests arrive on their own task.
         let flow = Arc::new(Flow::default());
@@ -300,7 +310,9 @@ impl Shipper {
             }
             match snap.await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(ShipError::Snapshot { source_name: s.name.to_string(), detail: e.to_string() }),
+                Ok(Err(e)) => {
+                    return Err(ShipError::Snapshot { source_name: s.name.to_string(), detail: e.to_string() })
+                }
                 Err(e) => return Err(ShipError::Snapshot { source_name: s.name.to_string(), detail: e.to_string() }),
             }
             send(AMsg::ResyncEnd(proto::ResyncEnd { source: s.name.to_string(), seq: at.0 })).await?;
@@ -327,7 +339,9 @@ impl Shipper {
                     .map_err(|e| ShipError::Stream(e.to_string()))??;
                 let events: Vec<proto::Event> = events.into_iter().filter(|e| e.seq <= durable_end.0).collect();
                 let Some(first) = events.first() else {
-                    return Err(ShipError::Protocol(format!("journal has no record at {next} though {durable_end} is durable")));
+                    return Err(ShipError::Protocol(format!(
+                        "journal has no record at {next} though {durable_end} is durable"
+                    )));
                 };
                 if first.seq != next.0 {
                     // Truncated past this receiver while we were connected (size cap): the
@@ -401,7 +415,9 @@ async fn read_acks(
                     None => warn!(source = %r.source, "repair for a source this receiver does not get; ignored"),
                 }
             }
-            Some(RMsg::Welcome(_)) | None => return Err(ShipError::Protocol("unexpected message from receiver".into())),
+            Some(RMsg::Welcome(_)) | None => {
+                return Err(ShipError::Protocol("unexpected message from receiver".into()))
+            }
         }
     }
 }

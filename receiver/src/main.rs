@@ -36,7 +36,7 @@ enum Cmd {
     },
 }
 
-fn load(path: &PathBuf) -> Result<ReceiverConfig, ExitCode> {
+fn load(path: &std::path::Path) -> Result<ReceiverConfig, ExitCode> {
     ReceiverConfig::load(path).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(2)
@@ -84,7 +84,9 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             runtime().block_on(async move {
-                match lockstep_common::admin::call(cfg.admin_listen, "GET", "/status", None, Duration::from_secs(10)).await {
+                match lockstep_common::admin::call(cfg.admin_listen, "GET", "/status", None, Duration::from_secs(10))
+                    .await
+                {
                     Ok((200, v)) => {
                         if json {
                             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

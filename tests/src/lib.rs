@@ -25,7 +25,11 @@ pub fn bin_dir() -> PathBuf {
 
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} not built; run `cargo build --workspace --bins` (cargo test --workspace builds it)", p.display());
+    assert!(
+        p.exists(),
+        "{} not built; run `cargo build --workspace --bins` (cargo test --workspace builds it)",
+        p.display()
+    );
     p
 }
 
@@ -52,7 +56,7 @@ pub struct Setup {
 }
 
 /// Options for [`Setup::new`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Options {
     /// Extra lines for the agent's `[[sources]]` entry.
     pub source_extra: String,
@@ -62,11 +66,6 @@ pub struct Options {
     pub via: Option<SocketAddr>,
 }
 
-impl Default for Options {
-    fn default() -> Self {
-        Options { source_extra: String::new(), agent_extra: String::new(), via: None }
-    }
-}
 
 impl Setup {
     pub fn new() -> Result<Setup> {
@@ -228,7 +227,12 @@ path = "standby"
     pub fn logs_tail(&self) -> String {
         let mut out = String::new();
         let mut logs: Vec<_> = std::fs::read_dir(self.root())
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                    .collect()
+            })
             .unwrap_or_default();
         logs.sort();
         for p in logs {
