@@ -14,7 +14,8 @@ pub fn generate(out: &Path, ids: &[String], hosts: &[String]) -> Result<(), Stri
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
     ca_params.distinguished_name.push(DnType::CommonName, "lockstep development CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_cert = ca_params.self_signed(&ca_key).map_err(|e| e.to_string())?;
     write(out, "ca.pem", ca_cert.pem().as_bytes(), false)?;
     write(out, "ca.key", ca_key.serialize_pem().as_bytes(), true)?;

@@ -88,7 +88,8 @@ impl Tracker {
     pub fn recorded(&self, metas: &[RecordMeta]) {
         let mut g = self.lock();
         for m in metas {
-            g.records.insert(m.seq.0, Rec { source: m.source.clone(), captured_at_us: m.captured_at_us, bytes: m.bytes });
+            g.records
+                .insert(m.seq.0, Rec { source: m.source.clone(), captured_at_us: m.captured_at_us, bytes: m.bytes });
         }
     }
 
@@ -203,7 +204,8 @@ mod tests {
     fn lag_is_age_of_oldest_unacked() {
         let t = Tracker::new();
         t.add_receiver("r", ["a".to_string(), "b".to_string()], Seq(0));
-        let m = |s: u64, src: &str, at: i64| RecordMeta { seq: Seq(s), source: src.into(), captured_at_us: at, bytes: 10 };
+        let m =
+            |s: u64, src: &str, at: i64| RecordMeta { seq: Seq(s), source: src.into(), captured_at_us: at, bytes: 10 };
         t.recorded(&[m(1, "a", 1_000_000), m(2, "b", 2_000_000), m(3, "c", 500_000)]);
         let s = &t.snapshot(4_000_000)[0];
         assert_eq!(s.events_behind, 2, "source c is not shipped to r");

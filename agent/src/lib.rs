@@ -63,7 +63,9 @@ impl AgentState {
     }
 }
 
-fn build_source(cfg: &lockstep_common::config::SourceConfig) -> anyhow::Result<(Box<dyn Source>, Arc<dyn source::Snapshotter>)> {
+fn build_source(
+    cfg: &lockstep_common::config::SourceConfig,
+) -> anyhow::Result<(Box<dyn Source>, Arc<dyn source::Snapshotter>)> {
     match cfg.kind {
         SourceKind::Fs => {
             let s = source::fs::FsSource::new(cfg)?;
@@ -107,15 +109,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         let (src, snapshotter) = build_source(sc)?;
         let status = Arc::new(SourceStatus::new(&sc.name, sc.kind));
         let (repair_tx, repairs) = mpsc::channel(4096);
-        let h = Arc::new(SourceHandle { name: sc.name.as_str().into(), kind: sc.kind, status: status.clone(), snapshotter, repair_tx });
-        runnable.push((src, SourceContext {
-            name: h.name.clone(),
-            journal: handle.clone(),
-            db: db.clone(),
-            status,
-            repairs,
-            cancel: cancel.child_token(),
-        }));
+        let h = Arc::new(SourceHandle {
+            name: sc.name.as_str().into(),
+            kind: sc.kind,
+            status: status.clone(),
+            snapshotter,
+            repair_tx,
+        });
+        runnable.push((
+            src,
+            SourceContext {
+                name: h.name.clone(),
+                journal: handle.clone(),
+                db: db.clone(),
+                status,
+                repairs,
+                cancel: cancel.child_token(),
+            },
+        ));
         handles.push(h);
     }
 
@@ -132,7 +143,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         tracker.add_receiver(&r.name, names, cursor);
     }
 
-    let state = Arc::new(AgentState { id: config.id.clone(), store: store.clone(), sources: handles.clone(), tracker: tracker.clone() });
+    let state = Arc::new(AgentState {
+        id: config.id.clone(),
+        store: store.clone(),
+        sources: handles.clone(),
+        tracker: tracker.clone(),
+    });
 
     // Admin endpoint first: its address being taken is a configuration error worth failing on.
     let admin_listener = admin::bind(config.admin_listen).await?;
@@ -165,7 +181,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             while let Some(metas) = durable_rx.recv().await {
                 tracker.recorded(&metas);
                 for m in &metas {
-                    ::metrics::counter!(metrics::EVENTS_CAPTURED_TOTAL, metrics::L_SOURCE => m.source.to_string()).increment(1);
+                    ::metrics::counter!(metrics::EVENTS_CAPTURED_TOTAL, metrics::L_SOURCE => m.source.to_string())
+                        .increment(1);
                 }
                 ::metrics::gauge!(metrics::JOURNAL_BYTES).set(store.bytes() as f64);
                 ::metrics::gauge!(metrics::JOURNAL_LAST_SEQ).set(store.last_seq().0 as f64);

@@ -63,7 +63,8 @@ fn plaintext_endpoint_is_refused() {
 
 #[test]
 fn missing_certificate_points_at_certs_command() {
-    let cfg = GOOD_HEAD.replace("certs/web-1.pem", "certs/missing.pem") + "\n[[sources]]\nname = \"www\"\nkind = \"fs\"\npath = \"www\"\n";
+    let cfg = GOOD_HEAD.replace("certs/web-1.pem", "certs/missing.pem")
+        + "\n[[sources]]\nname = \"www\"\nkind = \"fs\"\npath = \"www\"\n";
     let (code, err) = run_with(&cfg);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("tls.cert") && err.contains("lockstep-agent certs"), "{err}");

@@ -29,9 +29,7 @@ const MAX_REQUEST: usize = 1 << 20;
 
 /// Binds `addr`; errors name the address.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("bind admin endpoint {addr}: {e}")))
+    TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("bind admin endpoint {addr}: {e}")))
 }
 
 /// Serves requests until the task is dropped or cancelled. Cancel-safe.
@@ -126,7 +124,8 @@ pub async fn call(
         sock.read_to_end(&mut resp).await.map_err(|e| AdminError::Io(e, addr))?;
         let i = find(&resp, b"\r\n\r\n").ok_or(AdminError::Garbled { addr })?;
         let status_line = String::from_utf8_lossy(&resp[..i]).lines().next().unwrap_or("").to_string();
-        let code = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(AdminError::Garbled { addr })?;
+        let code =
+            status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(AdminError::Garbled { addr })?;
         let json = serde_json::from_slice(&resp[i + 4..]).map_err(|_| AdminError::Garbled { addr })?;
         Ok((code, json))
     };

@@ -247,12 +247,21 @@ impl AgentConfig {
             }
             match s.kind {
                 SourceKind::Fs => {
-                    let p = s.path.as_ref().ok_or_else(|| err(file, k("path"), "missing; an fs source needs the directory to watch"))?;
+                    let p = s
+                        .path
+                        .as_ref()
+                        .ok_or_else(|| err(file, k("path"), "missing; an fs source needs the directory to watch"))?;
                     if !p.is_dir() {
-                        return Err(err(file, k("path"), format!("{} is not a directory; create it or fix the path", p.display())));
+                        return Err(err(
+                            file,
+                            k("path"),
+                            format!("{} is not a directory; create it or fix the path", p.display()),
+                        ));
                     }
                     for (j, g) in s.exclude.iter().enumerate() {
-                        globset::Glob::new(g).map_err(|e| err(file, format!("sources[{i}].exclude[{j}]"), format!("bad glob {g:?}: {e}")))?;
+                        globset::Glob::new(g).map_err(|e| {
+                            err(file, format!("sources[{i}].exclude[{j}]"), format!("bad glob {g:?}: {e}"))
+                        })?;
                     }
                 }
                 SourceKind::Postgres => {
@@ -282,7 +291,11 @@ impl AgentConfig {
                 ));
             }
             if r.endpoint.parse::<tonic::transport::Uri>().is_err() {
-                return Err(err(file, k("endpoint"), format!("{:?} is not a valid URL like https://host:7443", r.endpoint)));
+                return Err(err(
+                    file,
+                    k("endpoint"),
+                    format!("{:?} is not a valid URL like https://host:7443", r.endpoint),
+                ));
             }
             if let Some(list) = &r.sources {
                 for s in list {
@@ -330,24 +343,39 @@ impl ReceiverConfig {
             check_name(file, &k("agent"), &t.agent)?;
             check_name(file, &k("source"), &t.source)?;
             if !seen.insert((t.agent.as_str(), t.source.as_str())) {
-                return Err(err(file, k("source"), format!("agent {:?} source {:?} is mapped twice", t.agent, t.source)));
+                return Err(err(
+                    file,
+                    k("source"),
+                    format!("agent {:?} source {:?} is mapped twice", t.agent, t.source),
+                ));
             }
             match t.kind {
                 SourceKind::Fs | SourceKind::Sqlite => {
-                    let p = t.path.as_ref().ok_or_else(|| err(file, k("path"), "missing; where should the standby copy live?"))?;
+                    let p = t
+                        .path
+                        .as_ref()
+                        .ok_or_else(|| err(file, k("path"), "missing; where should the standby copy live?"))?;
                     if p.starts_with(&self.data_dir) || self.data_dir.starts_with(p) {
                         return Err(err(file, k("path"), "must not overlap data_dir"));
                     }
                     for (j, other) in &paths {
                         if p.starts_with(other) || other.starts_with(p) {
-                            return Err(err(file, k("path"), format!("overlaps targets[{j}].path; each standby needs its own directory")));
+                            return Err(err(
+                                file,
+                                k("path"),
+                                format!("overlaps targets[{j}].path; each standby needs its own directory"),
+                            ));
                         }
                     }
                     paths.push((i, p));
                 }
                 SourceKind::Postgres => {
                     if t.dsn.is_none() {
-                        return Err(err(file, k("dsn"), "missing; a postgres target needs the standby's connection string"));
+                        return Err(err(
+                            file,
+                            k("dsn"),
+                            "missing; a postgres target needs the standby's connection string",
+                        ));
                     }
                 }
             }

@@ -378,9 +378,8 @@ mod tests {
 
     #[test]
     fn refuses_hostile_paths_and_blocks() {
-        let bad = proto::FsChange {
-            op: Some(proto::fs_change::Op::Remove(proto::Remove { path: b"../x".to_vec().into() })),
-        };
+        let bad =
+            proto::FsChange { op: Some(proto::fs_change::Op::Remove(proto::Remove { path: b"../x".to_vec().into() })) };
         assert!(FsOp::try_from(bad).is_err());
         let beyond = proto::FsChange {
             op: Some(proto::fs_change::Op::Write(proto::FileWrite {
@@ -392,7 +391,10 @@ mod tests {
         };
         assert!(FsOp::try_from(beyond).is_err());
         let into_self = proto::FsChange {
-            op: Some(proto::fs_change::Op::Rename(proto::Rename { from: b"a".to_vec().into(), to: b"a/b".to_vec().into() })),
+            op: Some(proto::fs_change::Op::Rename(proto::Rename {
+                from: b"a".to_vec().into(),
+                to: b"a/b".to_vec().into(),
+            })),
         };
         assert!(FsOp::try_from(into_self).is_err());
     }

@@ -23,7 +23,8 @@ pub enum TlsError {
 }
 
 fn read_pem(what: &'static str, path: &Path, expect: &'static str) -> Result<Vec<u8>, TlsError> {
-    let data = std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.display().to_string(), source })?;
+    let data =
+        std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.display().to_string(), source })?;
     let text = String::from_utf8_lossy(&data);
     if !text.contains("-----BEGIN") || !text.contains(expect) {
         return Err(TlsError::NotPem { what, path: path.display().to_string(), expect });

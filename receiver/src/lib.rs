@@ -23,7 +23,8 @@ use crate::target::Target;
 /// Runs the receiver until `shutdown` fires or the server fails.
 pub async fn run(config: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     use anyhow::Context;
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
     let targets: BTreeMap<(String, String), Arc<Target>> = config
         .targets
         .iter()

@@ -76,14 +76,17 @@ impl Session {
             st.apply_errors += 1;
             st.last_error = Some(status.message().to_string());
         }
-        metrics::counter!(m::APPLY_ERRORS_TOTAL, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.to_string()).increment(1);
+        metrics::counter!(m::APPLY_ERRORS_TOTAL, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.to_string())
+            .increment(1);
         status
     }
 
     fn apply_event(&mut self, ev: proto::Event, repairs: &mut Vec<proto::Repair>) -> Result<(), Status> {
         let source = ev.source.clone();
         if !self.targets.contains_key(&source) {
-            return Err(Status::invalid_argument(format!("event for source {source:?}, which was not announced in hello")));
+            return Err(Status::invalid_argument(format!(
+                "event for source {source:?}, which was not announced in hello"
+            )));
         }
         let change = match open_event(&ev) {
             Ok(c) => c,
@@ -93,7 +96,9 @@ impl Session {
                 return Err(Status::data_loss(format!("{e}; re-send")));
             }
             Err(e) => {
-                return Err(self.fail(&source, Status::invalid_argument(format!("source {source} seq {}: {e}", ev.seq))));
+                return Err(
+                    self.fail(&source, Status::invalid_argument(format!("source {source} seq {}: {e}", ev.seq)))
+                );
             }
         };
         let seq = Seq(ev.seq);
@@ -168,7 +173,10 @@ impl Session {
                 Ok(())
             }
             Some(AMsg::ResyncBegin(r)) => {
-                let t = self.targets.get_mut(&r.source).ok_or_else(|| Status::invalid_argument("resync of unknown source"))?;
+                let t = self
+                    .targets
+                    .get_mut(&r.source)
+                    .ok_or_else(|| Status::invalid_argument("resync of unknown source"))?;
                 info!(source = %r.source, seq = r.seq, "resync begins");
                 t.applier().begin_resync().map_err(|e| Status::internal(e.to_string()))?;
                 t.resyncing = true;
@@ -176,7 +184,10 @@ impl Session {
                 Ok(())
             }
             Some(AMsg::ResyncEnd(r)) => {
-                let t = self.targets.get_mut(&r.source).ok_or_else(|| Status::invalid_argument("resync of unknown source"))?;
+                let t = self
+                    .targets
+                    .get_mut(&r.source)
+                    .ok_or_else(|| Status::invalid_argument("resync of unknown source"))?;
                 if !t.resyncing {
                     return Err(Status::invalid_argument("resync end without begin"));
                 }
@@ -220,7 +231,8 @@ impl Session {
             let mut st = t.target.status();
             st.committed_seq = t.committed.0;
             st.applied_seq = t.applied.0;
-            metrics::gauge!(m::APPLIED_SEQ, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.clone()).set(t.committed.0 as f64);
+            metrics::gauge!(m::APPLIED_SEQ, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.clone())
+                .set(t.committed.0 as f64);
         }
         Ok(())
     }
@@ -228,7 +240,15 @@ impl Session {
     fn ack(&self) -> ReceiverMessage {
         ReceiverMessage {
             msg: Some(RMsg::Ack(proto::Ack {
-                seq: self.targets.values().filter(|t| !t.resyncing).map(|t| t.applied).min().unwrap_or(self.last_seq).min(self.last_seq).0,
+                seq: self
+                    .targets
+                    .values()
+                    .filter(|t| !t.resyncing)
+                    .map(|t| t.applied)
+                    .min()
+                    .unwrap_or(self.last_seq)
+                    .min(self.last_seq)
+                    .0,
                 positions: self
                     .targets
                     .iter()
@@ -277,14 +297,15 @@ impl ReplicationService {
                 hello.protocol_version, self.receiver_id
             )));
         }
-        if !ids.iter().any(|i| *i == hello.agent_id) {
+        if !ids.contains(&hello.agent_id) {
             return Err(Status::permission_denied(format!(
                 "the client certificate names {ids:?} but the agent says it is {:?}",
                 hello.agent_id
             )));
         }
         let agent = hello.agent_id.clone();
-        let journal_id = JournalId::from_slice(&hello.journal_id).ok_or_else(|| Status::invalid_argument("journal id must be 16 bytes"))?;
+        let journal_id = JournalId::from_slice(&hello.journal_id)
+            .ok_or_else(|| Status::invalid_argument("journal id must be 16 bytes"))?;
         let mut wanted = Vec::new();
         let mut seen = HashSet::new();
         for s in &hello.sources {
@@ -297,7 +318,9 @@ impl ReplicationService {
                     self.receiver_id, s.name, s.name
                 )));
             };
-            let kind = proto::SourceKind::try_from(s.kind).ok().and_then(|k| lockstep_common::event::SourceKind::try_from(k).ok());
+            let kind = proto::SourceKind::try_from(s.kind)
+                .ok()
+                .and_then(|k| lockstep_common::event::SourceKind::try_from(k).ok());
             if kind != Some(t.cfg.kind) {
                 return Err(Status::failed_precondition(format!(
                     "agent source {:?} is of kind {:?} but the receiver's target is {}",
@@ -311,7 +334,9 @@ impl ReplicationService {
         for (name, t) in wanted {
             let lock = t.applier.clone().lock_owned();
             let mut guard = tokio::time::timeout(Duration::from_secs(15), lock).await.map_err(|_| {
-                Status::unavailable(format!("source {name} of agent {agent} is still being applied by another session; retry"))
+                Status::unavailable(format!(
+                    "source {name} of agent {agent} is still being applied by another session; retry"
+                ))
             })?;
             if guard.is_none() {
                 let t2 = t.clone();
@@ -351,7 +376,11 @@ impl ReplicationService {
     }
 }
 
-async fn run_session(session: Session, mut inbound: Streaming<AgentMessage>, out: mpsc::Sender<Result<ReceiverMessage, Status>>) {
+async fn run_session(
+    session: Session,
+    mut inbound: Streaming<AgentMessage>,
+    out: mpsc::Sender<Result<ReceiverMessage, Status>>,
+) {
     let mut holder = Some(session);
     let end = session_loop(&mut holder, &mut inbound, &out).await;
     if let Err(s) = &end {
@@ -425,7 +454,10 @@ async fn session_loop(
 impl Replication for ReplicationService {
     type ReplicateStream = Pin<Box<dyn Stream<Item = Result<ReceiverMessage, Status>> + Send + 'static>>;
 
-    async fn replicate(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::ReplicateStream>, Status> {
+    async fn replicate(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
         let peer = req.remote_addr();
         let (session, inbound) = match self.start(req).await {
             Ok(s) => s,
@@ -443,7 +475,8 @@ impl Replication for ReplicationService {
                 .targets
                 .iter()
                 .map(|(s, t)| {
-                    let known = t.guard.as_ref().and_then(|a| a.position()).is_some_and(|p| p.journal_id == session.journal_id);
+                    let known =
+                        t.guard.as_ref().and_then(|a| a.position()).is_some_and(|p| p.journal_id == session.journal_id);
                     proto::SourcePosition { source: s.clone(), seq: t.committed.0, known }
                 })
                 .collect(),

@@ -72,7 +72,9 @@ fn kind(e: &Entry) -> &'static str {
 fn show(e: &Entry) -> String {
     match e {
         Entry::Dir { mode } => format!("dir {mode:o}"),
-        Entry::File { mode, len, hash } => format!("file {mode:o} {len} bytes {:02x}{:02x}{:02x}{:02x}", hash[0], hash[1], hash[2], hash[3]),
+        Entry::File { mode, len, hash } => {
+            format!("file {mode:o} {len} bytes {:02x}{:02x}{:02x}{:02x}", hash[0], hash[1], hash[2], hash[3])
+        }
         Entry::Symlink { target } => format!("symlink -> {}", target.display()),
     }
 }

@@ -77,7 +77,11 @@ fn op(rng: &mut StdRng, root: &Path, n: &mut u64) {
             5 => {
                 if let Some(f) = pick(rng, root, Some(false)) {
                     let len = fs::metadata(&f)?.len();
-                    fs::OpenOptions::new().write(true).open(f)?.set_len(if len > 0 { rng.random_range(0..len) } else { 0 })?;
+                    fs::OpenOptions::new().write(true).open(f)?.set_len(if len > 0 {
+                        rng.random_range(0..len)
+                    } else {
+                        0
+                    })?;
                 }
             }
             6 => {

@@ -68,7 +68,11 @@ fn each_kind_of_change_replicates() {
 
 #[test]
 fn excluded_paths_stay_behind() {
-    let mut s = Setup::with(Options { source_extra: "exclude = [\"*.swp\", \"cache/**\", \"cache\"]".into(), ..Default::default() }).unwrap();
+    let mut s = Setup::with(Options {
+        source_extra: "exclude = [\"*.swp\", \"cache/**\", \"cache\"]".into(),
+        ..Default::default()
+    })
+    .unwrap();
     s.start().unwrap();
     write(&s.src.join("keep.txt"), b"k");
     write(&s.src.join("x.swp"), b"swap");

@@ -65,7 +65,8 @@ impl Env {
 
     async fn client(&self, certs: &str, id: &str) -> Result<ReplicationClient<tonic::transport::Channel>, String> {
         let d = self.dir.path().join(certs);
-        let tls = TlsConfig { ca: d.join("ca.pem"), cert: d.join(format!("{id}.pem")), key: d.join(format!("{id}.key")) };
+        let tls =
+            TlsConfig { ca: d.join("ca.pem"), cert: d.join(format!("{id}.pem")), key: d.join(format!("{id}.key")) };
         // Trust the real CA for the server in every case: only the client identity varies.
         let tls = TlsConfig { ca: self.dir.path().join("certs/ca.pem"), ..tls };
         let cfg = lockstep_common::tls::client_config(&tls, "eu-west").unwrap();
@@ -81,7 +82,13 @@ impl Env {
 
     /// Opens a stream, says hello as `agent_id`, sends `events`; returns the first error status
     /// (or Ok with the last ack seq).
-    async fn session(&self, certs: &str, cert_id: &str, agent_id: &str, events: Vec<proto::Event>) -> Result<u64, tonic::Status> {
+    async fn session(
+        &self,
+        certs: &str,
+        cert_id: &str,
+        agent_id: &str,
+        events: Vec<proto::Event>,
+    ) -> Result<u64, tonic::Status> {
         let mut client = match self.client(certs, cert_id).await {
             Ok(c) => c,
             Err(e) => return Err(tonic::Status::unavailable(e)),
@@ -117,7 +124,9 @@ impl Env {
 }
 
 fn fs_event(seq: u64, op: proto::fs_change::Op) -> proto::Event {
-    let payload = prost::Message::encode_to_vec(&proto::ChangeEvent { change: Some(proto::change_event::Change::Fs(proto::FsChange { op: Some(op) })) });
+    let payload = prost::Message::encode_to_vec(&proto::ChangeEvent {
+        change: Some(proto::change_event::Change::Fs(proto::FsChange { op: Some(op) })),
+    });
     make_event(Seq(seq), "www", lockstep_common::now_us(), payload)
 }
 
@@ -151,7 +160,10 @@ async fn certificates_and_identities_are_enforced() {
     assert_eq!(std::fs::read(env.standby().join("hello.txt")).unwrap(), b"hi");
     // A certificate from another CA never completes the handshake.
     let other = env.session("other-ca", "web-1", "web-1", vec![]).await.unwrap_err();
-    assert!(matches!(other.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal), "{other:?}");
+    assert!(
+        matches!(other.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal),
+        "{other:?}"
+    );
     // A valid certificate for an agent with no target is refused by name.
     let mallory = env.session("certs", "mallory", "mallory", vec![]).await.unwrap_err();
     assert_eq!(mallory.code(), tonic::Code::PermissionDenied, "{mallory:?}");
@@ -182,7 +194,13 @@ async fn hostile_paths_and_corrupt_records_are_refused() {
         untouched(&outside);
     }
     // A symlink leading out is not created; writing "through" it stays inside the standby.
-    let link = fs_event(1, Op::Symlink(proto::Symlink { path: b"evil".to_vec().into(), target: outside.clone().into_os_string().into_encoded_bytes().into() }));
+    let link = fs_event(
+        1,
+        Op::Symlink(proto::Symlink {
+            path: b"evil".to_vec().into(),
+            target: outside.clone().into_os_string().into_encoded_bytes().into(),
+        }),
+    );
     let mut through = write_op("evil/x", b"payload");
     through.seq = 2;
     env.session("certs", "web-1", "web-1", vec![link, through]).await.unwrap();

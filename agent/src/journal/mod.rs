@@ -100,7 +100,9 @@ impl JournalHandle {
         self.tx.send(AppendRequest { records, reply }).await.map_err(|_| JournalError::Closed)?;
         match rx.await {
             Ok(Ok(m)) => Ok(m),
-            Ok(Err(msg)) => Err(JournalError::Storage { path: msg, source: sled::Error::Unsupported("append failed".into()) }),
+            Ok(Err(msg)) => {
+                Err(JournalError::Storage { path: msg, source: sled::Error::Unsupported("append failed".into()) })
+            }
             Err(_) => Err(JournalError::Closed),
         }
     }
@@ -122,7 +124,10 @@ pub struct JournalWriter {
 impl JournalWriter {
     /// Creates the writer and the handle sources use. Durable record metadata is also sent to
     /// `on_durable` (for lag tracking and metrics).
-    pub fn new(store: Arc<dyn JournalStore>, on_durable: mpsc::UnboundedSender<Vec<RecordMeta>>) -> (Self, JournalHandle) {
+    pub fn new(
+        store: Arc<dyn JournalStore>,
+        on_durable: mpsc::UnboundedSender<Vec<RecordMeta>>,
+    ) -> (Self, JournalHandle) {
         let (tx, rx) = mpsc::channel(1024);
         let (durable_tx, durable) = watch::channel(store.last_seq());
         (JournalWriter { store, rx, durable_tx, on_durable }, JournalHandle { tx, durable })

@@ -30,19 +30,13 @@ impl SledJournal {
     pub fn open(dir: &Path) -> Result<Self, JournalError> {
         let path = dir.display().to_string();
         let st = |source| JournalError::Storage { path: path.clone(), source };
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(256 << 20)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(st)?;
+        let db =
+            sled::Config::new().path(dir).cache_capacity(256 << 20).flush_every_ms(Some(1000)).open().map_err(st)?;
         let events = db.open_tree("events").map_err(st)?;
         let meta = db.open_tree("meta").map_err(st)?;
         let id = match meta.get("journal_id").map_err(st)? {
-            Some(v) => JournalId::from_slice(&v).ok_or_else(|| JournalError::Corrupt {
-                seq: 0,
-                source: frame::FrameError::Short(v.len()),
-            })?,
+            Some(v) => JournalId::from_slice(&v)
+                .ok_or_else(|| JournalError::Corrupt { seq: 0, source: frame::FrameError::Short(v.len()) })?,
             None => {
                 let id = JournalId::random();
                 meta.insert("journal_id", &id.0[..]).map_err(st)?;
