@@ -448,8 +448,8 @@ async fn patch_in_large_file_is_a_small_delta() {
     for b in &mut data[at..at + BLOCK_SIZE] {
         *b = !*b;
     }
-    let mut f = std::fs::OpenOptions::new().write(true).open(h.p("big")).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&mut f, &data[at..at + BLOCK_SIZE], at as u64).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(h.p("big")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &data[at..at + BLOCK_SIZE], at as u64).unwrap();
     drop(f);
     let ops = h.ops_until(|o| is_last_write(o, "big")).await;
     let ws = writes_of(&ops, "big");

@@ -132,3 +132,31 @@ impl Batch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, Flag};
+
+    #[test]
+    fn batch_dedupes_and_flags_overflow() {
+        let mut b = Batch::default();
+        let p = PathBuf::from("/r/a");
+        b.add(Msg::Fs(Ok(
+            Event::new(EventKind::Modify(ModifyKind::Metadata(notify::event::MetadataKind::Any))).add_path(p.clone())
+        )));
+        b.add(Msg::Fs(Ok(Event::new(EventKind::Create(CreateKind::File)).add_path(p.clone()))));
+        b.add(Msg::Fs(Ok(Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
+            .add_path(p.clone())
+            .add_path(PathBuf::from("/r/b")))));
+        assert_eq!(b.hints.len(), 1);
+        assert!(b.hints[&p].content && !b.hints[&p].subtree);
+        assert_eq!(b.renames.len(), 1);
+        assert!(!b.rescan);
+        b.add(Msg::Fs(Ok(Event::new(EventKind::Other).set_flag(Flag::Rescan))));
+        assert!(b.rescan && b.overflow);
+        let mut b = Batch::default();
+        b.add(Msg::Fs(Err(notify::Error::new(notify::ErrorKind::MaxFilesWatch))));
+        assert!(b.watch_limit);
+    }
+}
