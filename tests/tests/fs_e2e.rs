@@ -208,3 +208,35 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     let st = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
     assert!(st.success());
 }
+
+fn metric(s: &Setup, name: &str) -> f64 {
+    let text = lockstep_tests::http_get(s.agent_metrics, "/metrics").unwrap();
+    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+#[test]
+fn journal_size_cap_forces_a_resync_not_a_loss() {
+    let mut s = Setup::with(Options { agent_extra: "[journal]\nmax_bytes = 2000000".into(), ..Default::default() }).unwrap();
+    write(&s.src.join("seed.txt"), b"seed");
+    s.start().unwrap();
+    s.wait_converged(CONVERGE).unwrap();
+    assert_eq!(metric(&s, "lockstep_replication_resyncs_total"), 1.0, "the initial sync");
+    s.kill_receiver();
+    // 10 MB of changes while the receiver is away: more than the journal may hold.
+    for i in 0..100 {
+        write(&s.src.join(format!("while-away/{i}.bin")), &vec![i as u8; 100_000]);
+    }
+    fs::remove_file(s.src.join("seed.txt")).unwrap();
+    let deadline = std::time::Instant::now() + CONVERGE;
+    loop {
+        let st = s.agent_status().unwrap();
+        if st["journal"]["bytes"].as_u64().unwrap() < 2_000_000 && st["journal"]["first_seq"].as_u64().unwrap() > 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "journal never truncated: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.start_receiver().unwrap();
+    s.wait_converged(CONVERGE).unwrap();
+    assert_eq!(metric(&s, "lockstep_replication_resyncs_total"), 2.0, "the lagging receiver was resynced");
+}
