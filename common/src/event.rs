@@ -309,7 +309,15 @@ impl Change {
 
     /// Decodes and validates `ChangeEvent` payload bytes.
     pub fn decode(payload: &[u8]) -> Result<Change, EventError> {
-        let ev = proto::ChangeEvent::decode(payload)?;
+        Self::from_proto(proto::ChangeEvent::decode(payload)?)
+    }
+
+    /// Like [`Change::decode`], but byte fields share `payload`'s buffer instead of copying it.
+    pub fn decode_bytes(payload: bytes::Bytes) -> Result<Change, EventError> {
+        Self::from_proto(proto::ChangeEvent::decode(payload)?)
+    }
+
+    fn from_proto(ev: proto::ChangeEvent) -> Result<Change, EventError> {
         match ev.change.ok_or_else(|| EventError::Malformed("empty change event".into()))? {
             proto::change_event::Change::Fs(fs) => Ok(Change::Fs(fs.try_into()?)),
             other => Ok(Change::Other(other)),
@@ -341,7 +349,7 @@ pub fn open_event(ev: &proto::Event) -> Result<Change, EventError> {
         return Err(EventError::Checksum { seq: ev.seq, expected: ev.crc32, actual });
     }
     match proto::Codec::try_from(ev.codec) {
-        Ok(proto::Codec::None) => Change::decode(&ev.payload),
+        Ok(proto::Codec::None) => Change::decode_bytes(ev.payload.clone()),
         _ => Err(EventError::Malformed(format!("unsupported codec {}", ev.codec))),
     }
 }

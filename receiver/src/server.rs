@@ -192,6 +192,13 @@ impl Session {
                     return Err(Status::invalid_argument("resync end without begin"));
                 }
                 t.applier().end_resync().map_err(|e| Status::internal(e.to_string()))?;
+                let late = t.applier().take_deferred();
+                for (path, reason) in late.repairs {
+                    repairs.push(proto::Repair { source: r.source.clone(), path: path.into_bytes().into(), reason });
+                }
+                if let Some(why) = late.skipped {
+                    warn!(source = %r.source, reason = %why, "change skipped");
+                }
                 t.resyncing = false;
                 t.applied = Seq(r.seq);
                 t.dirty = true;

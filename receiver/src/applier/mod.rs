@@ -52,6 +52,12 @@ pub trait Applier: Send + 'static {
     fn begin_resync(&mut self) -> Result<(), ApplyError>;
     /// The snapshot is complete: remove whatever it did not mention.
     fn end_resync(&mut self) -> Result<(), ApplyError>;
+    /// Repairs and skips found after the `apply` call that caused them returned (changes may be
+    /// applied in the background during a resync; `end_resync` waits for them). The session
+    /// collects these after `end_resync`.
+    fn take_deferred(&mut self) -> ApplyOutcome {
+        ApplyOutcome::default()
+    }
     /// Makes everything applied so far durable, then records `pos` durably.
     fn commit(&mut self, pos: Position) -> Result<(), ApplyError>;
 }

@@ -29,17 +29,21 @@
 //! - a rename whose source is already gone does nothing (the destination was renamed in
 //!   before, or is re-sent as a repair if it is missing too).
 //!
+//! During a resync, file writes are applied by a few worker threads (see [`pool`]); every other
+//! operation, the end of the resync and a commit wait for them first.
+//!
 //! Staging files are named deterministically per path, so a write whose earlier chunks were
 //! committed (and therefore synced with the staging file) continues in the same file after a
 //! restart.
 
+mod pool;
 mod tree;
 mod write;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io;
@@ -51,8 +55,9 @@ use lockstep_common::event::{Change, FsOp, JournalId, Seq};
 use lockstep_common::frame;
 use lockstep_common::relpath::{RelPath, STAGING_SUFFIX};
 
+use self::pool::Pool;
 use self::tree::{chmod_nofollow, ensure_parents, io_err, lstat, remove_any, staging_path, symlink_escapes};
-use self::write::Staging;
+use self::write::Writer;
 use super::{Applier, ApplyError, ApplyOutcome, Position};
 
 /// Size of the position file's body: journal id (16 bytes) then seq (u64 LE).
@@ -68,11 +73,12 @@ pub struct FsApplier {
     allow_external_symlinks: bool,
     /// The last committed position, as loaded or as written by `commit`.
     position: Option<Position>,
-    /// Writes in progress (between a `first` and a `last` chunk), by path.
-    staging: HashMap<RelPath, Staging>,
-    /// Writes whose staging was lost (continued after a restart without their first chunk):
-    /// their remaining chunks are ignored; a repair was requested.
-    abandoned: HashSet<RelPath>,
+    /// Content writes applied on this thread, with their staging state.
+    writer: Writer,
+    /// During a resync: workers applying independent file writes in parallel.
+    pool: Option<Pool>,
+    /// Repairs found by the pool's workers, not yet handed to the session.
+    deferred: ApplyOutcome,
     /// During a resync: every path the snapshot mentioned, with its ancestors.
     resync: Option<HashSet<RelPath>>,
 }
@@ -88,19 +94,20 @@ impl FsApplier {
         }
         let position = load_position(&position_file)?;
         Ok(FsApplier {
-            root,
+            root: root.clone(),
             position_file,
             allow_external_symlinks,
             position,
-            staging: HashMap::new(),
-            abandoned: HashSet::new(),
+            writer: Writer { root: root.clone(), ..Default::default() },
+            pool: None,
+            deferred: ApplyOutcome::default(),
             resync: None,
         })
     }
 
     fn apply_fs(&mut self, op: FsOp) -> Result<ApplyOutcome, ApplyError> {
         match op {
-            FsOp::Write(w) => self.apply_write(w),
+            FsOp::Write(w) => self.writer.apply_write(w),
             FsOp::Mkdir { path, mode } => self.mkdir(&path, mode),
             FsOp::Remove { path } => self.remove(&path),
             FsOp::Rename { from, to } => self.rename(&from, &to),
@@ -224,7 +231,27 @@ impl FsApplier {
     /// Drops in-memory staging state of writes at or below `rel` (their files move or vanish
     /// with it; a later chunk then reopens or asks for a repair).
     fn forget_writes_under(&mut self, rel: &RelPath) {
-        self.staging.retain(|p, _| !p.starts_with(rel));
+        self.writer.staging.retain(|p, _| !p.starts_with(rel));
+    }
+
+    /// Waits for the pool's workers (if any) to finish what they were given; their repairs go
+    /// to `deferred`, their first error is returned.
+    fn settle(&mut self) -> Result<(), ApplyError> {
+        if let Some(pool) = &mut self.pool {
+            pool.drain(&mut self.writer);
+        }
+        self.collect()
+    }
+
+    /// Moves what the workers found so far into `deferred`; returns their first error.
+    fn collect(&mut self) -> Result<(), ApplyError> {
+        let Some(pool) = &self.pool else { return Ok(()) };
+        let (outcome, error) = pool.take_results();
+        self.deferred.repairs.extend(outcome.repairs);
+        if outcome.skipped.is_some() {
+            self.deferred.skipped = outcome.skipped;
+        }
+        error.map_or(Ok(()), Err)
     }
 
     /// Records `rel` and its ancestors as mentioned by the resync snapshot.
@@ -301,21 +328,57 @@ impl Applier for FsApplier {
                 other => self.mention(other.path()),
             }
         }
-        self.apply_fs(op)
+        let Some(pool) = &mut self.pool else {
+            return self.apply_fs(op);
+        };
+        let mut outcome = match op {
+            FsOp::Write(w) => {
+                pool.dispatch(w, &mut self.writer);
+                ApplyOutcome::default()
+            }
+            other => {
+                // A barrier: see `pool`.
+                self.settle()?;
+                self.apply_fs(other)?
+            }
+        };
+        self.collect()?;
+        outcome.repairs.append(&mut self.deferred.repairs);
+        if outcome.skipped.is_none() {
+            outcome.skipped = self.deferred.skipped.take();
+        }
+        Ok(outcome)
     }
 
     fn begin_resync(&mut self) -> Result<(), ApplyError> {
+        // Whatever an abandoned earlier resync left queued is finished (its outcome is moot:
+        // this resync re-sends everything).
+        let _ = self.settle();
+        self.deferred = ApplyOutcome::default();
         self.resync = Some(HashSet::new());
+        if self.pool.is_none() {
+            self.pool = Some(Pool::new(self.root.clone(), apply_threads()));
+        }
         Ok(())
     }
 
     fn end_resync(&mut self) -> Result<(), ApplyError> {
+        if self.resync.is_none() {
+            return Err(ApplyError::Refused("end of resync without a beginning".into()));
+        }
+        self.settle()?;
+        self.pool = None;
         let keep = self.resync.take().ok_or_else(|| ApplyError::Refused("end of resync without a beginning".into()))?;
-        let live: HashSet<&Path> = self.staging.values().map(|s| s.tmp.as_path()).collect();
+        let live: HashSet<&Path> = self.writer.staging.values().map(|s| s.tmp.as_path()).collect();
         self.prune(&self.root, None, &keep, &live)
     }
 
+    fn take_deferred(&mut self) -> ApplyOutcome {
+        std::mem::take(&mut self.deferred)
+    }
+
     fn commit(&mut self, pos: Position) -> Result<(), ApplyError> {
+        self.settle()?;
         // See the module docs: flush everything applied, then record the position.
         let dir = File::open(&self.root).map_err(io_err(format!("open target root {}", self.root.display())))?;
         // SAFETY: `dir` is an open file descriptor for the duration of the call.
@@ -330,6 +393,12 @@ impl Applier for FsApplier {
         self.position = Some(pos);
         Ok(())
     }
+}
+
+/// Worker threads applying file writes during a resync.
+fn apply_threads() -> usize {
+    let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::env::var("LOCKSTEP_APPLY_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(n.clamp(2, 4))
 }
 
 fn dir_is_empty(path: &Path) -> Result<bool, ApplyError> {

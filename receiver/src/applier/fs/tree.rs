@@ -5,7 +5,9 @@
 //!
 //! Only the applier writes inside a target, and it applies one change at a time, so a check
 //! followed by the operation is not raced by the agent: the agent can only influence the tree
-//! through changes, which are applied after the check of the previous one has finished.
+//! through changes, which are applied after the check of the previous one has finished. (During
+//! a resync, file writes run on several threads; they never create symlinks, so they cannot
+//! invalidate each other's checks either — see `pool`.)
 
 use std::ffi::OsStr;
 use std::fs;
@@ -49,7 +51,15 @@ pub(super) fn ensure_parents(root: &Path, rel: &RelPath, create: bool) -> Result
             Some(m) if m.is_dir() => continue,
             _ if !create => return Ok(false),
             Some(_) => {
-                fs::remove_file(&cur).map_err(io_err(format!("remove non-directory {}", cur.display())))?;
+                if let Err(e) = fs::remove_file(&cur) {
+                    // During a resync another worker may have replaced it at the same moment
+                    // (see `pool`): fine if a directory is there now.
+                    match lstat(&cur) {
+                        Ok(Some(m)) if m.is_dir() => continue,
+                        Ok(None) => {}
+                        _ => return Err(io_err(format!("remove non-directory {}", cur.display()))(e)),
+                    }
+                }
                 make_dir(&cur)?;
             }
             None => make_dir(&cur)?,

@@ -2,6 +2,7 @@
 //! the result is verified against the sender's blake3 and renamed over the target, or discarded
 //! with a repair request. The target is therefore either the old or the new complete content.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
@@ -12,7 +13,6 @@ use lockstep_common::event::FileWrite;
 use lockstep_common::relpath::RelPath;
 
 use super::tree::{ensure_parents, io_err, lstat, remove_any, staging_path};
-use super::FsApplier;
 use crate::applier::{ApplyError, ApplyOutcome};
 
 /// Purpose tag of content staging files (see [`staging_path`]).
@@ -31,7 +31,19 @@ pub(super) struct Staging {
     hashed: u64,
 }
 
-impl FsApplier {
+/// Applies `FileWrite`s under `root`: the staging state of writes in progress. The applier owns
+/// one, and during a resync each parallel worker owns one (see `pool`).
+#[derive(Default)]
+pub(super) struct Writer {
+    pub(super) root: PathBuf,
+    /// Writes in progress (between a `first` and a `last` chunk), by path.
+    pub(super) staging: HashMap<RelPath, Staging>,
+    /// Writes whose staging was lost (continued after a restart without their first chunk):
+    /// their remaining chunks are ignored; a repair was requested.
+    pub(super) abandoned: HashSet<RelPath>,
+}
+
+impl Writer {
     pub(super) fn apply_write(&mut self, w: FileWrite) -> Result<ApplyOutcome, ApplyError> {
         let mut outcome = ApplyOutcome::default();
         if w.first {
