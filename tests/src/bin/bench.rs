@@ -186,7 +186,6 @@ fn lockstep_initial(tree_mib: u64) -> Result<(f64, f64, u64)> {
             if r["connected"] == true
                 && r["resyncing"].is_null()
                 && r["acked_seq"].as_u64() == st["journal"]["last_seq"].as_u64()
-                && st["sources"][0]["state"] == "streaming"
             {
                 break;
             }

@@ -73,6 +73,15 @@ pub(crate) struct Engine {
     done: HashSet<RelPath>,
 }
 
+/// Makes the calling thread idle-priority (nice 19). Best effort: failure changes only speed.
+fn lower_thread_priority() {
+    // SAFETY: plain syscalls on the calling thread; no memory is passed.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}
+
 fn gone(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound
         || e.raw_os_error() == Some(libc::ENOTDIR)
@@ -194,7 +203,19 @@ impl Engine {
             let cleared = self.index.clear();
             self.ix(cleared)?;
             self.silent = true;
-            let done = self.reconcile(None)?;
+            // The baseline reads and hashes the whole tree while receivers are being seeded
+            // from the same files; at idle priority it takes only the CPU they leave, so the
+            // first copy reaches the standbys sooner. (A scoped thread: niceness is per
+            // thread, and this engine thread comes from tokio's blocking pool.)
+            let done = std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        lower_thread_priority();
+                        self.reconcile(None)
+                    })
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })?;
             self.silent = false;
             self.done.clear();
             if !done {
