@@ -397,8 +397,9 @@ impl Applier for FsApplier {
 
 /// Worker threads applying file writes during a resync.
 fn apply_threads() -> usize {
-    let n = std::thread::available_parallelism().map_or(2, |n| n.get());
-    std::env::var("LOCKSTEP_APPLY_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(n.clamp(2, 4))
+    // At least two even on one core: a worker blocked in the kernel (inode allocation,
+    // page-cache writes) then does not stall the other.
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 4)
 }
 
 fn dir_is_empty(path: &Path) -> Result<bool, ApplyError> {
