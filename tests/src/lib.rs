@@ -50,8 +50,11 @@ pub struct Setup {
     pub receiver_admin: SocketAddr,
     pub receiver_listen: SocketAddr,
     pub agent_metrics: SocketAddr,
+    pub receiver2_cfg: PathBuf,
+    pub dst2: PathBuf,
     agent: Option<Child>,
     receiver: Option<Child>,
+    receiver2: Option<Child>,
     starts: u32,
 }
 
@@ -64,6 +67,8 @@ pub struct Options {
     pub agent_extra: String,
     /// Endpoint the agent dials instead of the receiver's own port (e.g. a proxy).
     pub via: Option<SocketAddr>,
+    /// Add a second receiver, "us-east", applying to `standby2` (started separately).
+    pub second_receiver: bool,
 }
 
 
@@ -79,10 +84,15 @@ impl Setup {
         let dst = root.join("standby");
         std::fs::create_dir_all(&src)?;
         let certs = root.join("certs");
-        lockstep_agent::certs::generate(&certs, &["web-1".into(), "eu-west".into()], &["localhost".into()])
-            .map_err(anyhow::Error::msg)?;
+        lockstep_agent::certs::generate(
+            &certs,
+            &["web-1".into(), "eu-west".into(), "us-east".into()],
+            &["localhost".into()],
+        )
+        .map_err(anyhow::Error::msg)?;
         let port = |_: ()| SocketAddr::from(([127, 0, 0, 1], free_port()));
         let (agent_admin, receiver_admin, receiver_listen, agent_metrics) = (port(()), port(()), port(()), port(()));
+        let (receiver2_listen, receiver2_admin) = (port(()), port(()));
         let endpoint = opts.via.unwrap_or(receiver_listen);
         let agent_cfg = root.join("agent.toml");
         std::fs::write(
@@ -108,9 +118,37 @@ path = "src"
 [[receivers]]
 name = "eu-west"
 endpoint = "https://{endpoint}"
-"#,
+{second}"#,
                 extra = opts.agent_extra,
-                source_extra = opts.source_extra
+                source_extra = opts.source_extra,
+                second = if opts.second_receiver {
+                    format!("\n[[receivers]]\nname = \"us-east\"\nendpoint = \"https://{receiver2_listen}\"\n")
+                } else {
+                    String::new()
+                }
+            ),
+        )?;
+        let receiver2_cfg = root.join("receiver2.toml");
+        let dst2 = root.join("standby2");
+        std::fs::write(
+            &receiver2_cfg,
+            format!(
+                r#"id = "us-east"
+listen = "{receiver2_listen}"
+data_dir = "receiver2-data"
+admin_listen = "{receiver2_admin}"
+
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/us-east.pem"
+key = "certs/us-east.key"
+
+[[targets]]
+agent = "web-1"
+source = "www"
+kind = "fs"
+path = "standby2"
+"#
             ),
         )?;
         let receiver_cfg = root.join("receiver.toml");
@@ -147,6 +185,9 @@ path = "standby"
             agent_metrics,
             agent: None,
             receiver: None,
+            receiver2: None,
+            receiver2_cfg,
+            dst2,
             starts: 0,
         })
     }
@@ -182,6 +223,13 @@ path = "standby"
         assert!(self.receiver.is_none(), "receiver already running");
         let cfg = self.receiver_cfg.clone();
         self.receiver = Some(self.spawn("lockstep-receiver", &cfg, "receiver")?);
+        Ok(())
+    }
+
+    pub fn start_receiver2(&mut self) -> Result<()> {
+        assert!(self.receiver2.is_none(), "receiver2 already running");
+        let cfg = self.receiver2_cfg.clone();
+        self.receiver2 = Some(self.spawn("lockstep-receiver", &cfg, "receiver2")?);
         Ok(())
     }
 
@@ -290,6 +338,7 @@ impl Drop for Setup {
     fn drop(&mut self) {
         Self::kill(&mut self.agent);
         Self::kill(&mut self.receiver);
+        Self::kill(&mut self.receiver2);
         if std::thread::panicking() || std::env::var_os("LOCKSTEP_KEEP").is_some() {
             eprintln!("{}", self.logs_tail());
             let path = self.dir.path().to_path_buf();

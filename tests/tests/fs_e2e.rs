@@ -240,3 +240,28 @@ fn journal_size_cap_forces_a_resync_not_a_loss() {
     s.wait_converged(CONVERGE).unwrap();
     assert_eq!(metric(&s, "lockstep_replication_resyncs_total"), 2.0, "the lagging receiver was resynced");
 }
+
+#[test]
+fn unreachable_receiver_holds_back_no_other() {
+    let mut s = Setup::with(Options { second_receiver: true, ..Default::default() }).unwrap();
+    write(&s.src.join("before.txt"), b"before");
+    s.start().unwrap(); // eu-west only; us-east is down
+    for i in 0..200 {
+        write(&s.src.join(format!("d/{i}.txt")), format!("{i}").as_bytes());
+    }
+    s.wait_converged(CONVERGE).unwrap();
+    let st = s.agent_status().unwrap();
+    let us = st["receivers"].as_array().unwrap().iter().find(|r| r["name"] == "us-east").unwrap().clone();
+    assert_eq!(us["connected"], false, "{us}");
+    assert!(us["last_error"].is_string(), "the unreachable receiver reports why: {us}");
+    // The late receiver catches up from the journal / a snapshot on its own.
+    s.start_receiver2().unwrap();
+    let deadline = std::time::Instant::now() + CONVERGE;
+    loop {
+        if lockstep_tests::tree::diff(&s.src, &s.dst2).is_ok_and(|d| d.is_empty()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "us-east never converged\n{}", s.logs_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
