@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::applier::{Applier, ApplyError, Position};
+use crate::applier::{Applier, ApplyError, CommitFn, Position};
 use crate::metrics as m;
 use crate::target::Target;
 
@@ -67,6 +67,7 @@ struct Session {
 struct Round {
     repairs: Vec<proto::Repair>,
     result: Result<(), Status>,
+    commit: Option<PendingCommit>,
 }
 
 impl Session {
@@ -210,10 +211,12 @@ impl Session {
         }
     }
 
-    /// Makes applied changes durable and records positions. Targets that saw nothing still move
-    /// to the stream's position (all records up to it were delivered), at most once a second.
-    fn commit(&mut self) -> Result<(), Status> {
+    /// Starts committing what was applied: settles each due target and collects the durable
+    /// halves, to run off this thread. Targets that saw nothing still move to the stream's
+    /// position (all records up to it were delivered), at most once a second.
+    fn prepare_commits(&mut self) -> Result<PendingCommit, Status> {
         let last = self.last_seq;
+        let mut fns = Vec::new();
         for (source, t) in self.targets.iter_mut() {
             if t.resyncing {
                 continue;
@@ -226,42 +229,44 @@ impl Session {
                 continue;
             }
             let pos = Position { journal_id: self.journal_id, seq: t.applied };
-            if let Err(e) = t.applier().commit(pos) {
-                let mut st = t.target.status();
-                st.apply_errors += 1;
-                st.last_error = Some(e.to_string());
-                return Err(Status::internal(format!("commit {source}: {e}")));
+            match t.applier().prepare_commit(pos) {
+                Ok(f) => fns.push((source.clone(), t.applied, f)),
+                Err(e) => {
+                    let mut st = t.target.status();
+                    st.apply_errors += 1;
+                    st.last_error = Some(e.to_string());
+                    return Err(Status::internal(format!("commit {source}: {e}")));
+                }
             }
-            t.committed = t.applied;
             t.dirty = false;
             t.last_commit = Instant::now();
-            let mut st = t.target.status();
-            st.committed_seq = t.committed.0;
-            st.applied_seq = t.applied.0;
+            t.target.status().applied_seq = t.applied.0;
+        }
+        let ack_seq = self.targets.values().filter(|t| !t.resyncing).map(|t| t.applied).min().unwrap_or(self.last_seq);
+        Ok(PendingCommit { fns, ack_seq: ack_seq.min(self.last_seq), batches: self.batches })
+    }
+
+    /// Records commits that finished.
+    fn committed(&mut self, done: &[(String, Seq)]) {
+        for (source, seq) in done {
+            let Some(t) = self.targets.get_mut(source) else { continue };
+            t.committed = t.committed.max(*seq);
+            t.target.status().committed_seq = t.committed.0;
             metrics::gauge!(m::APPLIED_SEQ, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.clone())
                 .set(t.committed.0 as f64);
         }
-        Ok(())
     }
 
-    fn ack(&self) -> ReceiverMessage {
+    fn ack(&self, seq: Seq, batches: u64) -> ReceiverMessage {
         ReceiverMessage {
             msg: Some(RMsg::Ack(proto::Ack {
-                seq: self
-                    .targets
-                    .values()
-                    .filter(|t| !t.resyncing)
-                    .map(|t| t.applied)
-                    .min()
-                    .unwrap_or(self.last_seq)
-                    .min(self.last_seq)
-                    .0,
+                seq: seq.0,
                 positions: self
                     .targets
                     .iter()
                     .map(|(s, t)| proto::SourcePosition { source: s.clone(), seq: t.committed.0, known: true })
                     .collect(),
-                batches: self.batches,
+                batches,
             })),
         }
     }
@@ -276,8 +281,43 @@ impl Session {
             }
         }
         // Commit what was applied even when the round failed part-way: it is all valid.
-        let c = self.commit();
-        Round { repairs, result: result.and(c) }
+        match self.prepare_commits() {
+            Ok(p) => Round { repairs, result, commit: Some(p) },
+            Err(e) => Round { repairs, result: result.and(Err(e)), commit: None },
+        }
+    }
+}
+
+/// The durable halves of one round's commits, and the acknowledgement they earn.
+struct PendingCommit {
+    fns: Vec<(String, Seq, CommitFn)>,
+    ack_seq: Seq,
+    batches: u64,
+}
+
+/// A finished [`PendingCommit`].
+struct CommitDone {
+    done: Vec<(String, Seq)>,
+    result: Result<(), Status>,
+    ack_seq: Seq,
+    batches: u64,
+}
+
+impl PendingCommit {
+    /// Runs the commits in order (blocking I/O).
+    fn run(self) -> CommitDone {
+        let mut done = Vec::new();
+        let mut result = Ok(());
+        for (source, seq, f) in self.fns {
+            match f() {
+                Ok(()) => done.push((source, seq)),
+                Err(e) => {
+                    result = Err(Status::internal(format!("commit {source}: {e}")));
+                    break;
+                }
+            }
+        }
+        CommitDone { done, result, ack_seq: self.ack_seq, batches: self.batches }
     }
 }
 
@@ -407,14 +447,52 @@ async fn run_session(
     }
 }
 
-/// Gathers what has arrived, applies and commits it on a blocking thread, then acknowledges.
+/// Gathers what has arrived and applies it on a blocking thread; the round's commit then runs
+/// on another blocking thread while the next round is gathered and applied, and its
+/// acknowledgement goes out when it is durable. Commits run one at a time, in order.
 async fn session_loop(
     holder: &mut Option<Session>,
     inbound: &mut Streaming<AgentMessage>,
     out: &mpsc::Sender<Result<ReceiverMessage, Status>>,
 ) -> Result<(), Status> {
+    let mut inflight: Option<tokio::task::JoinHandle<CommitDone>> = None;
+    let result = session_rounds(holder, inbound, out, &mut inflight).await;
+    // Let a commit still running finish before the targets are released to another session,
+    // so positions are never written out of order.
+    if let Some(h) = inflight.take() {
+        let done = h.await;
+        if result.is_ok() {
+            return finish_commit(holder, done, out).await;
+        }
+        if let (Ok(done), Some(session)) = (done, holder.as_mut()) {
+            session.committed(&done.done);
+        }
+    }
+    result
+}
+
+async fn session_rounds(
+    holder: &mut Option<Session>,
+    inbound: &mut Streaming<AgentMessage>,
+    out: &mpsc::Sender<Result<ReceiverMessage, Status>>,
+    inflight: &mut Option<tokio::task::JoinHandle<CommitDone>>,
+) -> Result<(), Status> {
     loop {
-        let first = match tokio::time::timeout(Duration::from_secs(120), inbound.message()).await {
+        // Wait for the next message; meanwhile acknowledge the commit in flight when it lands.
+        let first = loop {
+            let next = tokio::time::timeout(Duration::from_secs(120), inbound.message());
+            match inflight.as_mut() {
+                Some(h) => tokio::select! {
+                    done = h => {
+                        *inflight = None;
+                        finish_commit(holder, done, out).await?;
+                    }
+                    m = next => break m,
+                },
+                None => break next.await,
+            }
+        };
+        let first = match first {
             Err(_) => return Err(Status::deadline_exceeded("agent silent for 120 s")),
             Ok(Err(s)) => return Err(s),
             Ok(Ok(None)) => return Ok(()),
@@ -443,18 +521,40 @@ async fn session_loop(
         })
         .await
         .map_err(|e| Status::internal(format!("apply thread failed: {e}")))?;
-        let ack = session.ack();
         *holder = Some(session);
         for r in round.repairs {
             if out.send(Ok(ReceiverMessage { msg: Some(RMsg::Repair(r)) })).await.is_err() {
                 return Ok(());
             }
         }
+        // The previous commit must land before this round's may start.
+        if let Some(h) = inflight.take() {
+            finish_commit(holder, h.await, out).await?;
+        }
+        if let Some(p) = round.commit {
+            *inflight = Some(tokio::task::spawn_blocking(move || p.run()));
+        }
         round.result?;
-        if out.send(Ok(ack)).await.is_err() || closed {
+        if closed {
             return Ok(());
         }
     }
+}
+
+/// Records a finished commit and acknowledges it.
+async fn finish_commit(
+    holder: &mut Option<Session>,
+    done: Result<CommitDone, tokio::task::JoinError>,
+    out: &mpsc::Sender<Result<ReceiverMessage, Status>>,
+) -> Result<(), Status> {
+    let done = done.map_err(|e| Status::internal(format!("commit thread failed: {e}")))?;
+    let session = holder.as_mut().expect("session present between rounds");
+    session.committed(&done.done);
+    done.result?;
+    // A closed outbound stream means the agent is gone; the next session starts from the
+    // committed positions anyway.
+    let _ = out.send(Ok(session.ack(done.ack_seq, done.batches))).await;
+    Ok(())
 }
 
 #[tonic::async_trait]

@@ -161,7 +161,12 @@ async fn certificates_and_identities_are_enforced() {
     // A certificate from another CA never completes the handshake.
     let other = env.session("other-ca", "web-1", "web-1", vec![]).await.unwrap_err();
     assert!(
-        matches!(other.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal),
+        // TLS 1.3 lets the client finish its side before the server rejects its certificate,
+        // so the refusal surfaces as a closed connection in one of these forms.
+        matches!(
+            other.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
+        ),
         "{other:?}"
     );
     // A valid certificate for an agent with no target is refused by name.

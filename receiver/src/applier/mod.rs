@@ -58,6 +58,16 @@ pub trait Applier: Send + 'static {
     fn take_deferred(&mut self) -> ApplyOutcome {
         ApplyOutcome::default()
     }
+    /// Starts a commit of everything applied so far at `pos`: settles in-flight work and
+    /// returns the slow, durable half (flush, then record `pos`), which the session runs while
+    /// the next changes are applied — so a slow disk delays acknowledgements, not visibility.
+    /// The session runs the commits of one applier one at a time, in order.
+    fn prepare_commit(&mut self, pos: Position) -> Result<CommitFn, ApplyError>;
     /// Makes everything applied so far durable, then records `pos` durably.
-    fn commit(&mut self, pos: Position) -> Result<(), ApplyError>;
+    fn commit(&mut self, pos: Position) -> Result<(), ApplyError> {
+        (self.prepare_commit(pos)?)()
+    }
 }
+
+/// The durable half of a commit (see [`Applier::prepare_commit`]).
+pub type CommitFn = Box<dyn FnOnce() -> Result<(), ApplyError> + Send>;

@@ -68,6 +68,8 @@ pub(crate) struct Engine {
     silent: bool,
     pending: Vec<NewRecord>,
     pending_bytes: usize,
+    /// New paths (no committed index entry) that the pending ops create; see `flush`.
+    markers: Vec<RelPath>,
     /// Paths already compared in the current batch: later hints for them are redundant
     /// (anything that changed after the comparison produces a new event).
     done: HashSet<RelPath>,
@@ -116,6 +118,7 @@ impl Engine {
             silent: false,
             pending: Vec::new(),
             pending_bytes: 0,
+            markers: Vec::new(),
             done: HashSet::new(),
         }
     }
@@ -140,6 +143,18 @@ impl Engine {
         if self.silent {
             return Ok(());
         }
+        let created = match &op {
+            FsOp::Write(w) if w.first => Some(&w.path),
+            FsOp::Mkdir { path, .. } | FsOp::Symlink { path, .. } => Some(path),
+            FsOp::Rename { to, .. } => Some(to),
+            _ => None,
+        };
+        if let Some(p) = created {
+            let known = self.index.committed(p);
+            if !self.ix(known)? {
+                self.markers.push(p.clone());
+            }
+        }
         let payload = Change::Fs(op).encode();
         self.pending_bytes += payload.len();
         self.pending.push(NewRecord { source: self.name.clone(), captured_at_us: lockstep_common::now_us(), payload });
@@ -158,7 +173,20 @@ impl Engine {
 
     /// Appends the gathered ops, waits until they are durable, then commits the staged index
     /// updates. Not interruptible: once started, it finishes or fails.
+    ///
+    /// Before the append, every new path the ops create gets a "stale" index entry, written
+    /// into the same sled database ahead of the journal records: sled recovers a prefix of its
+    /// log, so if a crash loses the index updates that follow the append, the markers survive
+    /// whenever the records did. The next scan then finds "something may exist here on the
+    /// standby" for those paths and re-sends or removes them. Without markers, a path created
+    /// and shipped just before a crash, and gone from disk afterwards (a temp file renamed away,
+    /// say), would stay on the standby forever, because the old index and the disk agree.
     fn flush(&mut self) -> R<()> {
+        if !self.markers.is_empty() {
+            let markers = std::mem::take(&mut self.markers);
+            let r = self.index.put_stale_markers(&markers);
+            self.ix(r)?;
+        }
         if !self.pending.is_empty() {
             let records = std::mem::take(&mut self.pending);
             self.pending_bytes = 0;

@@ -62,6 +62,20 @@ impl Entry {
         }
     }
 
+    /// An entry matching nothing on disk: a file of impossible size and mtime, with no block
+    /// hashes (so a delta against it carries every block).
+    pub(crate) fn stale() -> Entry {
+        Entry {
+            kind: Kind::File,
+            mode: 0,
+            size: u64::MAX,
+            mtime_ns: -1,
+            blocks: Vec::new(),
+            content_hash: [0; 32],
+            target: Vec::new(),
+        }
+    }
+
     pub(crate) fn symlink(target: Vec<u8>) -> Entry {
         Entry {
             kind: Kind::Symlink,
@@ -207,6 +221,23 @@ impl Index {
 
     pub(crate) fn has_staged(&self) -> bool {
         !self.staged.is_empty() || !self.staged_prefixes.is_empty()
+    }
+
+    /// Whether `rel` has a committed (not merely staged) entry.
+    pub(crate) fn committed(&self, rel: &RelPath) -> sled::Result<bool> {
+        self.tree.contains_key(rel.as_bytes())
+    }
+
+    /// Writes "stale" entries for new paths straight into the tree (see `Engine::flush`): an
+    /// entry that matches nothing on disk, so the next comparison re-sends the path in full or
+    /// journals its removal. The staged updates committed after the append replace them.
+    pub(crate) fn put_stale_markers(&self, paths: &[RelPath]) -> sled::Result<()> {
+        let mut batch = sled::Batch::default();
+        let stale = Entry::stale().encode();
+        for p in paths {
+            batch.insert(p.as_bytes(), stale.clone());
+        }
+        self.tree.apply_batch(batch)
     }
 
     /// Applies staged updates; call only after the journal made the matching ops durable.

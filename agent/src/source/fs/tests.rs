@@ -597,3 +597,30 @@ async fn burst_of_changes_converges() {
     assert_eq!(model.nodes, Model::from_disk(&h.root, &[]).nodes);
     h.stop().await;
 }
+
+/// A crash after journaling a new path but before its index update leaves only the stale
+/// marker written ahead of the records; the restart must then re-send the path if it exists,
+/// or journal its removal if it is gone (a temp file renamed away), so no receiver keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_markers_left_by_a_crash_are_resolved_on_restart() {
+    let mut h = Harness::new(&[]);
+    std::fs::write(h.p("base"), b"base").unwrap();
+    h.start().await;
+    h.stop().await;
+    std::fs::write(h.p("still-here"), b"content").unwrap();
+    // What the crash left: markers for two new paths, no index entries, and the disk moved on
+    // (one of the paths no longer exists).
+    let index = super::index::Index::open(&h.db, "www").unwrap();
+    index.put_stale_markers(&[rp("renamed-away.tmp"), rp("still-here")]).unwrap();
+    drop(index);
+    let before = h.store.last_seq();
+    h.start().await;
+    let ops = h.settle().await;
+    assert!(ops.contains(&FsOp::Remove { path: rp("renamed-away.tmp") }), "{ops:#?}");
+    assert!(is_last_write(&ops, "still-here"), "{ops:#?}");
+    let mut model = Model::from_disk(&h.root, &[]);
+    model.apply_all(&ops);
+    assert_eq!(model.nodes, Model::from_disk(&h.root, &[]).nodes);
+    assert!(h.store.last_seq() > before);
+    h.stop().await;
+}

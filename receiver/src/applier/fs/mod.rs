@@ -50,6 +50,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use lockstep_common::event::{Change, FsOp, JournalId, Seq};
 use lockstep_common::frame;
@@ -58,7 +59,7 @@ use lockstep_common::relpath::{RelPath, STAGING_SUFFIX};
 use self::pool::Pool;
 use self::tree::{chmod_nofollow, ensure_parents, io_err, lstat, remove_any, staging_path, symlink_escapes};
 use self::write::Writer;
-use super::{Applier, ApplyError, ApplyOutcome, Position};
+use super::{Applier, ApplyError, ApplyOutcome, CommitFn, Position};
 
 /// Size of the position file's body: journal id (16 bytes) then seq (u64 LE).
 const POSITION_BODY_LEN: usize = 24;
@@ -71,8 +72,11 @@ pub struct FsApplier {
     position_file: PathBuf,
     /// Whether symlinks pointing outside `root` are recreated (else skipped).
     allow_external_symlinks: bool,
-    /// The last committed position, as loaded or as written by `commit`.
-    position: Option<Position>,
+    /// The last committed position, as loaded or as written by a commit (which may finish on
+    /// another thread).
+    committed: Arc<Mutex<Option<Position>>>,
+    /// Something was applied since the last commit was prepared (so the next one must flush).
+    unflushed: bool,
     /// Content writes applied on this thread, with their staging state.
     writer: Writer,
     /// During a resync: workers applying independent file writes in parallel.
@@ -97,7 +101,8 @@ impl FsApplier {
             root: root.clone(),
             position_file,
             allow_external_symlinks,
-            position,
+            committed: Arc::new(Mutex::new(position)),
+            unflushed: false,
             writer: Writer { root: root.clone(), ..Default::default() },
             pool: None,
             deferred: ApplyOutcome::default(),
@@ -313,10 +318,11 @@ impl FsApplier {
 
 impl Applier for FsApplier {
     fn position(&self) -> Option<Position> {
-        self.position
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn apply(&mut self, _seq: Seq, change: Change) -> Result<ApplyOutcome, ApplyError> {
+        self.unflushed = true;
         let op = match change {
             Change::Fs(op) => op,
             Change::Other(_) => return Err(ApplyError::Refused("a filesystem target accepts only fs changes".into())),
@@ -363,6 +369,7 @@ impl Applier for FsApplier {
     }
 
     fn end_resync(&mut self) -> Result<(), ApplyError> {
+        self.unflushed = true;
         if self.resync.is_none() {
             return Err(ApplyError::Refused("end of resync without a beginning".into()));
         }
@@ -377,21 +384,31 @@ impl Applier for FsApplier {
         std::mem::take(&mut self.deferred)
     }
 
-    fn commit(&mut self, pos: Position) -> Result<(), ApplyError> {
+    fn prepare_commit(&mut self, pos: Position) -> Result<CommitFn, ApplyError> {
         self.settle()?;
-        // See the module docs: flush everything applied, then record the position.
-        let dir = File::open(&self.root).map_err(io_err(format!("open target root {}", self.root.display())))?;
-        // SAFETY: `dir` is an open file descriptor for the duration of the call.
-        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-            return Err(io_err(format!("sync filesystem of {}", self.root.display()))(io::Error::last_os_error()));
-        }
-        let mut body = Vec::with_capacity(POSITION_BODY_LEN);
-        body.extend_from_slice(&pos.journal_id.0);
-        body.extend_from_slice(&pos.seq.0.to_le_bytes());
-        frame::write_atomic(&self.position_file, &frame::encode(&body))
-            .map_err(io_err(format!("write position file {}", self.position_file.display())))?;
-        self.position = Some(pos);
-        Ok(())
+        let root = self.root.clone();
+        let position_file = self.position_file.clone();
+        let committed = self.committed.clone();
+        // Nothing applied since the last commit: only the position moves, no flush needed.
+        let flush = std::mem::take(&mut self.unflushed);
+        Ok(Box::new(move || {
+            // See the module docs: flush everything applied, then record the position. A
+            // syncfs that also catches changes applied after `prepare_commit` is harmless.
+            if flush {
+                let dir = File::open(&root).map_err(io_err(format!("open target root {}", root.display())))?;
+                // SAFETY: `dir` is an open file descriptor for the duration of the call.
+                if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+                    return Err(io_err(format!("sync filesystem of {}", root.display()))(io::Error::last_os_error()));
+                }
+            }
+            let mut body = Vec::with_capacity(POSITION_BODY_LEN);
+            body.extend_from_slice(&pos.journal_id.0);
+            body.extend_from_slice(&pos.seq.0.to_le_bytes());
+            frame::write_atomic(&position_file, &frame::encode(&body))
+                .map_err(io_err(format!("write position file {}", position_file.display())))?;
+            *committed.lock().unwrap_or_else(|e| e.into_inner()) = Some(pos);
+            Ok(())
+        }))
     }
 }
 
