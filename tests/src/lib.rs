@@ -71,7 +71,6 @@ pub struct Options {
     pub second_receiver: bool,
 }
 
-
 impl Setup {
     pub fn new() -> Result<Setup> {
         Self::with(Options::default())

@@ -216,7 +216,8 @@ fn metric(s: &Setup, name: &str) -> f64 {
 
 #[test]
 fn journal_size_cap_forces_a_resync_not_a_loss() {
-    let mut s = Setup::with(Options { agent_extra: "[journal]\nmax_bytes = 2000000".into(), ..Default::default() }).unwrap();
+    let mut s =
+        Setup::with(Options { agent_extra: "[journal]\nmax_bytes = 2000000".into(), ..Default::default() }).unwrap();
     write(&s.src.join("seed.txt"), b"seed");
     s.start().unwrap();
     s.wait_converged(CONVERGE).unwrap();

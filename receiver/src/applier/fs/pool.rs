@@ -42,8 +42,9 @@ const QUEUE: usize = 8;
 
 enum Job {
     Write {
-        w: FileWrite,
-        staging: Option<Staging>,
+        // Boxed: a write is far larger than a drain request, and jobs sit in bounded queues.
+        w: Box<FileWrite>,
+        staging: Option<Box<Staging>>,
         abandoned: bool,
     },
     /// Reply with the staging state of writes in progress once everything before is done.
@@ -101,7 +102,7 @@ impl Pool {
         w.path.hash(&mut h);
         let i = (h.finish() % self.workers.len() as u64) as usize;
         // A worker only stops when the pool is dropped.
-        let _ = self.workers[i].0.send(Job::Write { w, staging, abandoned });
+        let _ = self.workers[i].0.send(Job::Write { w: Box::new(w), staging: staging.map(Box::new), abandoned });
     }
 
     /// Waits until the workers have applied everything queued, and takes back the staging
@@ -152,12 +153,12 @@ fn work(mut writer: Writer, rx: Receiver<Job>, results: Arc<Mutex<Results>>) {
             Job::Write { w, staging, abandoned } => {
                 let path = w.path.clone();
                 if let Some(st) = staging {
-                    writer.staging.insert(path.clone(), st);
+                    writer.staging.insert(path.clone(), *st);
                 }
                 if abandoned {
                     writer.abandoned.insert(path);
                 }
-                let res = writer.apply_write(w);
+                let res = writer.apply_write(*w);
                 let mut r = results.lock().expect("results lock");
                 match res {
                     Ok(o) => {

@@ -543,19 +543,3 @@ fn resync_keeps_staging_of_write_in_progress() {
     apply_ok(&mut a, events[1].clone());
     assert!(fs::read(t.path().join("root/d/f")).unwrap() == content);
 }
-
-#[test]
-#[ignore = "timing, run by hand"]
-fn many_small_files_timing() {
-    let t = tempfile::tempdir().unwrap();
-    let mut a = new_applier(t.path());
-    let start = std::time::Instant::now();
-    for i in 0..10_000 {
-        for ev in full_write(&format!("d{}/f{i}", i % 100), &data(1000, i), 0o644, 0) {
-            apply_ok(&mut a, ev);
-        }
-    }
-    let applied = start.elapsed();
-    a.commit(Position { journal_id: JournalId([1; 16]), seq: Seq(10_000) }).unwrap();
-    eprintln!("apply {applied:?}, apply+commit {:?}", start.elapsed());
-}
