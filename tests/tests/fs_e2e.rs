@@ -266,3 +266,31 @@ fn unreachable_receiver_holds_back_no_other() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Changes made while the agent builds its first index and seeds the receiver (both read the
+/// tree at the same time) must not be lost: the snapshot may read a file before a change and
+/// the index after it.
+#[test]
+fn changes_during_first_start_are_not_lost() {
+    let mut s = Setup::new().unwrap();
+    for i in 0..300 {
+        write(&s.src.join(format!("d{}/f{i}", i % 10)), &vec![(i % 251) as u8; 200_000]);
+    }
+    s.start().unwrap();
+    let t0 = std::time::Instant::now();
+    let mut round = 0u8;
+    while t0.elapsed() < Duration::from_millis(1500) {
+        round = round.wrapping_add(1);
+        for i in (0..300).step_by(7) {
+            // Same size, new bytes: only content tells the versions apart.
+            let _ = fs::write(s.src.join(format!("d{}/f{i}", i % 10)), vec![round; 200_000]);
+        }
+        let _ = fs::rename(
+            s.src.join(format!("d1/f{}", 1 + 10 * (round as usize % 30))),
+            s.src.join(format!("d2/moved-{round}")),
+        );
+        write(&s.src.join(format!("new/{round}")), &[round; 1000]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.wait_converged(CONVERGE).unwrap();
+}

@@ -251,6 +251,9 @@ impl Engine {
             }
             let r = self.index.set_baseline_done(&self.db);
             self.ix(r)?;
+            if !self.resend_changed_during_baseline(&rx)? {
+                return Ok(());
+            }
             tracing::info!(elapsed_ms = t.elapsed().as_millis() as u64, "baseline index built");
         } else {
             self.status.set_state(SourceState::Streaming, None);
@@ -642,6 +645,58 @@ impl Engine {
     }
 
     /// A receiver could not reproduce `path`: journal its full current state.
+    /// A receiver's first snapshot runs while the baseline is built, so for a path changed
+    /// meanwhile the snapshot may hold an older version than the index now records, and a
+    /// later comparison would find nothing to send. Everything the watcher reported during
+    /// the baseline is therefore journaled again in full (directories with their subtrees, vanished paths as
+    /// removals). Returns false when asked to stop.
+    fn resend_changed_during_baseline(&mut self, rx: &Receiver<Msg>) -> R<bool> {
+        let mut batch = Batch::default();
+        while let Ok(m) = rx.try_recv() {
+            batch.add(m);
+        }
+        if batch.stop {
+            return Ok(false);
+        }
+        if batch.overflow || batch.rescan {
+            tracing::warn!(
+                "the watcher lost events while the first index was built; changes made then may be missing on receivers seeded meanwhile until the next resync"
+            );
+        }
+        let mut paths = std::collections::BTreeSet::new();
+        for (from, to) in &batch.renames {
+            paths.extend(self.rel(from));
+            paths.extend(self.rel(to));
+        }
+        for abs in batch.hints.keys() {
+            paths.extend(self.rel(abs));
+        }
+        for rel in paths {
+            self.resend_subtree(&rel)?;
+        }
+        for req in std::mem::take(&mut batch.repairs) {
+            self.repair(req)?;
+        }
+        self.flush()?;
+        self.done.clear();
+        Ok(true)
+    }
+
+    fn resend_subtree(&mut self, rel: &RelPath) -> R<()> {
+        self.repair(RepairRequest { path: rel.clone(), reason: "changed while the first index was built".into() })?;
+        let abs = rel.under(&self.root);
+        let is_dir = std::fs::symlink_metadata(&abs).is_ok_and(|m| m.is_dir());
+        if is_dir && !self.filter.out_of_scope(rel) {
+            let Ok(entries) = std::fs::read_dir(&abs) else { return Ok(()) };
+            for e in entries.flatten() {
+                if let Some(child) = self.rel(&e.path()) {
+                    self.resend_subtree(&child)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn repair(&mut self, req: RepairRequest) -> R<()> {
         let rel = req.path;
         tracing::info!(path = %rel, reason = %req.reason, "repair requested");
