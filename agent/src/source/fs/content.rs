@@ -140,7 +140,11 @@ pub(crate) fn read_file<E>(
             tracing::warn!(path = %rel, error = %e, "read file; describing the part read and re-reading later");
             complete = false;
         }
-        hasher.update(&buf);
+        // The whole-content hash only travels with emitted writes; a baseline record (the
+        // first index) needs just the block hashes, so it skips this second pass.
+        if emit {
+            hasher.update(&buf);
+        }
         let first_block_index = (off / BLOCK_SIZE as u64) as usize;
         if hash_blocks {
             for (i, data) in buf.chunks(BLOCK_SIZE).enumerate() {
