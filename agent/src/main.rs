@@ -3,12 +3,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lockstep_common::config::AgentConfig;
 use lockstep_common::telemetry::{self, LogFormat};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "lockstep-agent", version, about = "lockstep source agent: capture, journal and ship changes")]
@@ -57,10 +55,6 @@ fn load(path: &std::path::Path) -> Result<AgentConfig, ExitCode> {
     })
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("build tokio runtime")
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_format);
@@ -70,21 +64,8 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime().block_on(async move {
-                let shutdown = CancellationToken::new();
-                let s = shutdown.clone();
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    tracing::info!("shutdown requested");
-                    s.cancel();
-                });
-                match lockstep_agent::run(cfg, shutdown).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("error: {e:#}");
-                        ExitCode::from(1)
-                    }
-                }
+            lockstep_common::daemon::run_until_signal(|shutdown| async move {
+                lockstep_agent::run(cfg, shutdown).await.map_err(|e| format!("{e:#}"))
             })
         }
         Cmd::Status { config, json } => {
@@ -92,26 +73,11 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime().block_on(async move {
-                match lockstep_common::admin::call(cfg.admin_listen, "GET", "/status", None, Duration::from_secs(10))
-                    .await
-                {
-                    Ok((200, v)) => {
-                        if json {
-                            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                        } else {
-                            print_status(&v);
-                        }
-                        ExitCode::SUCCESS
-                    }
-                    Ok((code, v)) => {
-                        eprintln!("error: admin endpoint answered {code}: {v}");
-                        ExitCode::from(1)
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::from(1)
-                    }
+            lockstep_common::daemon::status(cfg.admin_listen, |v| {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+                } else {
+                    print_status(v);
                 }
             })
         }
@@ -155,14 +121,5 @@ fn print_status(v: &serde_json::Value) {
             r["bytes_behind"],
             r["last_error"].as_str().map(|e| format!("  last error: {e}")).unwrap_or_default()
         );
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

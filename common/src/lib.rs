@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod daemon;
 pub mod event;
 pub mod frame;
 pub mod proto;

@@ -3,12 +3,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lockstep_common::config::ReceiverConfig;
 use lockstep_common::telemetry::{self, LogFormat};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "lockstep-receiver", version, about = "lockstep receiver: apply replicated changes to standby copies")]
@@ -43,10 +41,6 @@ fn load(path: &std::path::Path) -> Result<ReceiverConfig, ExitCode> {
     })
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("build tokio runtime")
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_format);
@@ -56,26 +50,8 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime().block_on(async move {
-                let shutdown = CancellationToken::new();
-                let s = shutdown.clone();
-                tokio::spawn(async move {
-                    use tokio::signal::unix::{signal, SignalKind};
-                    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                    tracing::info!("shutdown requested");
-                    s.cancel();
-                });
-                match lockstep_receiver::run(cfg, shutdown).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("error: {e:#}");
-                        ExitCode::from(1)
-                    }
-                }
+            lockstep_common::daemon::run_until_signal(|shutdown| async move {
+                lockstep_receiver::run(cfg, shutdown).await.map_err(|e| format!("{e:#}"))
             })
         }
         Cmd::Status { config, json } => {
@@ -83,38 +59,23 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime().block_on(async move {
-                match lockstep_common::admin::call(cfg.admin_listen, "GET", "/status", None, Duration::from_secs(10))
-                    .await
-                {
-                    Ok((200, v)) => {
-                        if json {
-                            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                        } else {
-                            println!("receiver {}", v["receiver"].as_str().unwrap_or("?"));
-                            for t in v["targets"].as_array().into_iter().flatten() {
-                                println!(
-                                    "  {}/{} ({}) -> {}  {}  committed {}  applied {} events{}",
-                                    t["agent"].as_str().unwrap_or(""),
-                                    t["source"].as_str().unwrap_or(""),
-                                    t["kind"].as_str().unwrap_or(""),
-                                    t["path"].as_str().unwrap_or("-"),
-                                    if t["connected"].as_bool() == Some(true) { "connected" } else { "disconnected" },
-                                    t["committed_seq"],
-                                    t["events_applied"],
-                                    t["last_error"].as_str().map(|e| format!("  last error: {e}")).unwrap_or_default()
-                                );
-                            }
-                        }
-                        ExitCode::SUCCESS
-                    }
-                    Ok((code, v)) => {
-                        eprintln!("error: admin endpoint answered {code}: {v}");
-                        ExitCode::from(1)
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::from(1)
+            lockstep_common::daemon::status(cfg.admin_listen, |v| {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+                } else {
+                    println!("receiver {}", v["receiver"].as_str().unwrap_or("?"));
+                    for t in v["targets"].as_array().into_iter().flatten() {
+                        println!(
+                            "  {}/{} ({}) -> {}  {}  committed {}  applied {} events{}",
+                            t["agent"].as_str().unwrap_or(""),
+                            t["source"].as_str().unwrap_or(""),
+                            t["kind"].as_str().unwrap_or(""),
+                            t["path"].as_str().unwrap_or("-"),
+                            if t["connected"].as_bool() == Some(true) { "connected" } else { "disconnected" },
+                            t["committed_seq"],
+                            t["events_applied"],
+                            t["last_error"].as_str().map(|e| format!("  last error: {e}")).unwrap_or_default()
+                        );
                     }
                 }
             })
