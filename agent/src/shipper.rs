@@ -152,8 +152,8 @@ impl Shipper {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(16 << 20))
+            .initial_stream_window_size(Some(64 << 20))
+            .initial_connection_window_size(Some(128 << 20))
             .connect()
             .await
             .map_err(|e| cerr(format!("{e}: {}", source_chain(&e))))?;
@@ -287,6 +287,7 @@ impl Shipper {
             info!(source = %s.name, seq = at.0, "resync: sending a full snapshot");
             metrics::counter!(m::RESYNCS_TOTAL, m::L_RECEIVER => name.clone()).increment(1);
             self.tracker.set_resyncing(name, Some(s.name.to_string()));
+            let _running = s.status.snapshot_started();
             send(AMsg::ResyncBegin(proto::ResyncBegin { source: s.name.to_string(), seq: at.0 })).await?;
             let (stx, mut srx) = mpsc::channel::<Change>(256);
             let snap = {

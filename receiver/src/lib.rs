@@ -64,8 +64,8 @@ pub async fn run(config: ReceiverConfig, shutdown: CancellationToken) -> anyhow:
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
+        .initial_stream_window_size(Some(64 << 20))
+        .initial_connection_window_size(Some(128 << 20))
         .add_service(health_service)
         .add_service(
             ReplicationServer::new(service)

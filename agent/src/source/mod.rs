@@ -51,6 +51,18 @@ pub struct SourceStatus {
     state: Mutex<(SourceState, Option<String>)>,
     last_seq: AtomicU64,
     events: AtomicU64,
+    /// Snapshots of this source being sent to receivers right now, and ever started.
+    snapshots_active: AtomicU64,
+    snapshots_started: AtomicU64,
+}
+
+/// Counts one snapshot of a source as running until dropped.
+pub struct SnapshotGuard(Arc<SourceStatus>);
+
+impl Drop for SnapshotGuard {
+    fn drop(&mut self) {
+        self.0.snapshots_active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl SourceStatus {
@@ -61,6 +73,8 @@ impl SourceStatus {
             state: Mutex::new((SourceState::Snapshot, None)),
             last_seq: AtomicU64::new(0),
             events: AtomicU64::new(0),
+            snapshots_active: AtomicU64::new(0),
+            snapshots_started: AtomicU64::new(0),
         }
     }
 
@@ -84,6 +98,18 @@ impl SourceStatus {
 
     pub fn events(&self) -> u64 {
         self.events.load(Ordering::SeqCst)
+    }
+
+    /// Marks a snapshot of this source as running (see [`SnapshotGuard`]).
+    pub fn snapshot_started(self: &Arc<Self>) -> SnapshotGuard {
+        self.snapshots_started.fetch_add(1, Ordering::SeqCst);
+        self.snapshots_active.fetch_add(1, Ordering::SeqCst);
+        SnapshotGuard(self.clone())
+    }
+
+    /// (snapshots running now, snapshots ever started).
+    pub fn snapshots(&self) -> (u64, u64) {
+        (self.snapshots_active.load(Ordering::SeqCst), self.snapshots_started.load(Ordering::SeqCst))
     }
 }
 

@@ -227,6 +227,7 @@ impl Engine {
         let baseline = self.index.baseline_done();
         if !self.ix(baseline)? {
             self.status.set_state(SourceState::Snapshot, None);
+            self.wait_for_first_snapshots();
             let t = Instant::now();
             let cleared = self.index.clear();
             self.ix(cleared)?;
@@ -645,6 +646,25 @@ impl Engine {
     }
 
     /// A receiver could not reproduce `path`: journal its full current state.
+    /// On first start every receiver is seeded with a snapshot that reads the whole tree; the
+    /// baseline index reads and hashes it too. Letting the snapshots go first halves the work
+    /// competing for CPU and disk while the standbys are filled. Waits while a snapshot runs,
+    /// up to `FIRST_SNAPSHOT_WAIT`, and gives up after `FIRST_CONNECT_WAIT` if none starts (no
+    /// receiver reachable). Safe because whatever changes meanwhile is re-sent in full once
+    /// the baseline is built (`resend_changed_during_baseline`).
+    fn wait_for_first_snapshots(&self) {
+        const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(3);
+        const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
+        let start = Instant::now();
+        while !self.cancel.is_cancelled() && start.elapsed() < FIRST_SNAPSHOT_WAIT {
+            let (active, started) = self.status.snapshots();
+            if active == 0 && (started > 0 || start.elapsed() >= FIRST_CONNECT_WAIT) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A receiver's first snapshot runs while the baseline is built, so for a path changed
     /// meanwhile the snapshot may hold an older version than the index now records, and a
     /// later comparison would find nothing to send. Everything the watcher reported during
