@@ -71,15 +71,20 @@ struct Round {
 }
 
 impl Session {
+    /// Counts an apply error for `source` (status and metric) and hands `status` back.
     fn fail(&mut self, source: &str, status: Status) -> Status {
+        self.count_error(source, status.message());
+        status
+    }
+
+    fn count_error(&mut self, source: &str, message: &str) {
         if let Some(t) = self.targets.get(source) {
             let mut st = t.target.status();
             st.apply_errors += 1;
-            st.last_error = Some(status.message().to_string());
+            st.last_error = Some(message.to_string());
         }
         metrics::counter!(m::APPLY_ERRORS_TOTAL, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.to_string())
             .increment(1);
-        status
     }
 
     fn apply_event(&mut self, ev: proto::Event, repairs: &mut Vec<proto::Repair>) -> Result<(), Status> {
@@ -141,7 +146,7 @@ impl Session {
                 metrics::counter!(m::EVENTS_APPLIED_TOTAL, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.clone()).increment(1);
                 if let Some(why) = outcome.skipped {
                     warn!(source = %source, seq = %seq, reason = %why, "change skipped");
-                    let _ = self.fail(&source, Status::ok(why));
+                    self.count_error(&source, &why);
                 }
                 Ok(())
             }
