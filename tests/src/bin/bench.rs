@@ -129,10 +129,22 @@ fn which(name: &str) -> Result<PathBuf> {
     bail!("{name} not found")
 }
 
+/// `BENCH_COLD=1`: start each initial sync with the source tree out of the page cache (as on
+/// a host whose data was not just written), which needs root.
+fn cold() -> bool {
+    std::env::var_os("BENCH_COLD").is_some_and(|v| v == "1")
+}
+
 fn drop_caches() {
-    // Same starting point for both tools: the tree in page cache (it was just written), dirty
-    // data flushed so neither pays for the other's write-back.
+    // Same starting point for both tools: dirty data flushed so neither pays for the other's
+    // write-back; the tree in page cache (it was just written) unless BENCH_COLD=1.
     let _ = Command::new("sync").status();
+    if cold() {
+        if let Err(e) = fs::write("/proc/sys/vm/drop_caches", "3") {
+            eprintln!("BENCH_COLD=1 needs root to drop the page cache: {e}");
+            std::process::exit(2);
+        }
+    }
 }
 
 fn rsync_initial(src: &Path, work: &Path, round: usize) -> Result<(f64, f64)> {
@@ -293,8 +305,9 @@ fn main() -> Result<()> {
         let (secs, rsync_secs, rsync_durable, bytes) = lockstep_initial(tree_mib)?;
         let mb = bytes as f64 / 1e6;
         println!(
-            "initial sync of {:.0} MB tree (median of 3 alternating runs): lockstep {:.2} s = {:.0} MB/s (durable, acknowledged); rsync -a to loopback daemon {:.2} s = {:.0} MB/s (not flushed), {:.2} s = {:.0} MB/s with a sync of its copy",
+            "initial sync of {:.0} MB tree ({} cache, median of 3 alternating runs): lockstep {:.2} s = {:.0} MB/s (durable, acknowledged); rsync -a to loopback daemon {:.2} s = {:.0} MB/s (not flushed), {:.2} s = {:.0} MB/s with a sync of its copy",
             mb,
+            if cold() { "cold" } else { "warm" },
             secs,
             mb / secs,
             rsync_secs,

@@ -122,6 +122,9 @@ pub(crate) fn read_file<E>(
     // small changed file go out in full without a second read.
     let mut whole_file_in_buf;
 
+    // Reads ahead of the kernel's small default window: with several reads in flight the disk
+    // delivers several times the throughput of one sequential stream.
+    prefetch(file, 0, READ_AHEAD);
     loop {
         // Ask for one byte more than the file should still hold (rounded up to whole blocks) so
         // that a short read proves end of file without an extra probe, and so every chunk but
@@ -133,6 +136,9 @@ pub(crate) fn read_file<E>(
         } else {
             buf.clear();
             buf.reserve(want);
+        }
+        if remaining > READ_AHEAD {
+            prefetch(file, off + READ_AHEAD, want as u64);
         }
         let res = (&mut *file).take(want as u64).read_to_end(&mut buf);
         let n = buf.len();
@@ -234,6 +240,19 @@ pub(crate) fn read_file<E>(
         emitted = false;
     }
     Ok(Outcome { emitted, size, mode, mtime_ns, blocks, content_hash, complete })
+}
+
+/// How far ahead of the read position file content is requested from the disk.
+pub(crate) const READ_AHEAD: u64 = 8 << 20;
+
+/// Asks the kernel to start reading `len` bytes at `off` into the page cache, without waiting.
+/// Only a hint: failures are ignored.
+pub(crate) fn prefetch(file: &File, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a file descriptor we own; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), off as libc::off_t, len as libc::off_t, libc::POSIX_FADV_WILLNEED);
+    }
 }
 
 /// Opens `path` for reading without following a final symlink, and `fstat`s it, so the

@@ -5,6 +5,7 @@
 //! It is the initial-sync path, so it reads each file once with `CHUNK_BYTES` buffers that are
 //! handed to their events without copying, and hashes only the whole content (no block hashes).
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -62,70 +63,118 @@ fn send(tx: &mpsc::Sender<Change>, op: FsOp) -> Result<(), Closed> {
     tx.blocking_send(Change::Fs(op)).map_err(|_| Closed)
 }
 
-/// Walks the tree depth-first. The outer error is an I/O error on the root (fatal); entries
-/// that vanish or cannot be read during the walk are skipped (the journal and repairs mend
-/// them).
-fn walk(root: &std::path::Path, filter: &Filter, tx: &mpsc::Sender<Change>) -> std::io::Result<Result<u64, Closed>> {
-    let mut files = 0u64;
-    let mut stack: Vec<Option<RelPath>> = vec![None];
-    let mut first = true;
-    while let Some(dir) = stack.pop() {
-        let abs = match &dir {
-            Some(d) => d.under(root),
-            None => root.to_path_buf(),
-        };
-        let children = match list_dir(&abs, dir.as_ref(), filter) {
-            Ok(c) => c,
-            Err(e) if first => return Err(e),
-            Err(e) => {
-                tracing::debug!(dir = %abs.display(), error = %e, "list directory for snapshot");
+/// One entry of the walk, ready to send. Files are opened (and their first bytes requested
+/// from the disk) when they enter the look-ahead queue.
+enum Item {
+    Dir { rel: RelPath, mode: u32 },
+    Symlink { rel: RelPath, target: Vec<u8> },
+    File { rel: RelPath, file: std::fs::File, meta: std::fs::Metadata },
+}
+
+/// Most bytes of upcoming files requested from the disk ahead of the one being read.
+const LOOKAHEAD_BYTES: u64 = 24 << 20;
+/// Most entries queued ahead (bounds open file descriptors).
+const LOOKAHEAD_ITEMS: usize = 256;
+
+/// Depth-first walk in name order, producing [`Item`]s.
+struct Walker<'a> {
+    root: &'a std::path::Path,
+    filter: &'a Filter,
+    stack: Vec<Option<RelPath>>,
+    children: std::vec::IntoIter<super::walk::Child>,
+    subdirs: Vec<Option<RelPath>>,
+    first: bool,
+}
+
+impl Walker<'_> {
+    /// The next item, `Ok(None)` at the end. Errors only for the root itself; entries that
+    /// vanish or cannot be read during the walk are skipped (the journal and repairs mend them).
+    fn next(&mut self) -> std::io::Result<Option<Item>> {
+        loop {
+            let Some(c) = self.children.next() else {
+                // Reverse so the stack pops directories in name order.
+                self.stack.extend(self.subdirs.drain(..).rev());
+                let Some(dir) = self.stack.pop() else { return Ok(None) };
+                let abs = match &dir {
+                    Some(d) => d.under(self.root),
+                    None => self.root.to_path_buf(),
+                };
+                match list_dir(&abs, dir.as_ref(), self.filter) {
+                    Ok(c) => self.children = c.into_iter(),
+                    Err(e) if self.first => return Err(e),
+                    Err(e) => tracing::debug!(dir = %abs.display(), error = %e, "list directory for snapshot"),
+                }
+                self.first = false;
                 continue;
-            }
-        };
-        first = false;
-        let mut subdirs = Vec::new();
-        for c in children {
-            let path = c.rel.under(root);
+            };
+            let path = c.rel.under(self.root);
             if c.file_type.is_dir() {
                 let mode = match std::fs::symlink_metadata(&path) {
                     Ok(m) if m.is_dir() => content::mode_of(&m),
                     _ => continue,
                 };
-                if send(tx, FsOp::Mkdir { path: c.rel.clone(), mode }).is_err() {
-                    return Ok(Err(Closed));
+                if !self.filter.prunes(&c.rel) {
+                    self.subdirs.push(Some(c.rel.clone()));
                 }
-                if !filter.prunes(&c.rel) {
-                    subdirs.push(Some(c.rel));
-                }
+                return Ok(Some(Item::Dir { rel: c.rel, mode }));
             } else if c.file_type.is_symlink() {
                 match std::fs::read_link(&path) {
                     Ok(t) => {
                         let target = std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str()).to_vec();
-                        if send(tx, FsOp::Symlink { path: c.rel, target }).is_err() {
-                            return Ok(Err(Closed));
-                        }
+                        return Ok(Some(Item::Symlink { rel: c.rel, target }));
                     }
                     Err(e) => tracing::debug!(path = %c.rel, error = %e, "read symlink for snapshot"),
                 }
             } else if c.file_type.is_file() {
-                let (mut file, meta) = match content::open_nofollow(&path) {
-                    Ok((f, m)) if m.is_file() => (f, m),
-                    Ok(_) => continue,
-                    Err(e) => {
-                        tracing::debug!(path = %c.rel, error = %e, "open file for snapshot");
-                        continue;
+                match content::open_nofollow(&path) {
+                    Ok((file, meta)) if meta.is_file() => {
+                        content::prefetch(&file, 0, meta.len().min(content::READ_AHEAD));
+                        return Ok(Some(Item::File { rel: c.rel, file, meta }));
                     }
-                };
-                let r =
-                    content::read_file(&c.rel, &mut file, &meta, Plan::Full, false, &mut |w| send(tx, FsOp::Write(w)));
-                if r.is_err() {
-                    return Ok(Err(Closed));
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(path = %c.rel, error = %e, "open file for snapshot"),
                 }
-                files += 1;
             }
         }
-        // Reverse so the stack pops directories in name order.
-        stack.extend(subdirs.into_iter().rev());
+    }
+}
+
+/// Walks the tree and sends it. The outer error is an I/O error on the root (fatal). Upcoming
+/// files are opened and requested from the disk while earlier ones are read and sent, so the
+/// disk always has several reads in flight.
+fn walk(root: &std::path::Path, filter: &Filter, tx: &mpsc::Sender<Change>) -> std::io::Result<Result<u64, Closed>> {
+    let mut walker =
+        Walker { root, filter, stack: vec![None], children: Vec::new().into_iter(), subdirs: Vec::new(), first: true };
+    let mut files = 0u64;
+    let mut ahead: VecDeque<Item> = VecDeque::new();
+    let mut ahead_bytes = 0u64;
+    let mut done = false;
+    loop {
+        while !done && ahead_bytes < LOOKAHEAD_BYTES && ahead.len() < LOOKAHEAD_ITEMS {
+            match walker.next()? {
+                Some(item) => {
+                    if let Item::File { meta, .. } = &item {
+                        ahead_bytes += meta.len().min(content::READ_AHEAD);
+                    }
+                    ahead.push_back(item);
+                }
+                None => done = true,
+            }
+        }
+        let Some(item) = ahead.pop_front() else { break };
+        let sent = match item {
+            Item::Dir { rel, mode } => send(tx, FsOp::Mkdir { path: rel, mode }),
+            Item::Symlink { rel, target } => send(tx, FsOp::Symlink { path: rel, target }),
+            Item::File { rel, mut file, meta } => {
+                ahead_bytes -= meta.len().min(content::READ_AHEAD);
+                files += 1;
+                content::read_file(&rel, &mut file, &meta, Plan::Full, false, &mut |w| send(tx, FsOp::Write(w)))
+                    .map(|_| ())
+            }
+        };
+        if sent.is_err() {
+            return Ok(Err(Closed));
+        }
     }
     Ok(Ok(files))
 }
