@@ -235,7 +235,9 @@ impl Session {
             }
             let pos = Position { journal_id: self.journal_id, seq: t.applied };
             match t.applier().prepare_commit(pos) {
-                Ok(f) => fns.push((source.clone(), t.applied, f)),
+                Ok(Some(f)) => fns.push((source.clone(), t.applied, f)),
+                // Mid-transaction: stays dirty, committed with a later round.
+                Ok(None) => continue,
                 Err(e) => {
                     let mut st = t.target.status();
                     st.apply_errors += 1;
@@ -403,6 +405,21 @@ impl ReplicationService {
                     }
                 }
             }
+            // Whatever a previous session applied without committing is discarded; it is sent
+            // again from the committed position.
+            let mut applier = guard.take().expect("opened above");
+            let (applier, started) = tokio::task::spawn_blocking(move || {
+                let r = applier.session_start();
+                (applier, r)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+            if let Err(e) = started {
+                // Dropped: the next session opens it afresh.
+                t.status().last_error = Some(e.to_string());
+                return Err(Status::unavailable(format!("target for source {name}: {e}; retry")));
+            }
+            *guard = Some(applier);
             let pos = guard.as_ref().and_then(|a| a.position()).filter(|p| p.journal_id == journal_id).map(|p| p.seq);
             {
                 let mut st = t.status();

@@ -62,10 +62,23 @@ pub trait Applier: Send + 'static {
     /// returns the slow, durable half (flush, then record `pos`), which the session runs while
     /// the next changes are applied — so a slow disk delays acknowledgements, not visibility.
     /// The session runs the commits of one applier one at a time, in order.
-    fn prepare_commit(&mut self, pos: Position) -> Result<CommitFn, ApplyError>;
-    /// Makes everything applied so far durable, then records `pos` durably.
-    fn commit(&mut self, pos: Position) -> Result<(), ApplyError> {
-        (self.prepare_commit(pos)?)()
+    ///
+    /// `Ok(None)`: nothing can be committed at this point (the last change applied is the
+    /// middle of a source transaction); the session tries again after the next changes.
+    fn prepare_commit(&mut self, pos: Position) -> Result<Option<CommitFn>, ApplyError>;
+    /// Makes everything applied so far durable, then records `pos` durably. Returns whether it
+    /// could (see [`prepare_commit`](Self::prepare_commit)).
+    fn commit(&mut self, pos: Position) -> Result<bool, ApplyError> {
+        match self.prepare_commit(pos)? {
+            Some(f) => f().map(|()| true),
+            None => Ok(false),
+        }
+    }
+    /// A new session is about to stream to this applier: discard whatever was applied but not
+    /// committed by the previous one (it will be sent again from the committed position), and
+    /// reconnect to the standby if needed. Blocking.
+    fn session_start(&mut self) -> Result<(), ApplyError> {
+        Ok(())
     }
 }
 

@@ -384,14 +384,14 @@ impl Applier for FsApplier {
         std::mem::take(&mut self.deferred)
     }
 
-    fn prepare_commit(&mut self, pos: Position) -> Result<CommitFn, ApplyError> {
+    fn prepare_commit(&mut self, pos: Position) -> Result<Option<CommitFn>, ApplyError> {
         self.settle()?;
         let root = self.root.clone();
         let position_file = self.position_file.clone();
         let committed = self.committed.clone();
         // Nothing applied since the last commit: only the position moves, no flush needed.
         let flush = std::mem::take(&mut self.unflushed);
-        Ok(Box::new(move || {
+        Ok(Some(Box::new(move || {
             // See the module docs: flush everything applied, then record the position. A
             // syncfs that also catches changes applied after `prepare_commit` is harmless.
             if flush {
@@ -408,7 +408,7 @@ impl Applier for FsApplier {
                 .map_err(io_err(format!("write position file {}", position_file.display())))?;
             *committed.lock().unwrap_or_else(|e| e.into_inner()) = Some(pos);
             Ok(())
-        }))
+        })))
     }
 }
 
