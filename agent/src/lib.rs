@@ -72,6 +72,11 @@ fn build_source(
             let snap = s.snapshotter();
             Ok((Box::new(s), snap))
         }
+        SourceKind::Postgres => {
+            let s = source::pg::PgSource::new(cfg)?;
+            let snap = s.snapshotter();
+            Ok((Box::new(s), snap))
+        }
         other => anyhow::bail!(
             "source {:?}: kind {other} is not supported by this build yet; remove it from the config",
             cfg.name

@@ -96,20 +96,50 @@ impl JournalHandle {
         if records.is_empty() {
             return Ok(Vec::new());
         }
+        let mut ticket = self.submit(records).await?;
+        ticket.durable().await
+    }
+
+    /// Hands `records` to the journal writer, which assigns their sequence numbers in the
+    /// order of `submit` calls; the ticket resolves once they are durable. Lets a source keep
+    /// reading while earlier records are being flushed.
+    pub async fn submit(&self, records: Vec<NewRecord>) -> Result<AppendTicket, JournalError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(AppendRequest { records, reply }).await.map_err(|_| JournalError::Closed)?;
-        match rx.await {
-            Ok(Ok(m)) => Ok(m),
-            Ok(Err(msg)) => {
-                Err(JournalError::Storage { path: msg, source: sled::Error::Unsupported("append failed".into()) })
-            }
-            Err(_) => Err(JournalError::Closed),
-        }
+        Ok(AppendTicket(rx))
     }
 
     /// Follows the durable end of the journal.
     pub fn durable(&self) -> watch::Receiver<Seq> {
         self.durable.clone()
+    }
+}
+
+/// Records submitted to the journal (see [`JournalHandle::submit`]).
+pub struct AppendTicket(oneshot::Receiver<Result<Vec<RecordMeta>, String>>);
+
+impl AppendTicket {
+    /// Waits until the records are durable; returns their metadata. Call once.
+    pub async fn durable(&mut self) -> Result<Vec<RecordMeta>, JournalError> {
+        Self::outcome((&mut self.0).await.map_err(|_| ()))
+    }
+
+    /// The outcome if the records are durable (or failed) already.
+    pub fn try_durable(&mut self) -> Option<Result<Vec<RecordMeta>, JournalError>> {
+        match self.0.try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            r => Some(Self::outcome(r.map_err(|_| ()))),
+        }
+    }
+
+    fn outcome(r: Result<Result<Vec<RecordMeta>, String>, ()>) -> Result<Vec<RecordMeta>, JournalError> {
+        match r {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(msg)) => {
+                Err(JournalError::Storage { path: msg, source: sled::Error::Unsupported("append failed".into()) })
+            }
+            Err(()) => Err(JournalError::Closed),
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! and accepts repair requests for single items a receiver could not reproduce.
 
 pub mod fs;
+pub mod pg;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

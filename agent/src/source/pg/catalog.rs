@@ -1,0 +1,344 @@
+//! The control connection: preflight checks, publication and slot setup, type names, and the
+//! slot's health.
+
+use std::collections::HashMap;
+
+use lockstep_common::proto;
+use tokio_postgres::{Client, NoTls};
+
+use super::pgoutput;
+use super::{ident, Shared};
+use crate::source::SourceError;
+
+/// Why the source cannot run right now.
+pub(crate) enum Refusal {
+    /// The server is misconfigured for us; retrying will not help until an operator acts.
+    Fatal(SourceError),
+    /// Probably transient (server down, slot still held by our own previous session).
+    Retry(SourceError),
+}
+
+/// Opens a plain SQL connection; the connection task runs until the client is dropped.
+pub(crate) async fn connect(shared: &Shared) -> Result<Client, SourceError> {
+    let (client, conn) = shared.conn.pg.connect(NoTls).await.map_err(|e| {
+        shared.err(format!("cannot connect to PostgreSQL at {} as {}: {e}", shared.conn.server(), shared.conn.user))
+    })?;
+    let name = shared.name.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(source = %name, error = %e, "control connection ended");
+        }
+    });
+    Ok(client)
+}
+
+fn sql_err<'a>(shared: &'a Shared, what: &str) -> impl Fn(tokio_postgres::Error) -> SourceError + 'a {
+    let what = what.to_string();
+    move |e| shared.err(format!("{what} on {}: {}", shared.conn.server(), db_message(&e)))
+}
+
+/// The server's message for an error (tokio-postgres' Display of a DbError is just "db error").
+pub(crate) fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+/// The slot as the server sees it.
+pub(crate) struct SlotInfo {
+    pub confirmed_flush: u64,
+}
+
+/// Checks everything logical replication needs, creating the publication (FOR ALL TABLES) and
+/// the slot when missing. Returns the slot's state.
+pub(crate) async fn preflight(shared: &Shared, client: &Client) -> Result<SlotInfo, Refusal> {
+    let fatal = |p: String| Refusal::Fatal(shared.err(p));
+    let retry = |e: SourceError| Refusal::Retry(e);
+    let server = shared.conn.server();
+
+    let wal_level: String =
+        client.query_one("SHOW wal_level", &[]).await.map_err(|e| retry(sql_err(shared, "SHOW wal_level")(e)))?.get(0);
+    if wal_level != "logical" {
+        return Err(fatal(format!(
+            "wal_level is {wal_level:?} on {server}; logical replication needs wal_level = logical: set it in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"
+        )));
+    }
+    let row = client
+        .query_one("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await
+        .map_err(|e| retry(sql_err(shared, "read role")(e)))?;
+    if !row.get::<_, bool>(0) {
+        let user = &shared.conn.user;
+        return Err(fatal(format!(
+            "role {user:?} lacks the REPLICATION attribute on {server}; run ALTER ROLE {} REPLICATION as a superuser",
+            ident(user)
+        )));
+    }
+
+    // The publication: created FOR ALL TABLES when missing; an existing one must cover every table.
+    let pubname = &shared.publication;
+    let all = client
+        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[pubname])
+        .await
+        .map_err(|e| retry(sql_err(shared, "read publications")(e)))?;
+    match all {
+        None => {
+            client
+                .batch_execute(&format!("CREATE PUBLICATION {} FOR ALL TABLES", ident(pubname)))
+                .await
+                .map_err(|e| fatal(format!("create publication {pubname:?} on {server}: {} (create it yourself: CREATE PUBLICATION {} FOR ALL TABLES)", db_message(&e), ident(pubname))))?;
+            tracing::info!(source = %shared.name, publication = %pubname, "created publication FOR ALL TABLES");
+        }
+        Some(row) if row.get::<_, bool>(0) => {}
+        Some(_) => {
+            let missing = client
+                .query(
+                    "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+                       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'lockstep') AND n.nspname NOT LIKE 'pg\\_%'
+                       AND NOT EXISTS (SELECT 1 FROM pg_publication_tables p
+                                       WHERE p.pubname = $1 AND p.schemaname = n.nspname AND p.tablename = c.relname)
+                     ORDER BY 1",
+                    &[pubname],
+                )
+                .await
+                .map_err(|e| retry(sql_err(shared, "read publication tables")(e)))?;
+            if !missing.is_empty() {
+                let names: Vec<String> = missing.iter().map(|r| r.get(0)).collect();
+                return Err(fatal(format!(
+                    "publication {pubname:?} on {server} does not include table(s) {}; their changes would not be replicated. Run ALTER PUBLICATION {} ADD TABLE {} (or recreate it FOR ALL TABLES)",
+                    names.join(", "),
+                    ident(pubname),
+                    names.join(", ")
+                )));
+            }
+        }
+    }
+
+    // The slot.
+    let slot = &shared.slot;
+    let row = client
+        .query_opt(
+            "SELECT plugin, slot_type, database, active, active_pid, wal_status, confirmed_flush_lsn::text
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[slot],
+        )
+        .await
+        .map_err(|e| retry(sql_err(shared, "read replication slots")(e)))?;
+    let Some(row) = row else {
+        let r = client
+            .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[slot])
+            .await
+            .map_err(|e| fatal(format!("create replication slot {slot:?} on {server}: {}", db_message(&e))))?;
+        let lsn: String = r.get(0);
+        tracing::info!(source = %shared.name, slot = %slot, lsn = %lsn, "created logical replication slot");
+        return Ok(SlotInfo { confirmed_flush: parse_lsn(&lsn).unwrap_or(0) });
+    };
+    let plugin: Option<String> = row.get(0);
+    let slot_type: String = row.get(1);
+    let database: Option<String> = row.get(2);
+    let active: bool = row.get(3);
+    let pid: Option<i32> = row.get(4);
+    let wal_status: Option<String> = row.get(5);
+    let confirmed: Option<String> = row.get(6);
+    if slot_type != "logical" || plugin.as_deref() != Some("pgoutput") {
+        return Err(fatal(format!(
+            "slot {slot:?} on {server} is a {slot_type} slot with plugin {plugin:?}, not a logical pgoutput slot; configure another slot name"
+        )));
+    }
+    if database.as_deref() != Some(shared.conn.dbname.as_str()) {
+        return Err(fatal(format!(
+            "slot {slot:?} on {server} belongs to database {database:?}, not {:?}; configure another slot name",
+            shared.conn.dbname
+        )));
+    }
+    if wal_status.as_deref() == Some("lost") {
+        return Err(fatal(format!(
+            "slot {slot:?} on {server} was invalidated: PostgreSQL removed WAL it still needed (max_slot_wal_keep_size), so changes were lost upstream. Standbys must be reseeded: drop the slot (SELECT pg_drop_replication_slot('{slot}')), move the agent's data_dir aside and restart the agent"
+        )));
+    }
+    if active {
+        return Err(Refusal::Retry(shared.err(format!(
+            "slot {slot:?} on {server} is in use by another session (pid {}); stop that consumer or configure another slot name",
+            pid.map_or("?".to_string(), |p| p.to_string())
+        ))));
+    }
+    Ok(SlotInfo { confirmed_flush: confirmed.as_deref().and_then(parse_lsn).unwrap_or(0) })
+}
+
+/// Parses PostgreSQL's `X/Y` LSN text.
+pub(crate) fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// Bytes of WAL the slot holds back, and its `wal_status`.
+pub(crate) async fn retained_wal(shared: &Shared, client: &Client) -> Result<Option<(i64, String)>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint, COALESCE(wal_status, '')
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&shared.slot],
+        )
+        .await
+        .map_err(sql_err(shared, "read slot"))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// Resolves type OIDs (with modifiers) to SQL type names, caching them.
+#[derive(Default)]
+pub(crate) struct TypeNames {
+    cache: HashMap<(u32, i32), String>,
+}
+
+impl TypeNames {
+    pub async fn name(
+        &mut self,
+        shared: &Shared,
+        client: &Client,
+        oid: u32,
+        typmod: i32,
+    ) -> Result<String, SourceError> {
+        if let Some(n) = self.cache.get(&(oid, typmod)) {
+            return Ok(n.clone());
+        }
+        let row = client
+            .query_one("SELECT format_type($1::oid, $2::int4)", &[&oid, &typmod])
+            .await
+            .map_err(sql_err(shared, "look up a column type"))?;
+        let n: String = row.get(0);
+        self.cache.insert((oid, typmod), n.clone());
+        Ok(n)
+    }
+
+    /// The protocol form of a relation from the stream (no catalog extras).
+    pub async fn relation(
+        &mut self,
+        shared: &Shared,
+        client: &Client,
+        r: &pgoutput::Relation,
+    ) -> Result<proto::PgRelation, SourceError> {
+        let mut columns = Vec::with_capacity(r.columns.len());
+        for c in &r.columns {
+            columns.push(proto::PgColumn {
+                name: c.name.clone(),
+                type_name: self.name(shared, client, c.type_oid, c.type_mod).await?,
+                type_oid: c.type_oid,
+                type_mod: c.type_mod,
+                key: c.key,
+                not_null: false,
+                default_expr: String::new(),
+            });
+        }
+        Ok(proto::PgRelation {
+            id: r.id,
+            schema: if r.namespace.is_empty() { "pg_catalog".into() } else { r.namespace.clone() },
+            name: r.name.clone(),
+            columns,
+            replica_identity: (r.replica_identity as char).to_string(),
+            primary_key: Vec::new(),
+        })
+    }
+}
+
+/// A published table as the snapshot copies it: its definition from the catalog.
+pub(crate) async fn table_relation(
+    shared: &Shared,
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<proto::PgRelation, SourceError> {
+    let rel = client
+        .query_one(
+            "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(sql_err(shared, "read table"))?;
+    let oid: u32 = rel.get(0);
+    let ident_kind: String = rel.get(1);
+    // Columns in attnum order (as COPY writes them); generated columns are neither copied nor
+    // published.
+    let cols = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid, a.atttypmod, a.attnotnull,
+                    COALESCE(pg_get_expr(d.adbin, d.adrelid), ''),
+                    COALESCE((SELECT true FROM pg_index i WHERE i.indrelid = a.attrelid
+                              AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))
+                              AND a.attnum = ANY(i.indkey)), c.relreplident = 'f')
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+             LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+             ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(sql_err(shared, "read columns"))?;
+    let columns = cols
+        .iter()
+        .map(|r| {
+            let default: String = r.get(5);
+            proto::PgColumn {
+                name: r.get(0),
+                type_name: r.get(1),
+                type_oid: r.get(2),
+                type_mod: r.get(3),
+                not_null: r.get(4),
+                default_expr: if safe_default(&default) { default } else { String::new() },
+                key: r.get(6),
+            }
+        })
+        .collect();
+    let pk = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i
+             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
+            &[&oid],
+        )
+        .await
+        .map_err(sql_err(shared, "read primary key"))?;
+    Ok(proto::PgRelation {
+        id: oid,
+        schema: schema.to_string(),
+        name: table.to_string(),
+        columns,
+        replica_identity: ident_kind,
+        primary_key: pk.iter().map(|r| r.get(0)).collect(),
+    })
+}
+
+/// A default the standby can evaluate on its own: constants and built-in functions, not
+/// sequences (which the standby may lack) or user functions.
+fn safe_default(expr: &str) -> bool {
+    if expr.is_empty() || expr.contains("nextval(") {
+        return false;
+    }
+    // Schema-qualified calls are user functions (built-ins print unqualified).
+    !expr.contains('.') || expr.starts_with('\'')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text() {
+        assert_eq!(parse_lsn("0/16B3748"), Some(0x16B3748));
+        assert_eq!(parse_lsn("1/0"), Some(1 << 32));
+        assert_eq!(parse_lsn("x"), None);
+    }
+
+    #[test]
+    fn defaults() {
+        assert!(safe_default("0"));
+        assert!(safe_default("'x'::text"));
+        assert!(safe_default("now()"));
+        assert!(!safe_default("nextval('t_id_seq'::regclass)"));
+        assert!(!safe_default("app.make_id()"));
+        assert!(!safe_default(""));
+    }
+}

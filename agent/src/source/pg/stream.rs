@@ -1,0 +1,506 @@
+//! The postgres source task: slot → pgoutput → one journal event per committed transaction.
+//!
+//! pgoutput (protocol 1) sends a transaction only once it has committed, as Begin, its row
+//! changes, Commit. Each transaction becomes one `PgTransaction` event; one larger than
+//! [`CHUNK_BYTES`] is journaled in chunks as it arrives, so it is never held whole in memory
+//! (the receiver applies all chunks in one target transaction). Events are submitted to the
+//! journal in order without waiting for each flush; once a transaction's events are durable,
+//! the slot's flush position moves to its end LSN — never earlier.
+//!
+//! After a crash the slot re-sends from its confirmed position (at-least-once). The source
+//! skips transactions whose commit LSN is below the end LSN it last journaled (kept in the
+//! agent's sled database), and the receiver deduplicates on commit LSN as well.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use lockstep_common::event::Change;
+use lockstep_common::proto::{self, pg_op::Op};
+use lockstep_common::{now_us, retry};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use tokio_postgres::Client;
+use tracing::{debug, error, info, warn};
+
+use super::catalog::{self, Refusal, TypeNames};
+use super::pgoutput::{self, OldKind, PgOutput, Tuple, Value};
+use super::Shared;
+use crate::journal::{AppendTicket, JournalHandle, NewRecord};
+use crate::source::{SourceContext, SourceError, SourceState};
+
+/// Payload bytes after which an open transaction is journaled as a chunk.
+const CHUNK_BYTES: usize = 4 << 20;
+/// Journal submissions awaiting their flush before reading pauses.
+const MAX_IN_FLIGHT: usize = 256;
+/// How often the slot's retained WAL is checked.
+const SLOT_CHECK: Duration = Duration::from_secs(10);
+/// Retained WAL above which a warning is logged.
+const RETAINED_WAL_WARN: i64 = 1 << 30;
+/// How long a slot held by another session is waited for before giving up (after a kill -9
+/// the server may not yet have noticed that our previous session is gone).
+const SLOT_BUSY_PATIENCE: Duration = Duration::from_secs(60);
+
+pub(crate) const RETAINED_WAL_METRIC: &str = "lockstep_pg_slot_retained_wal_bytes";
+
+pub(crate) async fn run(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), SourceError> {
+    let tree = ctx
+        .db
+        .open_tree(format!("pg/{}", shared.name))
+        .map_err(|error| SourceError::Index { source_name: shared.name.to_string(), error })?;
+    let mut backoff = retry::reconnect();
+    let mut busy_since: Option<std::time::Instant> = None;
+    loop {
+        if ctx.cancel.is_cancelled() {
+            return Ok(());
+        }
+        let r = tokio::select! {
+            r = session(&shared, &ctx, &tree) => r,
+            _ = ctx.cancel.cancelled() => return Ok(()),
+        };
+        match r {
+            Ok(()) => return Ok(()),
+            Err(Refusal::Fatal(e)) => {
+                error!(source = %shared.name, error = %e, "postgres source cannot run");
+                ctx.status.set_state(SourceState::Error, Some(e.to_string()));
+                return Err(e);
+            }
+            Err(Refusal::Retry(e)) => {
+                let msg = e.to_string();
+                if msg.contains("is in use by another session") {
+                    let since = *busy_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > SLOT_BUSY_PATIENCE {
+                        ctx.status.set_state(SourceState::Error, Some(msg));
+                        return Err(e);
+                    }
+                } else {
+                    busy_since = None;
+                }
+                ctx.status.set_state(SourceState::Error, Some(msg.clone()));
+                let delay = retry::next_delay(&mut backoff);
+                warn!(source = %shared.name, error = %msg, retry_in = ?delay, "postgres source interrupted; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctx.cancel.cancelled() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+const LAST_END_KEY: &[u8] = b"last_end_lsn";
+
+/// One replication session: preflight, then stream until an error or cancellation.
+async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Result<(), Refusal> {
+    let client = catalog::connect(shared).await.map_err(Refusal::Retry)?;
+    let slot = catalog::preflight(shared, &client).await?;
+    shared.slot_ready.send_replace(true);
+
+    let last_end = tree
+        .get(LAST_END_KEY)
+        .ok()
+        .flatten()
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0);
+    // Resume past what the journal already holds; the slot's own position when that is later.
+    let start = last_end.max(slot.confirmed_flush);
+    let cfg = shared
+        .conn
+        .replication(&shared.slot, &shared.publication)
+        .with_start_lsn(Lsn::from_u64(start))
+        .with_status_interval(Duration::from_millis(500))
+        .with_wakeup_interval(Duration::from_secs(5));
+    let mut repl = ReplicationClient::connect(cfg)
+        .await
+        .map_err(|e| Refusal::Retry(shared.err(format!("open replication stream on {}: {e}", shared.conn.server()))))?;
+    repl.wait_started().await.map_err(|e| {
+        let msg = e.to_string();
+        let err = shared.err(format!("start replication from slot {:?}: {msg}", shared.slot));
+        if msg.contains("is active for PID") {
+            Refusal::Retry(shared.err(format!(
+                "slot {:?} on {} is in use by another session; stop that consumer or configure another slot name ({msg})",
+                shared.slot,
+                shared.conn.server()
+            )))
+        } else {
+            Refusal::Retry(err)
+        }
+    })?;
+    info!(source = %shared.name, slot = %shared.slot, from = %Lsn::from_u64(start), "streaming from replication slot");
+    ctx.status.set_state(SourceState::Streaming, None);
+
+    let mut s = Streamer {
+        shared,
+        client: &client,
+        journal: &ctx.journal,
+        tree,
+        status: ctx,
+        types: TypeNames::default(),
+        relations: HashMap::new(),
+        txn: None,
+        in_flight: VecDeque::new(),
+        last_end,
+        confirmed: start,
+        durable_end: start,
+    };
+    let mut slot_check = tokio::time::interval(SLOT_CHECK);
+    loop {
+        // Settle flushed submissions first so the slot advances promptly.
+        while let Some(r) = s.in_flight.front_mut().and_then(|f| f.ticket.try_durable()) {
+            s.settle(r)?;
+        }
+        if s.in_flight.len() >= MAX_IN_FLIGHT {
+            let r = s.in_flight.front_mut().expect("non-empty").ticket.durable().await;
+            s.settle(r)?;
+            continue;
+        }
+        s.confirm(&repl);
+        tokio::select! {
+            biased;
+            r = async {
+                match s.in_flight.front_mut() {
+                    Some(f) => f.ticket.durable().await,
+                    None => std::future::pending().await,
+                }
+            } => s.settle(r)?,
+            ev = repl.recv() => {
+                let ev = match ev {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => return Err(Refusal::Retry(shared.err("replication stream ended"))),
+                    Err(e) => return Err(Refusal::Retry(shared.err(format!("replication stream on {}: {e}", shared.conn.server())))),
+                };
+                s.event(ev, &repl).await?;
+            }
+            _ = slot_check.tick() => {
+                match catalog::retained_wal(shared, &client).await {
+                    Ok(Some((bytes, wal_status))) => {
+                        metrics::gauge!(RETAINED_WAL_METRIC, "source" => shared.name.to_string()).set(bytes as f64);
+                        if wal_status == "lost" {
+                            return Err(Refusal::Fatal(shared.err(format!(
+                                "slot {:?} was invalidated while streaming: PostgreSQL removed WAL it still needed (max_slot_wal_keep_size); changes were lost upstream and standbys must be reseeded",
+                                shared.slot
+                            ))));
+                        }
+                        if bytes > RETAINED_WAL_WARN {
+                            warn!(source = %shared.name, slot = %shared.slot, retained_bytes = bytes, "replication slot holds back more than 1 GiB of WAL; is the agent keeping up?");
+                        }
+                    }
+                    Ok(None) => {
+                        return Err(Refusal::Fatal(shared.err(format!(
+                            "slot {:?} disappeared from {} while streaming (dropped by someone?); changes may be lost and standbys must be reseeded",
+                            shared.slot,
+                            shared.conn.server()
+                        ))))
+                    }
+                    Err(e) => return Err(Refusal::Retry(e)),
+                }
+            }
+        }
+    }
+}
+
+/// A transaction being read.
+struct Txn {
+    commit_lsn: u64,
+    xid: u32,
+    commit_time_us: i64,
+    /// Already journaled (commit LSN below what the journal holds): read and dropped.
+    skip: bool,
+    chunk: u32,
+    ops: Vec<proto::PgOp>,
+    bytes: usize,
+    /// Relations described in the current chunk.
+    described: HashSet<u32>,
+}
+
+/// A journal submission, and the end LSN it completes (0 for a non-final chunk).
+struct InFlight {
+    ticket: AppendTicket,
+    end_lsn: u64,
+}
+
+struct Streamer<'a> {
+    shared: &'a Shared,
+    client: &'a Client,
+    journal: &'a JournalHandle,
+    tree: &'a sled::Tree,
+    status: &'a SourceContext,
+    types: TypeNames,
+    /// Relations as last described by the stream (pgoutput sends each before first use).
+    relations: HashMap<u32, proto::PgRelation>,
+    txn: Option<Txn>,
+    in_flight: VecDeque<InFlight>,
+    /// End LSN of the last transaction submitted to the journal.
+    last_end: u64,
+    /// Highest LSN reported to the slot as flushed.
+    confirmed: u64,
+    /// End LSN of the last transaction known durable in the journal.
+    durable_end: u64,
+}
+
+impl Streamer<'_> {
+    async fn event(&mut self, ev: ReplicationEvent, repl: &ReplicationClient) -> Result<(), Refusal> {
+        match ev {
+            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                if self.txn.is_some() {
+                    return Err(Refusal::Retry(self.shared.err("protocol: Begin inside a transaction")));
+                }
+                let commit_lsn = final_lsn.as_u64();
+                self.txn = Some(Txn {
+                    commit_lsn,
+                    xid,
+                    commit_time_us: pgoutput::pg_time_to_unix_us(commit_time_micros),
+                    skip: commit_lsn < self.last_end,
+                    chunk: 0,
+                    ops: Vec::new(),
+                    bytes: 0,
+                    described: HashSet::new(),
+                });
+            }
+            ReplicationEvent::XLogData { data, .. } => self.change(&data).await?,
+            ReplicationEvent::Message { transactional, lsn, prefix, content } => {
+                let op = proto::PgOp {
+                    op: Some(Op::Message(proto::PgMessage { transactional, prefix, content, lsn: lsn.as_u64() })),
+                };
+                match (&mut self.txn, transactional) {
+                    (Some(t), true) => {
+                        t.bytes += 64;
+                        t.ops.push(op);
+                    }
+                    _ => {
+                        // Outside any transaction: an event of its own, ordered by its LSN.
+                        let lsn = lsn.as_u64();
+                        if lsn >= self.last_end {
+                            let ev = proto::PgTransaction {
+                                commit_lsn: lsn,
+                                end_lsn: lsn + 1,
+                                commit_time_us: now_us(),
+                                xid: 0,
+                                chunk: 0,
+                                last: true,
+                                ops: vec![op],
+                            };
+                            self.submit(ev, lsn + 1).await?;
+                        }
+                    }
+                }
+            }
+            ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
+                let Some(mut t) = self.txn.take() else {
+                    return Err(Refusal::Retry(self.shared.err("protocol: Commit outside a transaction")));
+                };
+                if t.skip {
+                    debug!(source = %self.shared.name, lsn = %lsn, "transaction already journaled; skipped");
+                    return Ok(());
+                }
+                let ev = proto::PgTransaction {
+                    commit_lsn: lsn.as_u64(),
+                    end_lsn: end_lsn.as_u64(),
+                    commit_time_us: pgoutput::pg_time_to_unix_us(commit_time_micros).max(t.commit_time_us),
+                    xid: t.xid,
+                    chunk: t.chunk,
+                    last: true,
+                    ops: std::mem::take(&mut t.ops),
+                };
+                self.submit(ev, end_lsn.as_u64()).await?;
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Nothing open and everything durable: the slot may move to the server's
+                // position, or writes to unpublished tables would pin WAL forever.
+                if self.txn.is_none() && self.in_flight.is_empty() && wal_end.as_u64() > self.durable_end {
+                    self.durable_end = wal_end.as_u64();
+                    self.confirm(repl);
+                }
+            }
+            ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// One pgoutput change message inside a transaction.
+    async fn change(&mut self, data: &Bytes) -> Result<(), Refusal> {
+        let msg = pgoutput::decode(data)
+            .map_err(|e| Refusal::Retry(self.shared.err(format!("undecodable pgoutput message: {e}"))))?;
+        let rel_of = |m: &PgOutput| -> Vec<u32> {
+            match m {
+                PgOutput::Insert { rel, .. } | PgOutput::Update { rel, .. } | PgOutput::Delete { rel, .. } => {
+                    vec![*rel]
+                }
+                PgOutput::Truncate { rels, .. } => rels.clone(),
+                _ => Vec::new(),
+            }
+        };
+        match &msg {
+            PgOutput::Relation(r) => {
+                let rel = self.types.relation(self.shared, self.client, r).await.map_err(Refusal::Retry)?;
+                self.relations.insert(r.id, rel);
+                // Re-described in this chunk with its new shape (e.g. after ADD COLUMN).
+                if let Some(t) = &mut self.txn {
+                    t.described.remove(&r.id);
+                }
+                return Ok(());
+            }
+            PgOutput::Type { .. } | PgOutput::Origin { .. } => return Ok(()),
+            PgOutput::Begin { .. } | PgOutput::Commit { .. } | PgOutput::Message { .. } => {
+                return Err(Refusal::Retry(self.shared.err("protocol: unexpected boundary message in XLogData")))
+            }
+            _ => {}
+        }
+        let Some(t) = &mut self.txn else {
+            return Err(Refusal::Retry(self.shared.err("protocol: row change outside a transaction")));
+        };
+        if t.skip {
+            return Ok(());
+        }
+        for id in rel_of(&msg) {
+            if t.described.insert(id) {
+                let rel = self.relations.get(&id).ok_or_else(|| {
+                    Refusal::Retry(self.shared.err(format!("protocol: change for undescribed relation {id}")))
+                })?;
+                t.bytes += 64 + rel.columns.len() * 32;
+                t.ops.push(proto::PgOp { op: Some(Op::Relation(rel.clone())) });
+            }
+        }
+        let bad = |e: pgoutput::DecodeError| Refusal::Retry(self.shared.err(format!("pgoutput: {e}")));
+        match msg {
+            PgOutput::Insert { rel, new } => {
+                if let Some(proto::PgOp { op: Some(Op::Insert(ins)) }) = t.ops.last_mut() {
+                    if ins.rel == rel {
+                        let mut rows =
+                            std::mem::take(&mut ins.rows).try_into_mut().unwrap_or_else(|b| b.as_ref().into());
+                        let before = rows.len();
+                        let mut line = Vec::new();
+                        pgoutput::copy_line(&new, &mut line).map_err(bad)?;
+                        rows.extend_from_slice(&line);
+                        t.bytes += rows.len() - before;
+                        ins.rows = rows.freeze();
+                        ins.count += 1;
+                        return self.maybe_chunk().await;
+                    }
+                }
+                let mut line = Vec::new();
+                pgoutput::copy_line(&new, &mut line).map_err(bad)?;
+                t.bytes += line.len() + 16;
+                t.ops.push(proto::PgOp { op: Some(Op::Insert(proto::PgInsert { rel, rows: line.into(), count: 1 })) });
+            }
+            PgOutput::Update { rel, old, new } => {
+                let (old, old_is_key) = match old {
+                    Some((kind, tuple)) => (Some(tuple_proto(tuple)), kind == OldKind::Key),
+                    None => (None, false),
+                };
+                let new = tuple_proto(new);
+                t.bytes += tuple_bytes(&new) + old.as_ref().map_or(0, tuple_bytes) + 16;
+                t.ops.push(proto::PgOp {
+                    op: Some(Op::Update(proto::PgUpdate { rel, old, old_is_key, new: Some(new) })),
+                });
+            }
+            PgOutput::Delete { rel, old: (kind, tuple) } => {
+                let old = tuple_proto(tuple);
+                t.bytes += tuple_bytes(&old) + 16;
+                t.ops.push(proto::PgOp {
+                    op: Some(Op::Delete(proto::PgDelete { rel, old: Some(old), old_is_key: kind == OldKind::Key })),
+                });
+            }
+            PgOutput::Truncate { rels, cascade, restart_identity } => {
+                t.bytes += 16 + rels.len() * 4;
+                t.ops.push(proto::PgOp {
+                    op: Some(Op::Truncate(proto::PgTruncate { rels, cascade, restart_identity })),
+                });
+            }
+            _ => {}
+        }
+        self.maybe_chunk().await
+    }
+
+    /// Journals the open transaction's ops as a chunk once they are large.
+    async fn maybe_chunk(&mut self) -> Result<(), Refusal> {
+        let Some(t) = &mut self.txn else { return Ok(()) };
+        if t.bytes < CHUNK_BYTES {
+            return Ok(());
+        }
+        let ev = proto::PgTransaction {
+            commit_lsn: t.commit_lsn,
+            end_lsn: 0,
+            commit_time_us: t.commit_time_us,
+            xid: t.xid,
+            chunk: t.chunk,
+            last: false,
+            ops: std::mem::take(&mut t.ops),
+        };
+        t.chunk += 1;
+        t.bytes = 0;
+        t.described.clear();
+        self.submit(ev, 0).await
+    }
+
+    /// Hands one event to the journal; `end_lsn` (non-zero for a transaction's last event)
+    /// becomes the slot's flush position once it is durable.
+    async fn submit(&mut self, ev: proto::PgTransaction, end_lsn: u64) -> Result<(), Refusal> {
+        let payload = Change::Other(proto::change_event::Change::Pg(ev)).encode();
+        let ticket = self
+            .journal
+            .submit(vec![NewRecord { source: self.shared.name.clone(), captured_at_us: now_us(), payload }])
+            .await
+            .map_err(|e| Refusal::Fatal(SourceError::Journal(e, self.shared.name.to_string())))?;
+        if end_lsn > 0 {
+            self.last_end = end_lsn;
+        }
+        self.in_flight.push_back(InFlight { ticket, end_lsn });
+        Ok(())
+    }
+
+    /// Completes the oldest submission with its outcome: once durable, the slot may move
+    /// past it.
+    fn settle(
+        &mut self,
+        r: Result<Vec<crate::journal::RecordMeta>, crate::journal::JournalError>,
+    ) -> Result<(), Refusal> {
+        let f = self.in_flight.pop_front().expect("settling a submission in flight");
+        let metas = r.map_err(|e| Refusal::Fatal(SourceError::Journal(e, self.shared.name.to_string())))?;
+        if let Some(last) = metas.last() {
+            self.status.status.journaled(last.seq, metas.len() as u64);
+        }
+        if f.end_lsn > 0 {
+            // Durable with the journal's next flush; a stale value only means re-reading
+            // transactions the receiver then skips.
+            let _ = self.tree.insert(LAST_END_KEY, &f.end_lsn.to_be_bytes());
+            self.durable_end = self.durable_end.max(f.end_lsn);
+        }
+        Ok(())
+    }
+
+    /// Reports the durable position to the slot.
+    fn confirm(&mut self, repl: &ReplicationClient) {
+        if self.durable_end > self.confirmed {
+            self.confirmed = self.durable_end;
+            repl.update_applied_lsn(Lsn::from_u64(self.confirmed));
+        }
+    }
+}
+
+fn tuple_proto(t: Tuple) -> proto::PgTuple {
+    proto::PgTuple {
+        values: t
+            .0
+            .into_iter()
+            .map(|v| proto::PgValue {
+                value: Some(match v {
+                    Value::Null => proto::pg_value::Value::Null(true),
+                    Value::Unchanged => proto::pg_value::Value::Unchanged(true),
+                    Value::Text(b) | Value::Binary(b) => proto::pg_value::Value::Text(b),
+                }),
+            })
+            .collect(),
+    }
+}
+
+fn tuple_bytes(t: &proto::PgTuple) -> usize {
+    t.values
+        .iter()
+        .map(|v| match &v.value {
+            Some(proto::pg_value::Value::Text(b)) => b.len() + 4,
+            _ => 2,
+        })
+        .sum()
+}
