@@ -3,4 +3,5 @@
 
 mod fs_crash;
 mod fs_e2e;
+mod pg_harness;
 mod security;
