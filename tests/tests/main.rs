@@ -3,5 +3,6 @@
 
 mod fs_crash;
 mod fs_e2e;
+mod pg_e2e;
 mod pg_harness;
 mod security;

@@ -242,6 +242,102 @@ impl TypeNames {
     }
 }
 
+/// First OID of user-created objects; lower ones are built in.
+const FIRST_NORMAL_OID: u32 = 16384;
+
+/// Definitions of the user-defined types behind `oids` (enums and domains, with the types they
+/// build on first, element types of arrays included), skipping built-ins and `seen` ones.
+pub(crate) async fn type_defs(
+    shared: &Shared,
+    client: &Client,
+    oids: Vec<u32>,
+    seen: &mut std::collections::HashSet<u32>,
+) -> Result<Vec<proto::PgTypeDef>, SourceError> {
+    let mut out = Vec::new();
+    for oid in oids {
+        type_def(shared, client, oid, seen, &mut out).await?;
+    }
+    Ok(out)
+}
+
+fn type_def<'a>(
+    shared: &'a Shared,
+    client: &'a Client,
+    oid: u32,
+    seen: &'a mut std::collections::HashSet<u32>,
+    out: &'a mut Vec<proto::PgTypeDef>,
+) -> futures::future::BoxFuture<'a, Result<(), SourceError>> {
+    Box::pin(type_def_inner(shared, client, oid, seen, out))
+}
+
+async fn type_def_inner(
+    shared: &Shared,
+    client: &Client,
+    oid: u32,
+    seen: &mut std::collections::HashSet<u32>,
+    out: &mut Vec<proto::PgTypeDef>,
+) -> Result<(), SourceError> {
+    if oid < FIRST_NORMAL_OID || !seen.insert(oid) {
+        return Ok(());
+    }
+    let Some(t) = client
+        .query_opt(
+            "SELECT t.typtype::text, n.nspname::text, t.typname::text, t.typelem, t.typbasetype,
+                    format_type(t.typbasetype, t.typtypmod), t.typnotnull, t.typdefault
+             FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(sql_err(shared, "read a column type"))?
+    else {
+        return Ok(());
+    };
+    let kind: String = t.get(0);
+    let schema: String = t.get(1);
+    let name: String = t.get(2);
+    let elem: u32 = t.get(3);
+    let base: u32 = t.get(4);
+    let qualified = format!("{}.{}", ident(&schema), ident(&name));
+    let create_sql = match kind.as_str() {
+        "b" if elem != 0 => return type_def(shared, client, elem, seen, out).await,
+        "e" => {
+            let labels = client
+                .query("SELECT enumlabel::text FROM pg_enum WHERE enumtypid = $1 ORDER BY enumsortorder", &[&oid])
+                .await
+                .map_err(sql_err(shared, "read enum labels"))?;
+            let labels: Vec<String> = labels.iter().map(|r| super::literal(&r.get::<_, String>(0))).collect();
+            format!("CREATE TYPE {qualified} AS ENUM ({})", labels.join(", "))
+        }
+        "d" => {
+            type_def(shared, client, base, seen, out).await?;
+            let base_name: String = t.get(5);
+            let mut sql = format!("CREATE DOMAIN {qualified} AS {base_name}");
+            if let Some(d) = t.get::<_, Option<String>>(7) {
+                sql.push_str(&format!(" DEFAULT {d}"));
+            }
+            if t.get::<_, bool>(6) {
+                sql.push_str(" NOT NULL");
+            }
+            let checks = client
+                .query(
+                    "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint WHERE contypid = $1 AND contype = 'c' ORDER BY conname",
+                    &[&oid],
+                )
+                .await
+                .map_err(sql_err(shared, "read domain constraints"))?;
+            for c in checks {
+                sql.push_str(&format!(" CONSTRAINT {} {}", ident(&c.get::<_, String>(0)), c.get::<_, String>(1)));
+            }
+            sql
+        }
+        // Composite, range and base types from extensions are not recreated: the standby
+        // needs them installed (the receiver reports the missing type by name).
+        _ => return Ok(()),
+    };
+    out.push(proto::PgTypeDef { schema, name, create_sql });
+    Ok(())
+}
+
 /// A published table as the snapshot copies it: its definition from the catalog.
 pub(crate) async fn table_relation(
     shared: &Shared,

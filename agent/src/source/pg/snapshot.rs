@@ -91,7 +91,19 @@ async fn take(shared: &Shared, tx: &mpsc::Sender<Change>) -> Result<(), SourceEr
         let table: String = t.get(1);
         let rel = catalog::table_relation(shared, &client, &schema, &table).await?;
         let rel_id = rel.id;
-        let relation = || proto::PgOp { op: Some(Op::Relation(rel.clone())) };
+        let types = catalog::type_defs(
+            shared,
+            &client,
+            rel.columns.iter().map(|c| c.type_oid).collect(),
+            &mut Default::default(),
+        )
+        .await?;
+        let relation = || {
+            let mut ops: Vec<proto::PgOp> =
+                types.iter().map(|t| proto::PgOp { op: Some(Op::TypeDef(t.clone())) }).collect();
+            ops.push(proto::PgOp { op: Some(Op::Relation(rel.clone())) });
+            ops
+        };
         let cols: Vec<String> = rel.columns.iter().map(|c| ident(&c.name)).collect();
         let copy = format!("COPY {}.{} ({}) TO STDOUT", ident(&schema), ident(&table), cols.join(", "));
         let stream = client
@@ -116,7 +128,7 @@ async fn take(shared: &Shared, tx: &mpsc::Sender<Change>) -> Result<(), SourceEr
                     let rest = buf.split_off(cut);
                     let data = std::mem::replace(&mut buf, rest);
                     rows_total += data.iter().filter(|&&b| b == b'\n').count() as u64;
-                    let mut ops = vec![relation()];
+                    let mut ops = relation();
                     if !data.is_empty() {
                         ops.push(proto::PgOp { op: Some(Op::Copy(proto::PgCopy { rel: rel_id, data: data.into() })) });
                     }

@@ -228,7 +228,7 @@ struct Streamer<'a> {
     status: &'a SourceContext,
     types: TypeNames,
     /// Relations as last described by the stream (pgoutput sends each before first use).
-    relations: HashMap<u32, proto::PgRelation>,
+    relations: HashMap<u32, (Vec<proto::PgTypeDef>, proto::PgRelation)>,
     txn: Option<Txn>,
     in_flight: VecDeque<InFlight>,
     /// End LSN of the last transaction submitted to the journal.
@@ -334,7 +334,15 @@ impl Streamer<'_> {
         match &msg {
             PgOutput::Relation(r) => {
                 let rel = self.types.relation(self.shared, self.client, r).await.map_err(Refusal::Retry)?;
-                self.relations.insert(r.id, rel);
+                let types = catalog::type_defs(
+                    self.shared,
+                    self.client,
+                    r.columns.iter().map(|c| c.type_oid).collect(),
+                    &mut Default::default(),
+                )
+                .await
+                .map_err(Refusal::Retry)?;
+                self.relations.insert(r.id, (types, rel));
                 // Re-described in this chunk with its new shape (e.g. after ADD COLUMN).
                 if let Some(t) = &mut self.txn {
                     t.described.remove(&r.id);
@@ -355,10 +363,11 @@ impl Streamer<'_> {
         }
         for id in rel_of(&msg) {
             if t.described.insert(id) {
-                let rel = self.relations.get(&id).ok_or_else(|| {
+                let (types, rel) = self.relations.get(&id).ok_or_else(|| {
                     Refusal::Retry(self.shared.err(format!("protocol: change for undescribed relation {id}")))
                 })?;
-                t.bytes += 64 + rel.columns.len() * 32;
+                t.bytes += 64 + rel.columns.len() * 32 + types.len() * 128;
+                t.ops.extend(types.iter().map(|d| proto::PgOp { op: Some(Op::TypeDef(d.clone())) }));
                 t.ops.push(proto::PgOp { op: Some(Op::Relation(rel.clone())) });
             }
         }
