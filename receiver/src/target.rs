@@ -56,6 +56,7 @@ impl Target {
                     self.cfg.allow_external_symlinks,
                 )?))
             }
+            SourceKind::Postgres => Ok(Box::new(crate::applier::pg::PgApplier::open(&self.cfg)?)),
             other => Err(ApplyError::Refused(format!("targets of kind {other} are not supported by this build yet"))),
         }
     }

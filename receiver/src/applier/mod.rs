@@ -9,6 +9,7 @@
 //! Appliers do blocking I/O; the session runs them on blocking threads.
 
 pub mod fs;
+pub mod pg;
 
 use lockstep_common::event::{Change, JournalId, Seq};
 use lockstep_common::relpath::RelPath;
