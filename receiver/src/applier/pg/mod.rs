@@ -612,14 +612,25 @@ impl State {
         self.connect().await
     }
 
-    /// Dedupe and chunk bookkeeping for a journal event: whether to apply it.
-    fn track(&mut self, tx: &PgTransaction) -> Result<bool, ApplyError> {
+    /// Dedupe and chunk bookkeeping for a journal event: whether to apply it. A transaction
+    /// that begins while another is still open means the agent restarted part-way through
+    /// journaling the open one (it is journaled again in full later, or is this one): the
+    /// open one's chunks are rolled back to its savepoint.
+    async fn track(&mut self, tx: &PgTransaction) -> Result<bool, ApplyError> {
         if tx.chunk == 0 {
-            if let Some(cur) = &self.source_tx {
-                return Err(refused(format!(
-                    "transaction {} (commit LSN {}) begins before transaction {} (commit LSN {}) ended (chunk {} expected)",
-                    tx.xid, tx.commit_lsn, cur.xid, cur.commit_lsn, cur.next_chunk
-                )));
+            if let Some(cur) = self.source_tx.take() {
+                warn!(
+                    xid = cur.xid,
+                    commit_lsn = cur.commit_lsn,
+                    chunks = cur.next_chunk,
+                    "transaction cut off by an agent restart; discarding its chunks (it is sent again in full)"
+                );
+                if !cur.skip {
+                    self.client()?
+                        .batch_execute("ROLLBACK TO SAVEPOINT lockstep_tx; RELEASE SAVEPOINT lockstep_tx")
+                        .await
+                        .map_err(db_err("roll back a cut-off transaction"))?;
+                }
             }
             let skip = tx.commit_lsn < self.applied_lsn;
             if skip {
@@ -631,6 +642,13 @@ impl State {
                 );
             }
             if !tx.last {
+                if !skip {
+                    self.begin().await?;
+                    self.client()?
+                        .batch_execute("SAVEPOINT lockstep_tx")
+                        .await
+                        .map_err(db_err("start a chunked transaction"))?;
+                }
                 self.source_tx = Some(SourceTx { xid: tx.xid, commit_lsn: tx.commit_lsn, next_chunk: 1, skip });
             }
             return Ok(!skip);
@@ -640,6 +658,12 @@ impl State {
                 let skip = cur.skip;
                 if tx.last {
                     self.source_tx = None;
+                    if !skip {
+                        self.client()?
+                            .batch_execute("RELEASE SAVEPOINT lockstep_tx")
+                            .await
+                            .map_err(db_err("finish a chunked transaction"))?;
+                    }
                 } else {
                     cur.next_chunk += 1;
                 }
@@ -671,7 +695,7 @@ impl State {
         if snapshot && self.resync.is_none() {
             return Err(refused("snapshot entry outside a resync"));
         }
-        if !snapshot && !self.track(&tx)? {
+        if !snapshot && !self.track(&tx).await? {
             return Ok(ApplyOutcome::default());
         }
         if !tx.ops.is_empty() {

@@ -656,8 +656,24 @@ fn pg_chunked_transaction_commits_only_after_its_last_chunk() {
     assert!(a.commit(pos(6)).unwrap());
     assert_eq!(db.count("SELECT count(*) FROM kv"), 6);
 
+    // The agent died part-way through journaling a chunked transaction: its first chunks are
+    // in the journal, then (after the agent's restart) the same transaction again in full.
+    // The cut-off copy is rolled back to its savepoint; nothing is applied twice.
+    a.apply(Seq(7), chunk(400, 0, false, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("7"), Some("g")]])]))
+        .unwrap();
+    a.apply(Seq(8), chunk(400, 1, false, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("8"), Some("h")]])]))
+        .unwrap();
+    a.apply(Seq(9), chunk(400, 0, false, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("7"), Some("g")]])]))
+        .unwrap();
+    a.apply(Seq(10), chunk(400, 1, false, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("8"), Some("h")]])]))
+        .unwrap();
+    a.apply(Seq(11), chunk(400, 2, true, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("9"), Some("i")]])]))
+        .unwrap();
+    assert!(a.commit(pos(11)).unwrap());
+    assert_eq!(db.count("SELECT count(*) FROM kv"), 9);
+
     // Chunks out of sequence are refused.
-    let why = is_refused(a.apply(Seq(7), chunk(400, 1, true, vec![])));
+    let why = is_refused(a.apply(Seq(12), chunk(500, 1, true, vec![])));
     assert!(why.contains("out of sequence"), "{why}");
 }
 
