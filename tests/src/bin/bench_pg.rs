@@ -136,12 +136,19 @@ fn main() -> Result<()> {
     }
     let rt = tokio::runtime::Runtime::new()?;
 
-    // lockstep.
+    // lockstep. The agent runs on the database host and, as deployed, reaches PostgreSQL
+    // through its unix socket (BENCH_PG_TCP=1: over TCP like the subscription).
+    let agent_dsn = if std::env::var_os("BENCH_PG_TCP").is_some() {
+        src.dsn("src")
+    } else {
+        format!("host={} port={} user=postgres dbname=src", src.dir().display(), src.port())
+    };
+    println!("lockstep agent connects with {agent_dsn:?}");
     let mut s = Setup::new()?;
     let mut a = std::fs::read_to_string(&s.agent_cfg)?;
     a.push_str(&format!(
         "\n[[sources]]\nname = \"shop\"\nkind = \"postgres\"\ndsn = \"{}\"\nslot = \"lockstep_bench\"\n",
-        src.dsn("src")
+        agent_dsn
     ));
     std::fs::write(&s.agent_cfg, a)?;
     let mut r = std::fs::read_to_string(&s.receiver_cfg)?;
@@ -169,7 +176,32 @@ fn main() -> Result<()> {
     }
     let (l50, l99, n) = rt.block_on(latency(&src.dsn("src"), &dst.dsn("ls"), secs, 1))?;
     println!("lockstep: insert-to-visible at {RATE} inserts/s ({n} rows): p50 {l50:.2} ms, p99 {l99:.2} ms");
-    let (lb, lc) = rt.block_on(bulk(&src.dsn("src"), &dst.dsn("ls")))?;
+    // Where the time goes: when the agent had journaled the whole transaction.
+    let journaled_at = std::sync::Mutex::new(None::<f64>);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let t0 = Instant::now();
+    let (lb, lc) = std::thread::scope(|sc| -> Result<(f64, f64)> {
+        let watch = sc.spawn(|| {
+            let mut last = (0u64, 0.0f64);
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(st) = s.agent_status() {
+                    let seq = st["journal"]["last_seq"].as_u64().unwrap_or(0);
+                    if seq != last.0 {
+                        last = (seq, t0.elapsed().as_secs_f64());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            *journaled_at.lock().unwrap() = Some(last.1);
+        });
+        let r = rt.block_on(bulk(&src.dsn("src"), &dst.dsn("ls")));
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = watch.join();
+        r
+    })?;
+    if let Some(j) = *journaled_at.lock().unwrap() {
+        println!("lockstep: (the agent had journaled the whole transaction {j:.2} s after the INSERT was sent)");
+    }
     println!(
         "lockstep: {BULK_ROWS}-row insert visible on the standby after {lb:.2} s = {:.0} rows/s (source commit took {lc:.2} s)",
         BULK_ROWS as f64 / lb

@@ -212,6 +212,28 @@ struct Txn {
     bytes: usize,
     /// Relations described in the current chunk.
     described: HashSet<u32>,
+    /// Consecutive inserts into one table being gathered as COPY lines: (relation, rows, count).
+    inserts: Option<(u32, Vec<u8>, u32)>,
+}
+
+impl Txn {
+    /// Appends an op after any gathered inserts.
+    fn push(&mut self, op: proto::PgOp) {
+        self.flush_inserts();
+        self.ops.push(op);
+    }
+
+    fn flush_inserts(&mut self) {
+        if let Some((rel, rows, count)) = self.inserts.take() {
+            self.ops.push(proto::PgOp { op: Some(Op::Insert(proto::PgInsert { rel, rows: rows.into(), count })) });
+        }
+    }
+
+    /// The ops gathered so far, inserts included.
+    fn take_ops(&mut self) -> Vec<proto::PgOp> {
+        self.flush_inserts();
+        std::mem::take(&mut self.ops)
+    }
 }
 
 /// A journal submission, and the end LSN it completes (0 for a non-final chunk).
@@ -256,6 +278,7 @@ impl Streamer<'_> {
                     ops: Vec::new(),
                     bytes: 0,
                     described: HashSet::new(),
+                    inserts: None,
                 });
             }
             ReplicationEvent::XLogData { data, .. } => self.change(&data).await?,
@@ -266,7 +289,7 @@ impl Streamer<'_> {
                 match (&mut self.txn, transactional) {
                     (Some(t), true) => {
                         t.bytes += 64;
-                        t.ops.push(op);
+                        t.push(op);
                     }
                     _ => {
                         // Outside any transaction: an event of its own, ordered by its LSN.
@@ -301,7 +324,7 @@ impl Streamer<'_> {
                     xid: t.xid,
                     chunk: t.chunk,
                     last: true,
-                    ops: std::mem::take(&mut t.ops),
+                    ops: t.take_ops(),
                 };
                 self.submit(ev, end_lsn.as_u64()).await?;
             }
@@ -367,31 +390,23 @@ impl Streamer<'_> {
                     Refusal::Retry(self.shared.err(format!("protocol: change for undescribed relation {id}")))
                 })?;
                 t.bytes += 64 + rel.columns.len() * 32 + types.len() * 128;
-                t.ops.extend(types.iter().map(|d| proto::PgOp { op: Some(Op::TypeDef(d.clone())) }));
-                t.ops.push(proto::PgOp { op: Some(Op::Relation(rel.clone())) });
+                for d in types {
+                    t.push(proto::PgOp { op: Some(Op::TypeDef(d.clone())) });
+                }
+                t.push(proto::PgOp { op: Some(Op::Relation(rel.clone())) });
             }
         }
         let bad = |e: pgoutput::DecodeError| Refusal::Retry(self.shared.err(format!("pgoutput: {e}")));
         match msg {
             PgOutput::Insert { rel, new } => {
-                if let Some(proto::PgOp { op: Some(Op::Insert(ins)) }) = t.ops.last_mut() {
-                    if ins.rel == rel {
-                        let mut rows =
-                            std::mem::take(&mut ins.rows).try_into_mut().unwrap_or_else(|b| b.as_ref().into());
-                        let before = rows.len();
-                        let mut line = Vec::new();
-                        pgoutput::copy_line(&new, &mut line).map_err(bad)?;
-                        rows.extend_from_slice(&line);
-                        t.bytes += rows.len() - before;
-                        ins.rows = rows.freeze();
-                        ins.count += 1;
-                        return self.maybe_chunk().await;
-                    }
+                if t.inserts.as_ref().is_some_and(|(r, ..)| *r != rel) {
+                    t.flush_inserts();
                 }
-                let mut line = Vec::new();
-                pgoutput::copy_line(&new, &mut line).map_err(bad)?;
-                t.bytes += line.len() + 16;
-                t.ops.push(proto::PgOp { op: Some(Op::Insert(proto::PgInsert { rel, rows: line.into(), count: 1 })) });
+                let (_, rows, count) = t.inserts.get_or_insert_with(|| (rel, Vec::with_capacity(64 << 10), 0));
+                let before = rows.len();
+                pgoutput::copy_line(&new, rows).map_err(bad)?;
+                *count += 1;
+                t.bytes += rows.len() - before;
             }
             PgOutput::Update { rel, old, new } => {
                 let (old, old_is_key) = match old {
@@ -400,22 +415,18 @@ impl Streamer<'_> {
                 };
                 let new = tuple_proto(new);
                 t.bytes += tuple_bytes(&new) + old.as_ref().map_or(0, tuple_bytes) + 16;
-                t.ops.push(proto::PgOp {
-                    op: Some(Op::Update(proto::PgUpdate { rel, old, old_is_key, new: Some(new) })),
-                });
+                t.push(proto::PgOp { op: Some(Op::Update(proto::PgUpdate { rel, old, old_is_key, new: Some(new) })) });
             }
             PgOutput::Delete { rel, old: (kind, tuple) } => {
                 let old = tuple_proto(tuple);
                 t.bytes += tuple_bytes(&old) + 16;
-                t.ops.push(proto::PgOp {
+                t.push(proto::PgOp {
                     op: Some(Op::Delete(proto::PgDelete { rel, old: Some(old), old_is_key: kind == OldKind::Key })),
                 });
             }
             PgOutput::Truncate { rels, cascade, restart_identity } => {
                 t.bytes += 16 + rels.len() * 4;
-                t.ops.push(proto::PgOp {
-                    op: Some(Op::Truncate(proto::PgTruncate { rels, cascade, restart_identity })),
-                });
+                t.push(proto::PgOp { op: Some(Op::Truncate(proto::PgTruncate { rels, cascade, restart_identity })) });
             }
             _ => {}
         }
@@ -435,7 +446,7 @@ impl Streamer<'_> {
             xid: t.xid,
             chunk: t.chunk,
             last: false,
-            ops: std::mem::take(&mut t.ops),
+            ops: t.take_ops(),
         };
         t.chunk += 1;
         t.bytes = 0;
