@@ -43,6 +43,7 @@
 //! The applier is driven from blocking threads; it owns a small current-thread runtime for
 //! tokio-postgres and blocks on it.
 
+mod flush;
 mod schema;
 mod sql;
 
@@ -172,6 +173,8 @@ struct State {
     last_message: Option<LastMessage>,
     /// User-defined types (schema, name) known to exist on the standby.
     types: HashSet<(String, String)>,
+    /// Makes asynchronously committed rounds durable (see [`flush`]).
+    flusher: flush::Flusher,
     /// Updates and deletes of the current event that found no row.
     missing: usize,
     first_missing: Option<String>,
@@ -357,7 +360,7 @@ impl PgApplier {
             .build()
             .map_err(|e| ApplyError::Io { context: ctx(), error: e })?;
         let mut st = State {
-            config,
+            config: config.clone(),
             client: None,
             agent: cfg.agent.clone(),
             source: cfg.source.clone(),
@@ -375,6 +378,7 @@ impl PgApplier {
             can_emit: false,
             last_message: None,
             types: HashSet::new(),
+            flusher: flush::Flusher::new(config.clone())?,
             missing: 0,
             first_missing: None,
             skipped: None,
@@ -1041,12 +1045,17 @@ impl State {
         if !self.in_tx && self.position == Some(pos) && self.applied_lsn == self.committed_lsn {
             return Ok(Some(done));
         }
+        let was_in_tx = self.in_tx;
         if let Err(e) = self.write_position(pos).await {
             return Err(self.fail(e).await);
         }
         self.in_tx = false;
         self.position = Some(pos);
         self.committed_lsn = self.applied_lsn;
+        if was_in_tx {
+            // Committed asynchronously: visible now, durable once the barrier returns.
+            return Ok(Some(Box::new(self.flusher.barrier())));
+        }
         Ok(Some(done))
     }
 
@@ -1078,7 +1087,10 @@ impl State {
         let upsert = client.execute(&stmt, &params);
         if self.in_tx {
             // Both requests go out together; a failed upsert turns the COMMIT into a rollback.
-            let (written, committed) = futures::join!(upsert, client.batch_execute("COMMIT"));
+            // Visible without waiting for the WAL flush; the commit's durable half is a
+            // flush barrier (see `flush`).
+            let (written, committed) =
+                futures::join!(upsert, client.batch_execute("SET LOCAL synchronous_commit TO off; COMMIT"));
             written.map_err(db_err("record the applied position"))?;
             committed.map_err(db_err("commit on the standby"))?;
         } else {
