@@ -14,7 +14,8 @@
 //! applies with `synchronous_commit = off`).
 //!
 //! Run: `cargo run --release -p lockstep-tests --bin bench_pg` (as root is fine: the clusters
-//! run as an unprivileged user). `BENCH_PG_SECS` sets the latency run's length (default 15).
+//! run as an unprivileged user). `BENCH_PG_SECS` sets each latency run's length (default 10),
+//! `BENCH_PG_ROUNDS` the number of alternating rounds (default 3; medians are reported).
 
 use std::time::{Duration, Instant};
 
@@ -115,8 +116,106 @@ async fn bulk(src_dsn: &str, standby_dsn: &str) -> Result<(f64, f64)> {
     }
 }
 
+/// One lockstep round into a fresh standby database `db`: (p50, p99, bulk seconds, bulk
+/// seconds after the source commit).
+fn lockstep_round(
+    rt: &tokio::runtime::Runtime,
+    src: &PgCluster,
+    dst: &PgCluster,
+    db: &str,
+    secs: u64,
+) -> Result<Round> {
+    // The agent runs on the database host and, as deployed, reaches PostgreSQL through its
+    // unix socket (BENCH_PG_TCP=1: over TCP like the subscription).
+    let agent_dsn = if std::env::var_os("BENCH_PG_TCP").is_some() {
+        src.dsn("src")
+    } else {
+        format!("host={} port={} user=postgres dbname=src", src.dir().display(), src.port())
+    };
+    let mut s = Setup::new()?;
+    let mut a = std::fs::read_to_string(&s.agent_cfg)?;
+    a.push_str(&format!(
+        "\n[[sources]]\nname = \"shop\"\nkind = \"postgres\"\ndsn = \"{agent_dsn}\"\nslot = \"lockstep_bench\"\n"
+    ));
+    std::fs::write(&s.agent_cfg, a)?;
+    let mut r = std::fs::read_to_string(&s.receiver_cfg)?;
+    r.push_str(&format!(
+        "\n[[targets]]\nagent = \"web-1\"\nsource = \"shop\"\nkind = \"postgres\"\ndsn = \"{}\"\n",
+        dst.dsn(db)
+    ));
+    std::fs::write(&s.receiver_cfg, r)?;
+    s.start()?;
+    // Seeded (empty tables) and streaming.
+    let t0 = Instant::now();
+    loop {
+        s.check_alive()?;
+        let ok = s.agent_status().ok().is_some_and(|st| {
+            let r = &st["receivers"][0];
+            r["connected"] == true && r["resyncing"].is_null() && r["events_behind"] == 0
+        }) && dst.query(db, "SELECT count(*) FROM lockstep.applied_position").is_ok_and(|r| r.len() == 1);
+        if ok {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("lockstep did not start streaming\n{}", s.logs_tail());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (p50, p99, _) = rt.block_on(latency(&src.dsn("src"), &dst.dsn(db), secs, 1))?;
+    let (bulk_s, commit_s) = rt.block_on(bulk(&src.dsn("src"), &dst.dsn(db)))?;
+    s.kill_agent();
+    s.kill_receiver();
+    src.psql(
+        "src",
+        "SELECT pg_drop_replication_slot('lockstep_bench'); DROP PUBLICATION lockstep; TRUNCATE lat, bulk;",
+    )?;
+    Ok(Round { p50, p99, bulk_s, after_commit_s: bulk_s - commit_s })
+}
+
+/// One native round: a subscription into a fresh database `db`.
+fn native_round(rt: &tokio::runtime::Runtime, src: &PgCluster, dst: &PgCluster, db: &str, secs: u64) -> Result<Round> {
+    src.psql("src", "CREATE PUBLICATION native FOR TABLE lat, bulk;")?;
+    dst.psql(
+        db,
+        &format!(
+            "CREATE SUBSCRIPTION native_{db} CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=src' PUBLICATION native WITH (copy_data = false);",
+            src.port()
+        ),
+    )?;
+    let t0 = Instant::now();
+    loop {
+        let ready = dst
+            .query(db, "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND received_lsn IS NOT NULL")
+            .is_ok_and(|r| r.first().and_then(|r| r[0].as_deref()) == Some("1"));
+        if ready {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("native subscription did not start\n{}", dst.log_tail());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (p50, p99, _) = rt.block_on(latency(&src.dsn("src"), &dst.dsn(db), secs, 1))?;
+    let (bulk_s, commit_s) = rt.block_on(bulk(&src.dsn("src"), &dst.dsn(db)))?;
+    dst.psql(db, &format!("DROP SUBSCRIPTION native_{db};"))?;
+    src.psql("src", "DROP PUBLICATION native; TRUNCATE lat, bulk;")?;
+    Ok(Round { p50, p99, bulk_s, after_commit_s: bulk_s - commit_s })
+}
+
+struct Round {
+    p50: f64,
+    p99: f64,
+    bulk_s: f64,
+    after_commit_s: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    percentile(&mut v, 0.5)
+}
+
 fn main() -> Result<()> {
-    let secs: u64 = std::env::var("BENCH_PG_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
+    let secs: u64 = std::env::var("BENCH_PG_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let rounds: usize = std::env::var("BENCH_PG_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     println!(
         "lockstep postgres benchmark — {}",
         std::process::Command::new("date")
@@ -129,128 +228,43 @@ fn main() -> Result<()> {
     let dst = PgCluster::start().context("start standby cluster")?;
     src.create_db("src")?;
     src.psql("src", TABLES)?;
-    for db in ["ls", "native"] {
-        dst.create_db(db)?;
-        dst.psql(db, TABLES)?;
-        dst.psql(db, TRIGGER)?;
-    }
     let rt = tokio::runtime::Runtime::new()?;
-
-    // lockstep. The agent runs on the database host and, as deployed, reaches PostgreSQL
-    // through its unix socket (BENCH_PG_TCP=1: over TCP like the subscription).
-    let agent_dsn = if std::env::var_os("BENCH_PG_TCP").is_some() {
-        src.dsn("src")
-    } else {
-        format!("host={} port={} user=postgres dbname=src", src.dir().display(), src.port())
-    };
-    println!("lockstep agent connects with {agent_dsn:?}");
-    let mut s = Setup::new()?;
-    let mut a = std::fs::read_to_string(&s.agent_cfg)?;
-    a.push_str(&format!(
-        "\n[[sources]]\nname = \"shop\"\nkind = \"postgres\"\ndsn = \"{}\"\nslot = \"lockstep_bench\"\n",
-        agent_dsn
-    ));
-    std::fs::write(&s.agent_cfg, a)?;
-    let mut r = std::fs::read_to_string(&s.receiver_cfg)?;
-    r.push_str(&format!(
-        "\n[[targets]]\nagent = \"web-1\"\nsource = \"shop\"\nkind = \"postgres\"\ndsn = \"{}\"\n",
-        dst.dsn("ls")
-    ));
-    std::fs::write(&s.receiver_cfg, r)?;
-    s.start()?;
-    // Seeded (empty tables) and streaming.
-    let t0 = Instant::now();
-    loop {
-        s.check_alive()?;
-        let ok = s.agent_status().ok().is_some_and(|st| {
-            let r = &st["receivers"][0];
-            r["connected"] == true && r["resyncing"].is_null() && r["events_behind"] == 0
-        }) && dst.query("ls", "SELECT count(*) FROM lockstep.applied_position").is_ok_and(|r| r.len() == 1);
-        if ok {
-            break;
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for (who, list) in [("lockstep", &mut ours), ("native", &mut theirs)] {
+            let db = format!("{}_{round}", if who == "lockstep" { "ls" } else { "native" });
+            dst.create_db(&db)?;
+            dst.psql(&db, TABLES)?;
+            dst.psql(&db, TRIGGER)?;
+            let r = if who == "lockstep" {
+                lockstep_round(&rt, &src, &dst, &db, secs)?
+            } else {
+                native_round(&rt, &src, &dst, &db, secs)?
+            };
+            println!(
+                "  round {round} {who:8}: insert-to-visible p50 {:.2} ms, p99 {:.2} ms; {BULK_ROWS} rows visible after {:.2} s ({:.2} s after the source commit)",
+                r.p50, r.p99, r.bulk_s, r.after_commit_s
+            );
+            list.push(r);
         }
-        if t0.elapsed() > Duration::from_secs(60) {
-            bail!("lockstep did not start streaming\n{}", s.logs_tail());
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    let (l50, l99, n) = rt.block_on(latency(&src.dsn("src"), &dst.dsn("ls"), secs, 1))?;
-    println!("lockstep: insert-to-visible at {RATE} inserts/s ({n} rows): p50 {l50:.2} ms, p99 {l99:.2} ms");
-    // Where the time goes: when the agent had journaled the whole transaction.
-    let journaled_at = std::sync::Mutex::new(None::<f64>);
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let t0 = Instant::now();
-    let (lb, lc) = std::thread::scope(|sc| -> Result<(f64, f64)> {
-        let watch = sc.spawn(|| {
-            let mut last = (0u64, 0.0f64);
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Ok(st) = s.agent_status() {
-                    let seq = st["journal"]["last_seq"].as_u64().unwrap_or(0);
-                    if seq != last.0 {
-                        last = (seq, t0.elapsed().as_secs_f64());
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            *journaled_at.lock().unwrap() = Some(last.1);
-        });
-        let r = rt.block_on(bulk(&src.dsn("src"), &dst.dsn("ls")));
-        done.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = watch.join();
-        r
-    })?;
-    if let Some(j) = *journaled_at.lock().unwrap() {
-        println!("lockstep: (the agent had journaled the whole transaction {j:.2} s after the INSERT was sent)");
-    }
+    let med = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
+    let (l99, n99) = (med(&ours, |r| r.p99), med(&theirs, |r| r.p99));
+    let (lb, nb) = (med(&ours, |r| r.bulk_s), med(&theirs, |r| r.bulk_s));
     println!(
-        "lockstep: {BULK_ROWS}-row insert visible on the standby after {lb:.2} s = {:.0} rows/s (source commit took {lc:.2} s)",
-        BULK_ROWS as f64 / lb
-    );
-    s.kill_agent();
-    s.kill_receiver();
-    src.psql(
-        "src",
-        "SELECT pg_drop_replication_slot('lockstep_bench'); DROP PUBLICATION lockstep; TRUNCATE lat, bulk;",
-    )?;
-
-    // Native logical replication.
-    src.psql("src", "CREATE PUBLICATION native FOR TABLE lat, bulk;")?;
-    dst.psql(
-        "native",
-        &format!(
-            "CREATE SUBSCRIPTION native CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=src' PUBLICATION native WITH (copy_data = false);",
-            src.port()
-        ),
-    )?;
-    let t0 = Instant::now();
-    loop {
-        let ready = dst
-            .query(
-                "native",
-                "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND received_lsn IS NOT NULL",
-            )
-            .is_ok_and(|r| r.first().and_then(|r| r[0].as_deref()) == Some("1"));
-        if ready {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(60) {
-            bail!("native subscription did not start\n{}", dst.log_tail());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (n50, n99, n) = rt.block_on(latency(&src.dsn("src"), &dst.dsn("native"), secs, 1))?;
-    println!("native:   insert-to-visible at {RATE} inserts/s ({n} rows): p50 {n50:.2} ms, p99 {n99:.2} ms");
-    let (nb, nc) = rt.block_on(bulk(&src.dsn("src"), &dst.dsn("native")))?;
-    println!(
-        "native:   {BULK_ROWS}-row insert visible on the standby after {nb:.2} s = {:.0} rows/s (source commit took {nc:.2} s)",
-        BULK_ROWS as f64 / nb
+        "medians of {rounds} alternating rounds ({RATE} inserts/s for {secs} s; {BULK_ROWS}-row insert):\n  lockstep: p50 {:.2} ms, p99 {l99:.2} ms; bulk {lb:.2} s = {:.0} rows/s ({:.2} s after commit)\n  native:   p50 {:.2} ms, p99 {n99:.2} ms; bulk {nb:.2} s = {:.0} rows/s ({:.2} s after commit)",
+        med(&ours, |r| r.p50),
+        BULK_ROWS as f64 / lb,
+        med(&ours, |r| r.after_commit_s),
+        med(&theirs, |r| r.p50),
+        BULK_ROWS as f64 / nb,
+        med(&theirs, |r| r.after_commit_s),
     );
     println!(
-        "bars: p99 {l99:.2} ms vs limit 2 x {n99:.2} + 0.5 = {:.2} ms ({}); 1M rows {lb:.2} s vs native {nb:.2} s ({})",
+        "bars: p99 {l99:.2} ms vs 2 x {n99:.2} + 0.5 = {:.2} ms ({}); bulk {lb:.2} s vs native {nb:.2} s ({})",
         2.0 * n99 + 0.5,
         if l99 <= 2.0 * n99 + 0.5 { "met" } else { "NOT met" },
         if lb <= nb { "met" } else { "NOT met" }
     );
-    dst.psql("native", "DROP SUBSCRIPTION native;")?;
     Ok(())
 }

@@ -43,7 +43,27 @@ const SLOT_BUSY_PATIENCE: Duration = Duration::from_secs(60);
 
 pub(crate) const RETAINED_WAL_METRIC: &str = "lockstep_pg_slot_retained_wal_bytes";
 
+/// Runs the source on a thread of its own with a single-threaded runtime: the replication
+/// client's reader task and this source hand over every row through a channel, and on one
+/// thread that costs no cross-thread wake-ups.
 pub(crate) async fn run(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), SourceError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let name = shared.name.to_string();
+    let io_err =
+        |error| SourceError::Io { source_name: name.clone(), context: "start the source thread".into(), error };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io_err)?;
+    std::thread::Builder::new()
+        .name(format!("pg-{}", shared.name))
+        .spawn(move || {
+            let _ = tx.send(rt.block_on(run_here(shared, ctx)));
+        })
+        .map_err(io_err)?;
+    rx.await.unwrap_or_else(|_| {
+        Err(SourceError::Other { source_name: name.clone(), problem: "source thread ended without a result".into() })
+    })
+}
+
+async fn run_here(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), SourceError> {
     let tree = ctx
         .db
         .open_tree(format!("pg/{}", shared.name))
