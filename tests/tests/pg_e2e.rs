@@ -224,21 +224,57 @@ fn pg_kill9_under_load() -> Result<()> {
     Ok(())
 }
 
+/// Waits until the daemons' logs contain every one of `needles`.
+fn expect_logs(s: &Setup, needles: &[&str]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = s.logs_tail();
+        if needles.iter().all(|n| logs.contains(n)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("expected {needles:?} in the logs:\n{logs}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A server that cannot do logical replication is refused with the setting and the fix.
 #[test]
 fn pg_refuses_wal_level_replica() -> Result<()> {
     let pg = PgCluster::start_with(&["wal_level = replica"])?;
     let mut s = pg_setup(&pg)?;
     s.start()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let logs = s.logs_tail();
-        if logs.contains("wal_level") && logs.contains("wal_level = logical") {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("no wal_level refusal in the logs:\n{logs}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    expect_logs(&s, &["wal_level is \"replica\"", "wal_level = logical", "restart PostgreSQL"])
+}
+
+/// A role without REPLICATION, and a publication that misses tables, are refused with the fix;
+/// a table whose updates cannot be replicated gets a warning naming the fix.
+#[test]
+fn pg_refuses_role_and_partial_publication() -> Result<()> {
+    let pg = PgCluster::start()?;
+    let mut s = pg_setup(&pg)?;
+    pg.psql(
+        "shop",
+        "CREATE ROLE app LOGIN; CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);",
+    )?;
+    let cfg = std::fs::read_to_string(&s.agent_cfg)?;
+    let as_app = cfg.replace(&pg.dsn("shop"), &pg.dsn("shop").replace("user=postgres", "user=app"));
+    std::fs::write(&s.agent_cfg, &as_app)?;
+    s.start()?;
+    expect_logs(&s, &["lacks the REPLICATION attribute", "ALTER ROLE \"app\" REPLICATION"])?;
+    s.kill_agent();
+
+    pg.psql("shop", "CREATE PUBLICATION lockstep FOR TABLE a; CREATE TABLE keyless (v text);")?;
+    std::fs::write(&s.agent_cfg, &cfg)?;
+    s.start_agent()?;
+    expect_logs(
+        &s,
+        &["does not include table(s) public.b, public.keyless", "ALTER PUBLICATION \"lockstep\" ADD TABLE"],
+    )?;
+    s.kill_agent();
+
+    pg.psql("shop", "DROP PUBLICATION lockstep;")?;
+    s.start_agent()?;
+    expect_logs(&s, &["only its inserts are replicated", "REPLICA IDENTITY FULL"])
 }

@@ -116,6 +116,26 @@ pub(crate) async fn preflight(shared: &Shared, client: &Client) -> Result<SlotIn
         }
     }
 
+    // Tables whose updates and deletes cannot be replicated: PostgreSQL itself refuses those
+    // statements on a published table without a replica identity, so only inserts flow.
+    let keyless = client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'lockstep') AND n.nspname NOT LIKE 'pg\\_%'
+               AND (c.relreplident = 'n'
+                    OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|e| retry(sql_err(shared, "read replica identities")(e)))?;
+    for r in keyless {
+        let t: String = r.get(0);
+        tracing::warn!(source = %shared.name, table = %t,
+            "table has no primary key and no replica identity: only its inserts are replicated (PostgreSQL refuses UPDATE and DELETE on it while it is published); add a primary key or run ALTER TABLE {t} REPLICA IDENTITY FULL");
+    }
+
     // The slot.
     let slot = &shared.slot;
     let row = client
