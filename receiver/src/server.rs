@@ -469,49 +469,68 @@ async fn run_session(
     }
 }
 
-/// Gathers what has arrived and applies it on a blocking thread; the round's commit then runs
-/// on another blocking thread while the next round is gathered and applied, and its
-/// acknowledgement goes out when it is durable. Commits run one at a time, in order.
+/// Commits queued behind the one running before a round waits for room.
+const COMMIT_QUEUE: usize = 16;
+
+/// Gathers what has arrived and applies it on a blocking thread. Each round's commit (the
+/// durable half) is queued to a commit task that runs them one at a time, in order, on
+/// blocking threads — while later rounds are gathered and applied, so a slow flush delays
+/// acknowledgements, never the next apply. An acknowledgement goes out when its commit is
+/// durable. A failed commit stops the queue: nothing after it is committed.
 async fn session_loop(
     holder: &mut Option<Session>,
     inbound: &mut Streaming<AgentMessage>,
     out: &mpsc::Sender<Result<ReceiverMessage, Status>>,
 ) -> Result<(), Status> {
-    let mut inflight: Option<tokio::task::JoinHandle<CommitDone>> = None;
-    let result = session_rounds(holder, inbound, out, &mut inflight).await;
-    // Let a commit still running finish before the targets are released to another session,
-    // so positions are never written out of order.
-    if let Some(h) = inflight.take() {
-        let done = h.await;
+    let (ptx, prx) = mpsc::channel::<PendingCommit>(COMMIT_QUEUE);
+    let (dtx, mut drx) = mpsc::channel::<CommitDone>(COMMIT_QUEUE);
+    let task = tokio::spawn(commit_task(prx, dtx));
+    let mut result = session_rounds(holder, inbound, out, &ptx, &mut drx).await;
+    drop(ptx);
+    // Let queued commits finish before the targets are released to another session, so
+    // positions are never written out of order.
+    while let Some(done) = drx.recv().await {
         if result.is_ok() {
-            return finish_commit(holder, done, out).await;
-        }
-        if let (Ok(done), Some(session)) = (done, holder.as_mut()) {
+            result = finish_commit(holder, done, out).await;
+        } else if let Some(session) = holder.as_mut() {
             session.committed(&done.done);
         }
     }
+    let _ = task.await;
     result
+}
+
+/// Runs queued commits in order; stops after the first failure.
+async fn commit_task(mut rx: mpsc::Receiver<PendingCommit>, done: mpsc::Sender<CommitDone>) {
+    while let Some(p) = rx.recv().await {
+        let (ack_seq, batches) = (p.ack_seq, p.batches);
+        let d = tokio::task::spawn_blocking(move || p.run()).await.unwrap_or_else(|e| CommitDone {
+            done: Vec::new(),
+            result: Err(Status::internal(format!("commit thread failed: {e}"))),
+            ack_seq,
+            batches,
+        });
+        let failed = d.result.is_err();
+        if done.send(d).await.is_err() || failed {
+            return;
+        }
+    }
 }
 
 async fn session_rounds(
     holder: &mut Option<Session>,
     inbound: &mut Streaming<AgentMessage>,
     out: &mpsc::Sender<Result<ReceiverMessage, Status>>,
-    inflight: &mut Option<tokio::task::JoinHandle<CommitDone>>,
+    commits: &mpsc::Sender<PendingCommit>,
+    done: &mut mpsc::Receiver<CommitDone>,
 ) -> Result<(), Status> {
     loop {
-        // Wait for the next message; meanwhile acknowledge the commit in flight when it lands.
+        // Wait for the next message; meanwhile acknowledge commits as they land.
         let first = loop {
             let next = tokio::time::timeout(Duration::from_secs(120), inbound.message());
-            match inflight.as_mut() {
-                Some(h) => tokio::select! {
-                    done = h => {
-                        *inflight = None;
-                        finish_commit(holder, done, out).await?;
-                    }
-                    m = next => break m,
-                },
-                None => break next.await,
+            tokio::select! {
+                Some(d) = done.recv() => finish_commit(holder, d, out).await?,
+                m = next => break m,
             }
         };
         let first = match first {
@@ -549,12 +568,17 @@ async fn session_rounds(
                 return Ok(());
             }
         }
-        // The previous commit must land before this round's may start.
-        if let Some(h) = inflight.take() {
-            finish_commit(holder, h.await, out).await?;
-        }
         if let Some(p) = round.commit {
-            *inflight = Some(tokio::task::spawn_blocking(move || p.run()));
+            // Queue it behind the commits still running; acknowledge those that land while
+            // waiting for room.
+            let permit = loop {
+                tokio::select! {
+                    biased;
+                    Some(d) = done.recv() => finish_commit(holder, d, out).await?,
+                    r = commits.reserve() => break r.map_err(|_| Status::internal("commit queue stopped"))?,
+                }
+            };
+            permit.send(p);
         }
         round.result?;
         if closed {
@@ -566,10 +590,9 @@ async fn session_rounds(
 /// Records a finished commit and acknowledges it.
 async fn finish_commit(
     holder: &mut Option<Session>,
-    done: Result<CommitDone, tokio::task::JoinError>,
+    done: CommitDone,
     out: &mpsc::Sender<Result<ReceiverMessage, Status>>,
 ) -> Result<(), Status> {
-    let done = done.map_err(|e| Status::internal(format!("commit thread failed: {e}")))?;
     let session = holder.as_mut().expect("session present between rounds");
     session.committed(&done.done);
     done.result?;
