@@ -108,6 +108,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let cancel = shutdown.child_token();
     let mut tasks: JoinSet<(String, anyhow::Result<()>)> = JoinSet::new();
 
+    let resync_floor = Arc::new(source::ResyncFloor::new(store.clone()));
     let mut handles = Vec::new();
     let mut runnable = Vec::new();
     for sc in &config.sources {
@@ -130,6 +131,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 status,
                 repairs,
                 cancel: cancel.child_token(),
+                resync_floor: resync_floor.clone(),
             },
         ));
         handles.push(h);
@@ -234,6 +236,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             tracker: tracker.clone(),
             heartbeat: config.heartbeat_interval,
             cancel: cancel.child_token(),
+            resync_floor: resync_floor.clone(),
         };
         let name = format!("shipper {}", r.name);
         tasks.spawn(async move { (name, shipper.run().await.map_err(anyhow::Error::from)) });

@@ -102,6 +102,7 @@ pub struct Shipper {
     pub tracker: Arc<Tracker>,
     pub heartbeat: Duration,
     pub cancel: CancellationToken,
+    pub resync_floor: Arc<crate::source::ResyncFloor>,
 }
 
 impl Shipper {
@@ -207,7 +208,13 @@ impl Shipper {
         let mut positions: HashMap<Arc<str>, Seq> = HashMap::new();
         let mut resync = Vec::new();
         for s in &self.sources {
+            let floor = self.resync_floor.get(&s.name);
             match reported.get(&*s.name) {
+                Some(p) if p.known && p.seq < floor.0 && p.seq <= durable_now.0 => {
+                    warn!(source = %s.name, position = p.seq, floor = floor.0,
+                        "the source lost changes upstream after this receiver's position; resyncing it from a new snapshot");
+                    resync.push(s.clone());
+                }
                 Some(p) if p.known && p.seq + 1 >= first.0 && p.seq <= durable_now.0 => {
                     positions.insert(s.name.clone(), Seq(p.seq));
                 }
@@ -322,6 +329,8 @@ impl Shipper {
             info!(source = %s.name, seq = at.0, "resync: snapshot sent");
         }
 
+        let mut kick = self.resync_floor.subscribe();
+        kick.mark_unchanged();
         let mut next = positions.values().copied().min().unwrap_or(Seq::ZERO).next();
         let mut durable = self.durable.clone();
         let mut last_sent = Instant::now();
@@ -359,6 +368,9 @@ impl Shipper {
             }
             tokio::select! {
                 r = durable.changed() => if r.is_err() { return Err(ShipError::Cancelled) },
+                _ = kick.changed() => {
+                    return Err(ShipError::Stream("a source needs its receivers resynced; reconnecting".into()))
+                }
                 _ = tick.tick() => {
                     if last_sent.elapsed() >= self.heartbeat {
                         send(AMsg::Heartbeat(proto::Heartbeat { sent_at_us: now_us(), last_seq: durable_end.0 })).await?;

@@ -121,6 +121,55 @@ pub struct RepairRequest {
     pub reason: String,
 }
 
+/// Marks the point before which a source's journal records can no longer bring a receiver up
+/// to date (its upstream lost changes, e.g. an invalidated replication slot): every receiver
+/// whose position for the source is below it is reseeded with a snapshot.
+pub struct ResyncFloor {
+    store: Arc<dyn crate::journal::JournalStore>,
+    /// Bumped on every raise; shippers reconnect to re-decide.
+    kick: tokio::sync::watch::Sender<u64>,
+}
+
+impl ResyncFloor {
+    pub fn new(store: Arc<dyn crate::journal::JournalStore>) -> Self {
+        let (kick, _) = tokio::sync::watch::channel(0);
+        ResyncFloor { store, kick }
+    }
+
+    fn key(source: &str) -> String {
+        format!("resync_floor/{source}")
+    }
+
+    /// The floor of `source` (0: none).
+    pub fn get(&self, source: &str) -> Seq {
+        self.store
+            .get_meta(&Self::key(source))
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(Seq::ZERO, |b| Seq(u64::from_be_bytes(b)))
+    }
+
+    /// Raises the floor of `source` past everything journaled so far, durably (blocking I/O).
+    /// The source then journals a record of its own (which lands at or above the floor), and
+    /// calls [`kick`](Self::kick).
+    pub fn raise(&self, source: &str) -> Result<Seq, crate::journal::JournalError> {
+        let floor = Seq(self.store.last_seq().0 + 1);
+        self.store.put_meta(&Self::key(source), &floor.0.to_be_bytes())?;
+        self.store.flush()?;
+        Ok(floor)
+    }
+
+    /// Makes connected shippers reconnect and re-decide who needs a resync.
+    pub fn kick(&self) {
+        self.kick.send_modify(|g| *g += 1);
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.kick.subscribe()
+    }
+}
+
 /// What a running source gets from the agent.
 pub struct SourceContext {
     pub name: Arc<str>,
@@ -130,6 +179,7 @@ pub struct SourceContext {
     pub status: Arc<SourceStatus>,
     pub repairs: mpsc::Receiver<RepairRequest>,
     pub cancel: CancellationToken,
+    pub resync_floor: Arc<ResyncFloor>,
 }
 
 /// A long-lived source task.

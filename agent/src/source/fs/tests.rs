@@ -100,6 +100,7 @@ impl Harness {
             status: status.clone(),
             repairs,
             cancel: cancel.clone(),
+            resync_floor: Arc::new(crate::source::ResyncFloor::new(self.store.clone())),
         };
         let task = tokio::spawn(src.run(ctx));
         let t = Instant::now();

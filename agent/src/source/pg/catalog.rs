@@ -48,11 +48,14 @@ pub(crate) fn db_message(e: &tokio_postgres::Error) -> String {
 /// The slot as the server sees it.
 pub(crate) struct SlotInfo {
     pub confirmed_flush: u64,
+    /// The slot this source had used was gone or invalidated and has been created afresh:
+    /// changes between the old one's position and the new one's start are lost to the stream.
+    pub recreated: bool,
 }
 
 /// Checks everything logical replication needs, creating the publication (FOR ALL TABLES) and
 /// the slot when missing. Returns the slot's state.
-pub(crate) async fn preflight(shared: &Shared, client: &Client) -> Result<SlotInfo, Refusal> {
+pub(crate) async fn preflight(shared: &Shared, client: &Client, used_before: bool) -> Result<SlotInfo, Refusal> {
     let fatal = |p: String| Refusal::Fatal(shared.err(p));
     let retry = |e: SourceError| Refusal::Retry(e);
     let server = shared.conn.server();
@@ -146,21 +149,34 @@ pub(crate) async fn preflight(shared: &Shared, client: &Client) -> Result<SlotIn
         )
         .await
         .map_err(|e| retry(sql_err(shared, "read replication slots")(e)))?;
+    let lost = row.as_ref().is_some_and(|r| r.get::<_, Option<String>>(5).as_deref() == Some("lost"));
+    if lost {
+        tracing::error!(source = %shared.name, slot = %slot, server = %server,
+            "replication slot was invalidated: PostgreSQL removed WAL it still needed (raise max_slot_wal_keep_size, or keep the agent running); the changes in between are lost to the stream. Dropping the invalid slot, creating a new one and resyncing every receiver of this source from a fresh snapshot");
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[slot])
+            .await
+            .map_err(|e| fatal(format!("drop the invalidated slot {slot:?} on {server}: {}", db_message(&e))))?;
+    }
+    let row = if lost { None } else { row };
     let Some(row) = row else {
+        if used_before && !lost {
+            tracing::error!(source = %shared.name, slot = %slot, server = %server,
+                "the replication slot this source used is gone (dropped by someone?); changes since are lost to the stream. Creating a new slot and resyncing every receiver of this source from a fresh snapshot");
+        }
         let r = client
             .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[slot])
             .await
             .map_err(|e| fatal(format!("create replication slot {slot:?} on {server}: {}", db_message(&e))))?;
         let lsn: String = r.get(0);
         tracing::info!(source = %shared.name, slot = %slot, lsn = %lsn, "created logical replication slot");
-        return Ok(SlotInfo { confirmed_flush: parse_lsn(&lsn).unwrap_or(0) });
+        return Ok(SlotInfo { confirmed_flush: parse_lsn(&lsn).unwrap_or(0), recreated: used_before || lost });
     };
     let plugin: Option<String> = row.get(0);
     let slot_type: String = row.get(1);
     let database: Option<String> = row.get(2);
     let active: bool = row.get(3);
     let pid: Option<i32> = row.get(4);
-    let wal_status: Option<String> = row.get(5);
     let confirmed: Option<String> = row.get(6);
     if slot_type != "logical" || plugin.as_deref() != Some("pgoutput") {
         return Err(fatal(format!(
@@ -173,18 +189,13 @@ pub(crate) async fn preflight(shared: &Shared, client: &Client) -> Result<SlotIn
             shared.conn.dbname
         )));
     }
-    if wal_status.as_deref() == Some("lost") {
-        return Err(fatal(format!(
-            "slot {slot:?} on {server} was invalidated: PostgreSQL removed WAL it still needed (max_slot_wal_keep_size), so changes were lost upstream. Standbys must be reseeded: drop the slot (SELECT pg_drop_replication_slot('{slot}')), move the agent's data_dir aside and restart the agent"
-        )));
-    }
     if active {
         return Err(Refusal::Retry(shared.err(format!(
             "slot {slot:?} on {server} is in use by another session (pid {}); stop that consumer or configure another slot name",
             pid.map_or("?".to_string(), |p| p.to_string())
         ))));
     }
-    Ok(SlotInfo { confirmed_flush: confirmed.as_deref().and_then(parse_lsn).unwrap_or(0) })
+    Ok(SlotInfo { confirmed_flush: confirmed.as_deref().and_then(parse_lsn).unwrap_or(0), recreated: false })
 }
 
 /// Parses PostgreSQL's `X/Y` LSN text.

@@ -109,11 +109,36 @@ async fn run_here(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), SourceE
 }
 
 const LAST_END_KEY: &[u8] = b"last_end_lsn";
+/// Set once this source has streamed from its slot: a missing slot then means one was lost.
+const SLOT_USED_KEY: &[u8] = b"slot_used";
 
 /// One replication session: preflight, then stream until an error or cancellation.
 async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Result<(), Refusal> {
     let client = catalog::connect(shared).await.map_err(Refusal::Retry)?;
-    let slot = catalog::preflight(shared, &client).await?;
+    let used_before = tree.get(SLOT_USED_KEY).ok().flatten().is_some();
+    let slot = catalog::preflight(shared, &client, used_before).await?;
+    if slot.recreated {
+        // Everything journaled so far can no longer bring a receiver up to date: raise the
+        // floor, journal a record above it, and make the shippers re-decide.
+        let floor = ctx.resync_floor.clone();
+        let name = shared.name.to_string();
+        let raised = tokio::task::spawn_blocking(move || floor.raise(&name))
+            .await
+            .map_err(|e| Refusal::Fatal(shared.err(format!("raise the resync floor: {e}"))))?
+            .map_err(|e| Refusal::Fatal(SourceError::Journal(e, shared.name.to_string())))?;
+        let marker = proto::PgTransaction { last: true, ..Default::default() };
+        ctx.journal
+            .append(vec![NewRecord {
+                source: shared.name.clone(),
+                captured_at_us: now_us(),
+                payload: Change::Other(proto::change_event::Change::Pg(marker)).encode(),
+            }])
+            .await
+            .map_err(|e| Refusal::Fatal(SourceError::Journal(e, shared.name.to_string())))?;
+        ctx.resync_floor.kick();
+        error!(source = %shared.name, floor = raised.0, "receivers behind the new slot will be resynced");
+    }
+    let _ = tree.insert(SLOT_USED_KEY, &[1u8]);
     shared.slot_ready.send_replace(true);
 
     let last_end = tree
@@ -197,8 +222,9 @@ async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Res
                     Ok(Some((bytes, wal_status))) => {
                         metrics::gauge!(RETAINED_WAL_METRIC, "source" => shared.name.to_string()).set(bytes as f64);
                         if wal_status == "lost" {
-                            return Err(Refusal::Fatal(shared.err(format!(
-                                "slot {:?} was invalidated while streaming: PostgreSQL removed WAL it still needed (max_slot_wal_keep_size); changes were lost upstream and standbys must be reseeded",
+                            // The next session's preflight recreates it and resyncs receivers.
+                            return Err(Refusal::Retry(shared.err(format!(
+                                "slot {:?} was invalidated while streaming: PostgreSQL removed WAL it still needed (max_slot_wal_keep_size); changes were lost upstream; reconnecting to recreate it and resync the receivers",
                                 shared.slot
                             ))));
                         }
@@ -207,8 +233,8 @@ async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Res
                         }
                     }
                     Ok(None) => {
-                        return Err(Refusal::Fatal(shared.err(format!(
-                            "slot {:?} disappeared from {} while streaming (dropped by someone?); changes may be lost and standbys must be reseeded",
+                        return Err(Refusal::Retry(shared.err(format!(
+                            "slot {:?} disappeared from {} while streaming (dropped by someone?); reconnecting to recreate it and resync the receivers",
                             shared.slot,
                             shared.conn.server()
                         ))))
