@@ -146,30 +146,22 @@ fn lockstep_round(
     std::fs::write(&s.receiver_cfg, r)?;
     s.start()?;
     // Seeded (empty tables) and streaming.
-    let t0 = Instant::now();
-    loop {
+    wait_until("lockstep streaming", || {
         s.check_alive()?;
-        let ok = s.agent_status().ok().is_some_and(|st| {
+        Ok(s.agent_status().ok().is_some_and(|st| {
             let r = &st["receivers"][0];
             r["connected"] == true && r["resyncing"].is_null() && r["events_behind"] == 0
-        }) && dst.query(db, "SELECT count(*) FROM lockstep.applied_position").is_ok_and(|r| r.len() == 1);
-        if ok {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(60) {
-            bail!("lockstep did not start streaming\n{}", s.logs_tail());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (p50, p99, _) = rt.block_on(latency(&src.dsn("src"), &dst.dsn(db), secs, 1))?;
-    let (bulk_s, commit_s) = rt.block_on(bulk(&src.dsn("src"), &dst.dsn(db)))?;
+        }) && dst.query(db, "SELECT count(*) FROM lockstep.applied_position").is_ok_and(|r| r.len() == 1))
+    })
+    .map_err(|e| e.context(s.logs_tail()))?;
+    let round = measure(rt, src, dst, db, secs)?;
     s.kill_agent();
     s.kill_receiver();
     src.psql(
         "src",
         "SELECT pg_drop_replication_slot('lockstep_bench'); DROP PUBLICATION lockstep; TRUNCATE lat, bulk;",
     )?;
-    Ok(Round { p50, p99, bulk_s, after_commit_s: bulk_s - commit_s })
+    Ok(round)
 }
 
 /// One native round: a subscription into a fresh database `db`.
@@ -182,23 +174,34 @@ fn native_round(rt: &tokio::runtime::Runtime, src: &PgCluster, dst: &PgCluster, 
             src.port()
         ),
     )?;
-    let t0 = Instant::now();
-    loop {
-        let ready = dst
+    wait_until("native subscription streaming", || {
+        Ok(dst
             .query(db, "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND received_lsn IS NOT NULL")
-            .is_ok_and(|r| r.first().and_then(|r| r[0].as_deref()) == Some("1"));
-        if ready {
-            break;
-        }
+            .is_ok_and(|r| r.first().and_then(|r| r[0].as_deref()) == Some("1")))
+    })
+    .map_err(|e| e.context(dst.log_tail()))?;
+    let round = measure(rt, src, dst, db, secs)?;
+    dst.psql(db, &format!("DROP SUBSCRIPTION native_{db};"))?;
+    src.psql("src", "DROP PUBLICATION native; TRUNCATE lat, bulk;")?;
+    Ok(round)
+}
+
+/// Polls `ready` every 50 ms for up to a minute.
+fn wait_until(what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+    let t0 = Instant::now();
+    while !ready()? {
         if t0.elapsed() > Duration::from_secs(60) {
-            bail!("native subscription did not start\n{}", dst.log_tail());
+            bail!("{what}: not ready after 60 s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(())
+}
+
+/// The latency run, then the bulk insert, into standby database `db`.
+fn measure(rt: &tokio::runtime::Runtime, src: &PgCluster, dst: &PgCluster, db: &str, secs: u64) -> Result<Round> {
     let (p50, p99, _) = rt.block_on(latency(&src.dsn("src"), &dst.dsn(db), secs, 1))?;
     let (bulk_s, commit_s) = rt.block_on(bulk(&src.dsn("src"), &dst.dsn(db)))?;
-    dst.psql(db, &format!("DROP SUBSCRIPTION native_{db};"))?;
-    src.psql("src", "DROP PUBLICATION native; TRUNCATE lat, bulk;")?;
     Ok(Round { p50, p99, bulk_s, after_commit_s: bulk_s - commit_s })
 }
 
