@@ -314,3 +314,52 @@ fn pg_lost_slot_resyncs_receivers() -> Result<()> {
     assert_eq!(v[0][0].as_deref(), Some("100"));
     Ok(())
 }
+
+/// A restart of either side while the initial snapshot is being copied: the snapshot is taken
+/// again from scratch and the standby ends equal (nothing of a half-copied snapshot stays).
+#[test]
+fn pg_restart_during_snapshot() -> Result<()> {
+    let pg = PgCluster::start()?;
+    let mut s = pg_setup(&pg)?;
+    pg.psql(
+        "shop",
+        "CREATE TABLE big (id bigint PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 400000) g;
+         CREATE TABLE small (id int PRIMARY KEY, v text); INSERT INTO small VALUES (1, 'one');",
+    )?;
+    let snapshot_running = |s: &Setup| {
+        s.receiver_status().ok().is_some_and(|st| {
+            st["targets"]
+                .as_array()
+                .is_some_and(|ts| ts.iter().any(|t| t["source"] == "shop" && t["resyncing"] == true))
+        })
+    };
+    for victim in ["receiver", "agent"] {
+        s.start()?;
+        let t0 = Instant::now();
+        while !snapshot_running(&s) {
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("the snapshot never started\n{}", s.logs_tail());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        if victim == "receiver" {
+            s.kill_receiver();
+        } else {
+            s.kill_agent();
+        }
+        pg.psql(
+            "shop",
+            &format!(
+                "INSERT INTO small VALUES ({}, 'during {victim} restart');",
+                if victim == "agent" { 2 } else { 3 }
+            ),
+        )?;
+        s.kill_agent();
+        s.kill_receiver();
+    }
+    s.start()?;
+    wait_equal(&mut s, &pg, Duration::from_secs(120))?;
+    Ok(())
+}
