@@ -115,6 +115,8 @@ struct Resync {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum StmtKind {
     Copy,
+    /// A multi-row INSERT of this many rows.
+    Insert(u32),
     Update(Match),
     Delete(Match),
 }
@@ -743,7 +745,7 @@ impl State {
                     self.flush(&mut queue).await?;
                     match other {
                         pg_op::Op::Relation(r) => self.relation(r).await?,
-                        pg_op::Op::Insert(i) => self.copy(i.rel, &i.rows, Some(i.count), "insert into").await?,
+                        pg_op::Op::Insert(i) => self.insert(i).await?,
                         pg_op::Op::Truncate(t) => self.truncate(t).await?,
                         pg_op::Op::Message(m) => self.message(m).await?,
                         pg_op::Op::TypeDef(t) => self.type_def(t).await?,
@@ -869,6 +871,32 @@ impl State {
             return Err(refused(format!("an insert into {table} says {n} rows but its data holds {rows}")));
         }
         Ok(())
+    }
+
+    /// Most rows inserted with one INSERT statement; more go through COPY.
+    const INSERT_ROWS: u32 = 4;
+
+    /// A few rows: one INSERT (one round trip); more: COPY (two, but cheaper per row).
+    async fn insert(&mut self, i: &proto::PgInsert) -> Result<(), ApplyError> {
+        if (1..=Self::INSERT_ROWS).contains(&i.count) {
+            let width = self.rel_ready(i.rel).await?.msg.columns.len();
+            if let Some(rows) = sql::parse_copy_rows(&i.rows, width).filter(|r| r.len() == i.count as usize) {
+                let n = i.count;
+                let stmt = self
+                    .statement(StmtKey { rel: i.rel, kind: StmtKind::Insert(n), cols: Vec::new() }, |r| {
+                        sql::insert(r, n as usize)
+                    })
+                    .await?;
+                let table = self.rels.get(&i.rel).map(|r| r.table.clone()).unwrap_or_default();
+                let params: Vec<Option<&str>> = rows.iter().flatten().map(|v| v.as_deref()).collect();
+                self.client()?
+                    .execute_raw(&stmt, params.iter())
+                    .await
+                    .map_err(db_err(format!("insert into {table}")))?;
+                return Ok(());
+            }
+        }
+        self.copy(i.rel, &i.rows, Some(i.count), "insert into").await
     }
 
     async fn queue_update<'a>(&mut self, u: &'a proto::PgUpdate) -> Result<Option<Queued<'a>>, ApplyError> {

@@ -290,6 +290,56 @@ pub fn update(rel: &PgRelation, set: &[usize], by: &[usize], how: Match) -> Stri
     )
 }
 
+/// `INSERT` of `rows` rows of every column, from parameters `$1..` (row after row).
+pub fn insert(rel: &PgRelation, rows: usize) -> String {
+    let cols: Vec<String> = rel.columns.iter().map(|c| ident(&c.name)).collect();
+    let n = rel.columns.len();
+    let values: Vec<String> = (0..rows)
+        .map(|r| {
+            let v: Vec<String> = rel.columns.iter().enumerate().map(|(i, c)| param(r * n + i + 1, c)).collect();
+            format!("({})", v.join(", "))
+        })
+        .collect();
+    format!("INSERT INTO {} ({}) VALUES {}", qualified(&rel.schema, &rel.name), cols.join(", "), values.join(", "))
+}
+
+/// Splits COPY text-format `data` into rows of `width` values (`None` for `\N`), undoing the
+/// escapes the agent writes (`\\`, `\n`, `\r`, `\t`). `None` when the data holds anything
+/// else (other escapes, a row of another width): the caller then COPYs it as it is.
+pub fn parse_copy_rows(data: &[u8], width: usize) -> Option<Vec<Vec<Option<String>>>> {
+    let mut rows = Vec::new();
+    for line in data.strip_suffix(b"\n")?.split(|&b| b == b'\n') {
+        let mut row = Vec::with_capacity(width);
+        for field in line.split(|&b| b == b'\t') {
+            if field == b"\\N" {
+                row.push(None);
+                continue;
+            }
+            let mut out = Vec::with_capacity(field.len());
+            let mut it = field.iter();
+            while let Some(&b) = it.next() {
+                if b != b'\\' {
+                    out.push(b);
+                    continue;
+                }
+                out.push(match it.next()? {
+                    b'\\' => b'\\',
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    _ => return None,
+                });
+            }
+            row.push(Some(String::from_utf8(out).ok()?));
+        }
+        if row.len() != width {
+            return None;
+        }
+        rows.push(row);
+    }
+    Some(rows)
+}
+
 /// `DELETE` finding the row by `by` from parameters `$1..`.
 pub fn delete(rel: &PgRelation, by: &[usize], how: Match) -> String {
     format!("DELETE FROM {} WHERE {}", qualified(&rel.schema, &rel.name), condition(rel, by, 1, how))
@@ -298,6 +348,18 @@ pub fn delete(rel: &PgRelation, by: &[usize], how: Match) -> String {
 #[cfg(test)]
 mod unit {
     use super::*;
+
+    #[test]
+    fn copy_rows() {
+        assert_eq!(
+            parse_copy_rows(b"1\ta\\tb\n2\t\\N\n", 2),
+            Some(vec![vec![Some("1".into()), Some("a\tb".into())], vec![Some("2".into()), None]])
+        );
+        assert_eq!(parse_copy_rows(b"x\\\\N\n", 1), Some(vec![vec![Some("x\\N".into())]]));
+        assert_eq!(parse_copy_rows(b"1\n", 2), None, "wrong width");
+        assert_eq!(parse_copy_rows(b"\\101\n", 1), None, "escapes the agent does not write");
+        assert_eq!(parse_copy_rows(b"1", 1), None, "unterminated");
+    }
 
     #[test]
     fn quoting() {

@@ -343,7 +343,7 @@ fn is_refused(r: Result<impl std::fmt::Debug, ApplyError>) -> String {
 // ---------------------------------------------------------------- tests
 
 #[test]
-fn pg_inserts_every_common_type_through_copy() {
+fn pg_inserts_every_common_type_through_insert_and_copy() {
     let pg = Cluster::start();
     let mut a = pg.open();
     assert_eq!(a.position(), None);
@@ -415,7 +415,7 @@ fn pg_inserts_every_common_type_through_copy() {
             None,
         ],
     ];
-    apply_commit(&mut a, 1, tx(100, vec![relation(16384, "types", "d", cols), insert(16384, &rows)]));
+    apply_commit(&mut a, 1, tx(100, vec![relation(16384, "types", "d", cols.clone()), insert(16384, &rows)]));
     let db = pg.db();
     let back = db.copy_out("COPY (SELECT * FROM public.types ORDER BY id) TO STDOUT");
     assert_eq!(back, copy_lines(&rows));
@@ -433,6 +433,18 @@ fn pg_inserts_every_common_type_through_copy() {
     );
     assert_eq!(a.position(), Some(pos(1)));
     assert_eq!(a.applied_lsn(), 101);
+
+    // Four rows went in as one INSERT; more rows take the COPY path: same values either way.
+    let ids: Vec<String> = (11..=14).map(|i| i.to_string()).collect();
+    let mut many = rows.clone();
+    for (r, id) in rows.iter().zip(&ids) {
+        let mut r = r.clone();
+        r[0] = Some(id.as_str());
+        many.push(r);
+    }
+    apply_commit(&mut a, 2, tx(200, vec![relation(16385, "types_copy", "d", cols.clone()), insert(16385, &many)]));
+    let copied = db.copy_out("COPY (SELECT * FROM public.types_copy WHERE id < 10 ORDER BY id) TO STDOUT");
+    assert_eq!(copied, copy_lines(&rows));
 }
 
 #[test]
