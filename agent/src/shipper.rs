@@ -361,6 +361,17 @@ impl Shipper {
                         first.seq
                     )));
                 }
+                // A source that lost changes upstream after this session's starting point
+                // (its resync floor rose past it): nothing more may go out before a resync.
+                // The floor is raised before any record above it is journaled, so it is seen
+                // here before such a record could be sent.
+                for (source, pos) in &positions {
+                    if self.resync_floor.get(source) > *pos {
+                        return Err(ShipError::Stream(format!(
+                            "source {source} lost changes upstream; reconnecting to resync this receiver"
+                        )));
+                    }
+                }
                 next = Seq(events.last().expect("non-empty").seq + 1);
                 send_batch(events).await?;
                 last_sent = Instant::now();
