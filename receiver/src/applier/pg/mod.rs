@@ -161,6 +161,8 @@ struct State {
     applied_lsn: u64,
     /// A standby transaction is open.
     in_tx: bool,
+    /// Something was applied in it (it is opened ahead, right after the previous commit).
+    tx_used: bool,
     /// The last change applied was a chunk of this source transaction, not its last.
     source_tx: Option<SourceTx>,
     /// An error rolled the open transaction back; nothing more until the next session.
@@ -370,6 +372,7 @@ impl PgApplier {
             committed_lsn: 0,
             applied_lsn: 0,
             in_tx: false,
+            tx_used: false,
             source_tx: None,
             failed: false,
             resync: None,
@@ -573,6 +576,7 @@ impl State {
             }
         }
         self.in_tx = false;
+        self.tx_used = false;
         self.source_tx = None;
         self.resync = None;
         self.applied_lsn = self.committed_lsn;
@@ -600,6 +604,7 @@ impl State {
             self.client()?.batch_execute("BEGIN").await.map_err(db_err("begin a standby transaction"))?;
             self.in_tx = true;
         }
+        self.tx_used = true;
         Ok(())
     }
 
@@ -1070,14 +1075,16 @@ impl State {
             return Ok(None);
         }
         let done: CommitFn = Box::new(|| Ok(()));
-        if !self.in_tx && self.position == Some(pos) && self.applied_lsn == self.committed_lsn {
+        if !self.tx_used && self.position == Some(pos) && self.applied_lsn == self.committed_lsn {
             return Ok(Some(done));
         }
         let was_in_tx = self.in_tx;
         if let Err(e) = self.write_position(pos).await {
             return Err(self.fail(e).await);
         }
-        self.in_tx = false;
+        // write_position opened the next transaction right behind the commit.
+        self.in_tx = was_in_tx;
+        self.tx_used = false;
         self.position = Some(pos);
         self.committed_lsn = self.applied_lsn;
         if was_in_tx {
@@ -1117,8 +1124,10 @@ impl State {
             // Both requests go out together; a failed upsert turns the COMMIT into a rollback.
             // Visible without waiting for the WAL flush; the commit's durable half is a
             // flush barrier (see `flush`).
+            // The next round's transaction opens in the same round trip (BEGIN alone takes no
+            // snapshot and no transaction id, so an idle one holds nothing back).
             let (written, committed) =
-                futures::join!(upsert, client.batch_execute("SET LOCAL synchronous_commit TO off; COMMIT"));
+                futures::join!(upsert, client.batch_execute("SET LOCAL synchronous_commit TO off; COMMIT; BEGIN"));
             written.map_err(db_err("record the applied position"))?;
             committed.map_err(db_err("commit on the standby"))?;
         } else {
