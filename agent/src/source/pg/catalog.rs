@@ -14,8 +14,11 @@ use crate::source::SourceError;
 pub(crate) enum Refusal {
     /// The server is misconfigured for us; retrying will not help until an operator acts.
     Fatal(SourceError),
-    /// Probably transient (server down, slot still held by our own previous session).
+    /// Probably transient (server down, a broken stream).
     Retry(SourceError),
+    /// The slot is held by another session — after a kill -9 possibly our own previous one,
+    /// until the server notices; retried for a while, then fatal.
+    SlotBusy(SourceError),
 }
 
 /// Opens a plain SQL connection; the connection task runs until the client is dropped.
@@ -95,20 +98,15 @@ pub(crate) async fn preflight(shared: &Shared, client: &Client, used_before: boo
         }
         Some(row) if row.get::<_, bool>(0) => {}
         Some(_) => {
-            let missing = client
-                .query(
-                    "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-                       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'lockstep') AND n.nspname NOT LIKE 'pg\\_%'
-                       AND NOT EXISTS (SELECT 1 FROM pg_publication_tables p
-                                       WHERE p.pubname = $1 AND p.schemaname = n.nspname AND p.tablename = c.relname)
-                     ORDER BY 1",
-                    &[pubname],
-                )
-                .await
-                .map_err(|e| retry(sql_err(shared, "read publication tables")(e)))?;
-            if !missing.is_empty() {
-                let names: Vec<String> = missing.iter().map(|r| r.get(0)).collect();
+            let names = user_tables(
+                client,
+                "NOT EXISTS (SELECT 1 FROM pg_publication_tables p
+                             WHERE p.pubname = $1 AND p.schemaname = n.nspname AND p.tablename = c.relname)",
+                &[pubname],
+            )
+            .await
+            .map_err(|e| retry(sql_err(shared, "read publication tables")(e)))?;
+            if !names.is_empty() {
                 return Err(fatal(format!(
                     "publication {pubname:?} on {server} does not include table(s) {}; their changes would not be replicated. Run ALTER PUBLICATION {} ADD TABLE {} (or recreate it FOR ALL TABLES)",
                     names.join(", "),
@@ -121,20 +119,15 @@ pub(crate) async fn preflight(shared: &Shared, client: &Client, used_before: boo
 
     // Tables whose updates and deletes cannot be replicated: PostgreSQL itself refuses those
     // statements on a published table without a replica identity, so only inserts flow.
-    let keyless = client
-        .query(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'lockstep') AND n.nspname NOT LIKE 'pg\\_%'
-               AND (c.relreplident = 'n'
-                    OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
-             ORDER BY 1",
-            &[],
-        )
-        .await
-        .map_err(|e| retry(sql_err(shared, "read replica identities")(e)))?;
-    for r in keyless {
-        let t: String = r.get(0);
+    let keyless = user_tables(
+        client,
+        "(c.relreplident = 'n'
+          OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))",
+        &[],
+    )
+    .await
+    .map_err(|e| retry(sql_err(shared, "read replica identities")(e)))?;
+    for t in keyless {
         tracing::warn!(source = %shared.name, table = %t,
             "table has no primary key and no replica identity: only its inserts are replicated (PostgreSQL refuses UPDATE and DELETE on it while it is published); add a primary key or run ALTER TABLE {t} REPLICA IDENTITY FULL");
     }
@@ -190,12 +183,29 @@ pub(crate) async fn preflight(shared: &Shared, client: &Client, used_before: boo
         )));
     }
     if active {
-        return Err(Refusal::Retry(shared.err(format!(
+        return Err(Refusal::SlotBusy(shared.err(format!(
             "slot {slot:?} on {server} is in use by another session (pid {}); stop that consumer or configure another slot name",
             pid.map_or("?".to_string(), |p| p.to_string())
         ))));
     }
     Ok(SlotInfo { confirmed_flush: confirmed.as_deref().and_then(parse_lsn).unwrap_or(0), recreated: false })
+}
+
+/// The user's tables (`schema.table`, quoted as needed, in name order) that meet `condition`
+/// (SQL over `c` = pg_class, `n` = pg_namespace).
+async fn user_tables(
+    client: &Client,
+    condition: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'lockstep') AND n.nspname NOT LIKE 'pg\\_%'
+           AND {condition}
+         ORDER BY 1"
+    );
+    Ok(client.query(&sql, params).await?.iter().map(|r| r.get(0)).collect())
 }
 
 /// Parses PostgreSQL's `X/Y` LSN text.

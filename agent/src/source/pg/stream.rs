@@ -78,32 +78,30 @@ async fn run_here(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), SourceE
             r = session(&shared, &ctx, &tree) => r,
             _ = ctx.cancel.cancelled() => return Ok(()),
         };
-        match r {
+        let e = match r {
             Ok(()) => return Ok(()),
-            Err(Refusal::Fatal(e)) => {
+            Err(Refusal::Retry(e)) => {
+                busy_since = None;
+                e
+            }
+            Err(Refusal::SlotBusy(e))
+                if busy_since.get_or_insert_with(std::time::Instant::now).elapsed() <= SLOT_BUSY_PATIENCE =>
+            {
+                e
+            }
+            Err(Refusal::Fatal(e) | Refusal::SlotBusy(e)) => {
                 error!(source = %shared.name, error = %e, "postgres source cannot run");
                 ctx.status.set_state(SourceState::Error, Some(e.to_string()));
                 return Err(e);
             }
-            Err(Refusal::Retry(e)) => {
-                let msg = e.to_string();
-                if msg.contains("is in use by another session") {
-                    let since = *busy_since.get_or_insert_with(std::time::Instant::now);
-                    if since.elapsed() > SLOT_BUSY_PATIENCE {
-                        ctx.status.set_state(SourceState::Error, Some(msg));
-                        return Err(e);
-                    }
-                } else {
-                    busy_since = None;
-                }
-                ctx.status.set_state(SourceState::Error, Some(msg.clone()));
-                let delay = retry::next_delay(&mut backoff);
-                warn!(source = %shared.name, error = %msg, retry_in = ?delay, "postgres source interrupted; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = ctx.cancel.cancelled() => return Ok(()),
-                }
-            }
+        };
+        let msg = e.to_string();
+        ctx.status.set_state(SourceState::Error, Some(msg.clone()));
+        let delay = retry::next_delay(&mut backoff);
+        warn!(source = %shared.name, error = %msg, retry_in = ?delay, "postgres source interrupted; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = ctx.cancel.cancelled() => return Ok(()),
         }
     }
 }
@@ -163,7 +161,7 @@ async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Res
         let msg = e.to_string();
         let err = shared.err(format!("start replication from slot {:?}: {msg}", shared.slot));
         if msg.contains("is active for PID") {
-            Refusal::Retry(shared.err(format!(
+            Refusal::SlotBusy(shared.err(format!(
                 "slot {:?} on {} is in use by another session; stop that consumer or configure another slot name ({msg})",
                 shared.slot,
                 shared.conn.server()

@@ -236,6 +236,27 @@ enum Val<'a> {
     Unchanged,
 }
 
+/// Appends the sent values of `tuple` (not the unchanged TOASTed ones) to `params`, marking
+/// their columns with `bit`; returns how many.
+fn push_values<'a>(
+    tuple: &'a PgTuple,
+    rel: &PgRelation,
+    bit: u8,
+    cols: &mut [u8],
+    params: &mut Vec<Option<&'a str>>,
+) -> Result<usize, ApplyError> {
+    let before = params.len();
+    for (i, v) in tuple.values.iter().enumerate() {
+        match value(v, rel, i)? {
+            Val::Text(s) => params.push(Some(s)),
+            Val::Null => params.push(None),
+            Val::Unchanged => continue,
+        }
+        cols[i] |= bit;
+    }
+    Ok(params.len() - before)
+}
+
 fn value<'a>(v: &'a PgValue, rel: &PgRelation, col: usize) -> Result<Val<'a>, ApplyError> {
     let name = || format!("{}.{}.{}", rel.schema, rel.name, rel.columns[col].name);
     match &v.value {
@@ -273,16 +294,7 @@ fn find_row<'a>(
 ) -> Result<Match, ApplyError> {
     if let (true, Some(old), false) = (rel.replica_identity == "f", old, old_is_key) {
         check_width(old, rel)?;
-        let before = params.len();
-        for (i, v) in old.values.iter().enumerate() {
-            match value(v, rel, i)? {
-                Val::Text(s) => params.push(Some(s)),
-                Val::Null => params.push(None),
-                Val::Unchanged => continue,
-            }
-            cols[i] |= 2;
-        }
-        if params.len() == before {
+        if push_values(old, rel, 2, cols, params)? == 0 {
             return Err(refused(format!("the old row of {}.{} has no values to find it by", rel.schema, rel.name)));
         }
         return Ok(Match::Full);
@@ -913,16 +925,8 @@ impl State {
         check_width(new, rel)?;
         let mut cols = vec![0u8; rel.columns.len()];
         let mut params = Vec::with_capacity(rel.columns.len() + 2);
-        for (i, v) in new.values.iter().enumerate() {
-            match value(v, rel, i)? {
-                Val::Text(s) => params.push(Some(s)),
-                Val::Null => params.push(None),
-                // TOASTed and not sent: the standby keeps its value.
-                Val::Unchanged => continue,
-            }
-            cols[i] |= 1;
-        }
-        if params.is_empty() {
+        // TOASTed values not sent are skipped: the standby keeps its value.
+        if push_values(new, rel, 1, &mut cols, &mut params)? == 0 {
             return Ok(None);
         }
         let how = find_row(rel, u.old.as_ref(), u.old_is_key, Some(new), &mut cols, &mut params)?;
