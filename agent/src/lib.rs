@@ -77,10 +77,11 @@ fn build_source(
             let snap = s.snapshotter();
             Ok((Box::new(s), snap))
         }
-        other => anyhow::bail!(
-            "source {:?}: kind {other} is not supported by this build yet; remove it from the config",
-            cfg.name
-        ),
+        SourceKind::Sqlite => {
+            let s = source::sqlite::SqliteSource::new(cfg)?;
+            let snap = s.snapshotter();
+            Ok((Box::new(s), snap))
+        }
     }
 }
 

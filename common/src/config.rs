@@ -79,6 +79,10 @@ pub struct SourceConfig {
     pub dsn: Option<String>,
     pub publication: Option<String>,
     pub slot: Option<String>,
+    /// sqlite: switch a database that is not in WAL mode to WAL (persistent) instead of
+    /// refusing it.
+    #[serde(default)]
+    pub switch_to_wal: bool,
 }
 
 fn default_rescan() -> Duration {

@@ -9,6 +9,7 @@
 
 pub mod fs;
 pub mod pg;
+pub mod sqlite;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -32,6 +32,7 @@ fn config(root: &Path, exclude: &[&str]) -> SourceConfig {
         dsn: None,
         publication: None,
         slot: None,
+        switch_to_wal: false,
     }
 }
 

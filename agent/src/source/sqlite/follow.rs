@@ -1,0 +1,755 @@
+//! Following a SQLite database's write-ahead log without missing a committed frame.
+//!
+//! **The danger.** A checkpoint copies the log's frames back into the database file; once all
+//! are copied and no reader uses the log, SQLite *resets* it: the next writer starts a new
+//! generation at frame 1 (RESTART), or a TRUNCATE checkpoint empties the file. Frames written
+//! after the source last read the log and before such a reset would be gone from the log.
+//!
+//! **The pin.** SQLite never resets the log while a reader holds a read transaction on it
+//! (read-mark slot 1..4). The follower keeps one open — started with `sqlite3_snapshot_get`,
+//! which never settles for read-mark 0 while the log holds frames — and rolls it forward to
+//! the newest state after reading new transactions (two connections, the new pin taken
+//! before the old is released, so the log is never left unpinned by accident). While pinned,
+//! application checkpoints of any mode copy frames back up to the pin; RESTART and TRUNCATE
+//! wait for it, and the follower releases it for them (below).
+//!
+//! **Letting go.** The pin is dropped only when the log, as it stands, has been read to its
+//! last frame *and no other frame can be added to this generation*:
+//! - *for a waiting checkpoint*: another process holds the write lock (so no frame can be
+//!   committed), the WAL index shows every frame both read by us and copied back, no other
+//!   process reads from the log, and no uncommitted frame follows the last commit. The writer
+//!   is then either a checkpoint (which resets the log) or a writer whose snapshot reads the
+//!   database file only — and such a writer starts a new generation rather than appending;
+//! - *our own recycle* when the log has grown past [`RECYCLE_FRAMES`]: the follower takes the
+//!   write lock itself, reads to the end, checks that no other process reads from the log,
+//!   drops the pin, copies everything back (PASSIVE), and lets go of the write lock. The next
+//!   writer starts a new generation.
+//!
+//! After letting go, the only acceptable next generation is the one right after it: its
+//! checkpoint sequence and salt-1 are each one higher. Anything else — a generation skipped,
+//! a reset while pinned, a log reset while the agent was stopped — means frames may have been
+//! missed, and the source says so at ERROR and has every receiver resynced from a new snapshot
+//! (the resync floor), never silently carrying on. So does a database file that is deleted or
+//! replaced underneath it.
+//!
+//! Positions: each transaction is shipped with (gen, commit frame), `gen` counting the
+//! generations followed. The position after the last durable transaction is kept in the
+//! agent's sled database, so a restart resumes mid-generation; transactions re-read after a
+//! crash carry the same (gen, frame), and receivers skip them.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lockstep_common::event::Change;
+use lockstep_common::now_us;
+use lockstep_common::proto;
+use rusqlite::{Connection, OpenFlags};
+use tokio::runtime::Handle;
+use tracing::{debug, error, info, warn};
+
+use super::shm::Shm;
+use super::wal::{self, Txn, WalHeader, WalPos};
+use super::{Shared, SnapRequest, SnapStart, PIECE_BYTES};
+use crate::journal::{AppendTicket, NewRecord, RecordMeta};
+use crate::source::{SourceContext, SourceError, SourceState};
+
+/// How often the log is looked at when nothing new was found.
+const POLL: Duration = Duration::from_millis(1);
+/// How often the database file's identity is checked.
+const IDENTITY_EVERY: Duration = Duration::from_millis(500);
+/// Least time between rolls of the pin while transactions keep arriving.
+const ROLL_EVERY: Duration = Duration::from_millis(5);
+/// Log length (frames) past which the follower resets the log itself.
+const RECYCLE_FRAMES: u32 = 4096;
+/// Page bytes read per pass over the log.
+const READ_BUDGET: usize = 64 << 20;
+/// How long a snapshot or a resync waits for the application's writer.
+const WRITE_LOCK_PATIENCE: Duration = Duration::from_secs(30);
+
+const POS_KEY: &[u8] = b"pos";
+
+pub(crate) async fn run(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), SourceError> {
+    let rt = Handle::current();
+    let snaps = shared
+        .snap_rx
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .ok_or_else(|| shared.err("the source was started twice"))?;
+    let name = shared.name.to_string();
+    let tree = ctx
+        .db
+        .open_tree(format!("sqlite/{name}"))
+        .map_err(|error| SourceError::Index { source_name: name.clone(), error })?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("sqlite-{name}"))
+        .spawn(move || {
+            let mut f = Follower {
+                shared,
+                ctx,
+                rt,
+                tree,
+                snaps,
+                db: None,
+                gen: 0,
+                pos: WalPos { ckpt_seq: 0, salt: [0, 0], frame: 0, cksum: [0, 0] },
+                fresh: true,
+                released: true,
+                last_roll: Instant::now(),
+                last_recycle: Instant::now(),
+                in_flight: VecDeque::new(),
+            };
+            let r = f.run();
+            if let Err(e) = &r {
+                error!(source = %f.shared.name, error = %e, "sqlite source stopped");
+                f.ctx.status.set_state(SourceState::Error, Some(e.to_string()));
+            }
+            let _ = tx.send(r);
+        })
+        .map_err(|error| SourceError::Io {
+            source_name: name.clone(),
+            context: "start the source thread".into(),
+            error,
+        })?;
+    rx.await.unwrap_or_else(|_| Err(SourceError::Other { source_name: name, problem: "source thread ended".into() }))
+}
+
+/// The open database: the pins, a connection for the write lock, the log and its index.
+struct Db {
+    pins: [Connection; 2],
+    /// The pin holding a read transaction, if any.
+    active: Option<usize>,
+    writer: Connection,
+    wal_path: PathBuf,
+    shm_path: PathBuf,
+    wal: Option<File>,
+    shm: Option<Shm>,
+    /// (device, inode) of the database file when opened.
+    ident: (u64, u64),
+    checked: Instant,
+}
+
+struct InFlight {
+    ticket: AppendTicket,
+    /// (gen, position) reached once these records are durable.
+    pos: Option<(u64, WalPos)>,
+}
+
+struct Follower {
+    shared: Arc<Shared>,
+    ctx: SourceContext,
+    rt: Handle,
+    tree: sled::Tree,
+    snaps: std::sync::mpsc::Receiver<SnapRequest>,
+    db: Option<Db>,
+    gen: u64,
+    /// After the last transaction read.
+    pos: WalPos,
+    /// No generation known yet (the log was empty): the first one seen is followed.
+    fresh: bool,
+    /// Not pinned, after reading every frame of `pos`'s generation at a moment when no more
+    /// could be added to it (see the module docs): the next generation may follow.
+    released: bool,
+    last_roll: Instant,
+    last_recycle: Instant,
+    in_flight: VecDeque<InFlight>,
+}
+
+type R<T> = Result<T, SourceError>;
+
+impl Follower {
+    fn err(&self, problem: impl Into<String>) -> SourceError {
+        self.shared.err(problem)
+    }
+
+    fn sql(&self, what: &str) -> impl Fn(rusqlite::Error) -> SourceError + '_ {
+        let what = what.to_string();
+        move |e| self.err(format!("{what} ({}): {e}", self.shared.path.display()))
+    }
+
+    fn io(&self, what: &str) -> impl Fn(std::io::Error) -> SourceError + '_ {
+        let what = what.to_string();
+        move |error| SourceError::Io { source_name: self.shared.name.to_string(), context: what.clone(), error }
+    }
+
+    fn run(&mut self) -> R<()> {
+        self.db = Some(self.open_db()?);
+        self.start()?;
+        loop {
+            if self.ctx.cancel.is_cancelled() {
+                return Ok(());
+            }
+            while let Ok(req) = self.snaps.try_recv() {
+                let r = self.snapshot_start().map_err(|e| e.to_string());
+                let _ = req.reply.send(r);
+            }
+            if let Some(why) = self.identity_changed() {
+                self.reopen(&why)?;
+                continue;
+            }
+            let got = match self.poll() {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(source = %self.shared.name, error = %e, "reading the WAL failed; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                    0
+                }
+            };
+            self.settle(false)?;
+            if got == 0 {
+                if let Err(e) = self.maybe_release().and_then(|()| self.maybe_recycle()) {
+                    warn!(source = %self.shared.name, error = %e, "WAL housekeeping failed; retrying later");
+                }
+                std::thread::sleep(POLL);
+            }
+        }
+    }
+
+    /// Opens the database and checks that it can be followed.
+    fn open_db(&self) -> R<Db> {
+        let path = &self.shared.path;
+        let meta = std::fs::metadata(path).map_err(|e| {
+            self.err(format!("database {} cannot be opened: {e}; fix the source's path", path.display()))
+        })?;
+        let open = || {
+            let c =
+                Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                    .map_err(self.sql("open the database"))?;
+            c.busy_timeout(Duration::from_secs(5)).map_err(self.sql("set busy_timeout"))?;
+            Ok::<_, SourceError>(c)
+        };
+        let writer = open()?;
+        let mode: String = writer
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(self.sql("read journal_mode (is it a SQLite database?)"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            if !self.shared.switch_to_wal {
+                return Err(self.err(format!(
+                    "database {p} is in journal_mode={mode}; lockstep follows SQLite databases in WAL mode. \
+                     Switch it once with `sqlite3 {p} 'PRAGMA journal_mode=WAL'` (it stays in WAL mode), \
+                     or set switch_to_wal = true for this source",
+                    p = path.display()
+                )));
+            }
+            let now: String = writer
+                .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+                .map_err(self.sql("switch to WAL mode"))?;
+            if !now.eq_ignore_ascii_case("wal") {
+                return Err(self.err(format!(
+                    "database {} could not be switched to WAL mode (still {now}); is another process holding it?",
+                    path.display()
+                )));
+            }
+            warn!(source = %self.shared.name, db = %path.display(), from = %mode, "switched the database to WAL mode (switch_to_wal)");
+        }
+        // A first read creates the log and its index if they do not exist yet.
+        writer
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
+            .map_err(self.sql("read the schema"))?;
+        let mut wal_path = path.clone().into_os_string();
+        wal_path.push("-wal");
+        let mut shm_path = path.clone().into_os_string();
+        shm_path.push("-shm");
+        Ok(Db {
+            pins: [open()?, open()?],
+            active: None,
+            writer,
+            wal_path: wal_path.into(),
+            shm_path: shm_path.into(),
+            wal: None,
+            shm: None,
+            ident: (meta.dev(), meta.ino()),
+            checked: Instant::now(),
+        })
+    }
+
+    fn db(&mut self) -> &mut Db {
+        self.db.as_mut().expect("database open while following")
+    }
+
+    /// Resumes from the saved position, or starts over with a resync when the log cannot be
+    /// shown to continue from it.
+    fn start(&mut self) -> R<()> {
+        let saved = self.tree.get(POS_KEY).ok().flatten().and_then(|v| {
+            let gen = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+            Some((gen, WalPos::decode(&v[8..])?))
+        });
+        let Some((gen, pos)) = saved else {
+            info!(source = %self.shared.name, db = %self.shared.path.display(), "first start: receivers will be seeded with a snapshot");
+            return self.resync(None);
+        };
+        self.gen = gen;
+        self.pos = pos;
+        self.fresh = false;
+        // Pin first, so that the log cannot be reset while we look at it.
+        self.released = false;
+        self.pin()?;
+        let h = self.header()?;
+        if h.is_some_and(|h| h.salt == pos.salt && h.ckpt_seq == pos.ckpt_seq) {
+            info!(source = %self.shared.name, gen, frame = pos.frame, "resuming from the saved WAL position");
+            self.ctx.status.set_state(SourceState::Streaming, None);
+            Ok(())
+        } else {
+            self.resync(Some(
+                "the WAL was reset while the agent was stopped, so transactions may have been missed".into(),
+            ))
+        }
+    }
+
+    fn wal(&mut self) -> R<Option<&File>> {
+        let db = self.db.as_mut().expect("database open");
+        if db.wal.is_none() {
+            match File::open(&db.wal_path) {
+                Ok(f) => db.wal = Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(error) => {
+                    return Err(SourceError::Io {
+                        source_name: self.shared.name.to_string(),
+                        context: format!("open {}", db.wal_path.display()),
+                        error,
+                    })
+                }
+            }
+        }
+        Ok(db.wal.as_ref())
+    }
+
+    fn shm(&mut self) -> Option<&Shm> {
+        let db = self.db.as_mut().expect("database open");
+        if db.shm.is_none() {
+            db.shm = Shm::open(&db.shm_path).ok();
+        }
+        db.shm.as_ref()
+    }
+
+    fn header(&mut self) -> R<Option<WalHeader>> {
+        let Some(f) = self.wal()? else { return Ok(None) };
+        let h = wal::read_header(f);
+        h.map_err(self.io("read the WAL header"))
+    }
+
+    /// Reads and journals the transactions committed since the last poll; returns how many.
+    fn poll(&mut self) -> R<usize> {
+        let Some(h) = self.header()? else { return Ok(0) };
+        if self.fresh {
+            self.fresh = false;
+            self.pos = WalPos::start(&h);
+        } else if h.salt != self.pos.salt {
+            let next = h.ckpt_seq == self.pos.ckpt_seq.wrapping_add(1) && h.salt[0] == self.pos.salt[0].wrapping_add(1);
+            if self.released && next {
+                self.gen += 1;
+                self.pos = WalPos::start(&h);
+                debug!(source = %self.shared.name, gen = self.gen, ckpt = h.ckpt_seq, "following the next WAL generation");
+            } else {
+                let why = if self.released {
+                    format!(
+                        "the WAL jumped from checkpoint {} to {}: a whole generation was written and reset before it could be read",
+                        self.pos.ckpt_seq, h.ckpt_seq
+                    )
+                } else {
+                    "the WAL was reset while the source held it pinned".to_string()
+                };
+                self.resync(Some(why))?;
+                return Ok(0);
+            }
+        } else if self.pos.frame == 0 {
+            // The same generation, nothing read yet: its header starts the chain.
+            self.pos = WalPos::start(&h);
+        }
+        let pos = self.pos;
+        let f = self.wal()?.expect("header was read");
+        let (txns, end) = wal::read_committed(f, &h, pos, READ_BUDGET).map_err(self.io("read the WAL"))?;
+        if txns.is_empty() {
+            return Ok(0);
+        }
+        let n = txns.len();
+        for t in txns {
+            self.journal(t, &h)?;
+        }
+        self.pos = end;
+        if self.db().active.is_none() || self.last_roll.elapsed() >= ROLL_EVERY {
+            self.pin()?;
+        }
+        Ok(n)
+    }
+
+    /// Hands one transaction to the journal (in pieces if large).
+    fn journal(&mut self, t: Txn, h: &WalHeader) -> R<()> {
+        let at = WalPos { frame: t.frame, cksum: t.cksum, ..self.pos };
+        let mut pieces: Vec<Vec<proto::SqlitePage>> = vec![Vec::new()];
+        let mut bytes = 0;
+        for (pgno, data) in t.pages {
+            if bytes >= PIECE_BYTES {
+                pieces.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += data.len();
+            pieces.last_mut().expect("non-empty").push(proto::SqlitePage { pgno, data: data.into() });
+        }
+        let last = pieces.len() - 1;
+        let now = now_us();
+        let records = pieces
+            .into_iter()
+            .enumerate()
+            .map(|(i, pages)| NewRecord {
+                source: self.shared.name.clone(),
+                captured_at_us: now,
+                payload: Change::Other(proto::change_event::Change::Sqlite(proto::SqliteFrames {
+                    gen: self.gen,
+                    frame: t.frame,
+                    page_size: h.page_size,
+                    db_pages: t.db_pages,
+                    chunk: i as u32,
+                    last: i == last,
+                    pages,
+                    snapshot: false,
+                }))
+                .encode(),
+            })
+            .collect();
+        self.submit(records, Some((self.gen, at)))
+    }
+
+    fn submit(&mut self, records: Vec<NewRecord>, pos: Option<(u64, WalPos)>) -> R<()> {
+        let journal = self.ctx.journal.clone();
+        let ticket = self
+            .rt
+            .block_on(journal.submit(records))
+            .map_err(|e| SourceError::Journal(e, self.shared.name.to_string()))?;
+        self.in_flight.push_back(InFlight { ticket, pos });
+        Ok(())
+    }
+
+    /// Completes durable submissions in order (all of them, waiting, if `wait`), saving the
+    /// position they reach.
+    fn settle(&mut self, wait: bool) -> R<()> {
+        while let Some(front) = self.in_flight.front_mut() {
+            let r = if wait {
+                self.rt.block_on(front.ticket.durable())
+            } else {
+                match front.ticket.try_durable() {
+                    Some(r) => r,
+                    None => break,
+                }
+            };
+            let f = self.in_flight.pop_front().expect("non-empty");
+            let metas: Vec<RecordMeta> = r.map_err(|e| SourceError::Journal(e, self.shared.name.to_string()))?;
+            if let Some(m) = metas.last() {
+                self.ctx.status.journaled(m.seq, metas.len() as u64);
+            }
+            if let Some((gen, p)) = f.pos {
+                self.save(gen, p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Saved with the journal's next flush; a stale value only means re-reading transactions
+    /// the receivers then skip.
+    fn save(&self, gen: u64, p: WalPos) {
+        let mut v = gen.to_be_bytes().to_vec();
+        v.extend_from_slice(&p.encode());
+        let _ = self.tree.insert(POS_KEY, v);
+    }
+
+    /// Takes a read transaction at the newest state on the idle pin connection, then lets go
+    /// of the previous one. Returns whether the log is now pinned.
+    fn pin(&mut self) -> R<bool> {
+        self.last_roll = Instant::now();
+        let pos_salt = self.pos.salt;
+        let db = self.db.as_mut().expect("database open");
+        let next = db.active.map_or(0, |a| 1 - a);
+        let conn = &db.pins[next];
+        conn.execute_batch("BEGIN").map_err(|e| self.shared.err(format!("pin the WAL: {e}")))?;
+        let got = snapshot_get(conn);
+        let pinned = match got {
+            Some((mx_frame, salt)) if mx_frame > 0 => {
+                if let Some(old) = db.active.replace(next) {
+                    let _ = db.pins[old].execute_batch("COMMIT");
+                }
+                if salt == pos_salt {
+                    self.released = false;
+                }
+                true
+            }
+            _ => {
+                // Empty log, or busy: nothing to pin with this connection.
+                let _ = conn.execute_batch("COMMIT");
+                db.active.is_some()
+            }
+        };
+        Ok(pinned)
+    }
+
+    fn unpin(&mut self) {
+        let db = self.db();
+        if let Some(a) = db.active.take() {
+            let _ = db.pins[a].execute_batch("COMMIT");
+        }
+    }
+
+    /// Lets a checkpoint that waits for the pin (RESTART, TRUNCATE) reset the log, when that
+    /// cannot lose a frame (see the module docs).
+    fn maybe_release(&mut self) -> R<()> {
+        if self.db().active.is_none() || self.fresh {
+            return Ok(());
+        }
+        let pos = self.pos;
+        let Some(shm) = self.shm() else { return Ok(()) };
+        if !shm.other_writer().unwrap_or(false) {
+            return Ok(());
+        }
+        let Some(st) = shm.state().unwrap_or(None) else { return Ok(()) };
+        if st.salt != pos.salt || st.mx_frame != pos.frame || st.n_backfill != st.mx_frame {
+            return Ok(());
+        }
+        if shm.other_wal_readers().unwrap_or(true) {
+            return Ok(());
+        }
+        let Some(h) = self.header()? else { return Ok(()) };
+        let f = self.wal()?.expect("header was read");
+        if h.salt != pos.salt || wal::frame_follows(f, &h, pos).unwrap_or(true) {
+            return Ok(());
+        }
+        self.settle(true)?;
+        self.unpin();
+        self.released = true;
+        // A commit that slipped in between the checks and the release: pin it again at once.
+        if let Some(st) = self.shm().and_then(|s| s.state().ok().flatten()) {
+            if st.salt == pos.salt && st.mx_frame != pos.frame {
+                self.released = false;
+                self.pin()?;
+            }
+        }
+        debug!(source = %self.shared.name, frame = pos.frame, "released the WAL to a waiting checkpoint");
+        Ok(())
+    }
+
+    /// Resets a long log itself: under the write lock, reads it to the end, copies it back
+    /// and lets the next writer start a new generation.
+    fn maybe_recycle(&mut self) -> R<()> {
+        if self.pos.frame < RECYCLE_FRAMES || self.last_recycle.elapsed() < Duration::from_secs(1) {
+            return Ok(());
+        }
+        self.last_recycle = Instant::now();
+        if self.db().active.is_none() {
+            return Ok(());
+        }
+        // Copy back what the pin allows before holding up the application's writers.
+        let _ = self.checkpoint_passive(false);
+        let _ = self.db().writer.busy_timeout(Duration::from_millis(20));
+        let locked = self.db().writer.execute_batch("BEGIN IMMEDIATE");
+        let _ = self.db().writer.busy_timeout(Duration::from_secs(5));
+        if locked.is_err() {
+            return Ok(());
+        }
+        let r = self.recycle_locked();
+        let _ = self.db().writer.execute_batch("ROLLBACK");
+        r
+    }
+
+    fn recycle_locked(&mut self) -> R<()> {
+        while self.poll()? > 0 {}
+        self.settle(true)?;
+        if self.shm().is_none_or(|s| s.other_wal_readers().unwrap_or(true)) {
+            return Ok(());
+        }
+        self.unpin();
+        if self.checkpoint_passive(true)? {
+            self.released = true;
+            debug!(source = %self.shared.name, frames = self.pos.frame, "recycled the WAL");
+        } else {
+            self.pin()?;
+        }
+        Ok(())
+    }
+
+    /// PASSIVE checkpoint on an idle pin connection; returns whether every frame is copied
+    /// back.
+    fn checkpoint_passive(&mut self, must: bool) -> R<bool> {
+        let db = self.db.as_mut().expect("database open");
+        let idle = db.active.map_or(0, |a| 1 - a);
+        let r = db.pins[idle].query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        });
+        match r {
+            Ok((busy, log, done)) => Ok(busy == 0 && log == done),
+            Err(e) if must => Err(self.shared.err(format!("checkpoint: {e}"))),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Starts over from the log's current end: every receiver is reseeded with a snapshot
+    /// (`why` is None on a first start, which needs no alarm).
+    fn resync(&mut self, why: Option<String>) -> R<()> {
+        self.settle(true)?;
+        self.gen += 1;
+        let own_lock = self.db().writer.is_autocommit();
+        if own_lock {
+            self.db().writer.busy_timeout(WRITE_LOCK_PATIENCE).map_err(self.sql("set busy_timeout"))?;
+            let r = self.db().writer.execute_batch("BEGIN IMMEDIATE");
+            let _ = self.db().writer.busy_timeout(Duration::from_secs(5));
+            r.map_err(self.sql("take the write lock to find the end of the WAL"))?;
+        }
+        let r = self.find_end();
+        if own_lock {
+            let _ = self.db().writer.execute_batch("ROLLBACK");
+        }
+        r?;
+        self.save(self.gen, self.pos);
+        let floor = self.ctx.resync_floor.clone();
+        let raised =
+            floor.raise(&self.shared.name).map_err(|e| SourceError::Journal(e, self.shared.name.to_string()))?;
+        // A record of this source at or above the floor, so a receiver seeded after it is
+        // past the floor.
+        let marker = proto::SqliteFrames { gen: self.gen, frame: self.pos.frame, last: true, ..Default::default() };
+        self.submit(
+            vec![NewRecord {
+                source: self.shared.name.clone(),
+                captured_at_us: now_us(),
+                payload: Change::Other(proto::change_event::Change::Sqlite(marker)).encode(),
+            }],
+            Some((self.gen, self.pos)),
+        )?;
+        self.settle(true)?;
+        self.ctx.resync_floor.kick();
+        match why {
+            Some(why) => {
+                error!(source = %self.shared.name, floor = raised.0, "{why}; every receiver will be resynced from a new snapshot")
+            }
+            None => info!(source = %self.shared.name, gen = self.gen, frame = self.pos.frame, "following the WAL"),
+        }
+        self.ctx.status.set_state(SourceState::Streaming, None);
+        Ok(())
+    }
+
+    /// With the write lock held: the position after the last committed frame, pinned.
+    fn find_end(&mut self) -> R<()> {
+        self.unpin();
+        match self.header()? {
+            Some(h) => {
+                let mut pos = WalPos::start(&h);
+                loop {
+                    let f = self.wal()?.expect("header was read");
+                    let (txns, end) = wal::read_committed(f, &h, pos, READ_BUDGET).map_err(self.io("read the WAL"))?;
+                    pos = end;
+                    if txns.is_empty() {
+                        break;
+                    }
+                }
+                self.pos = pos;
+                self.fresh = false;
+            }
+            None => {
+                self.pos = WalPos { ckpt_seq: 0, salt: [0, 0], frame: 0, cksum: [0, 0] };
+                self.fresh = true;
+            }
+        }
+        // Nothing can be added while we hold the write lock: the log is read to its end.
+        self.released = true;
+        self.pin()?;
+        Ok(())
+    }
+
+    /// With the write lock held, reads the log to its end and opens a read transaction at
+    /// exactly that point for the snapshotter.
+    fn snapshot_start(&mut self) -> R<SnapStart> {
+        self.db().writer.busy_timeout(WRITE_LOCK_PATIENCE).map_err(self.sql("set busy_timeout"))?;
+        let r = self.db().writer.execute_batch("BEGIN IMMEDIATE");
+        let _ = self.db().writer.busy_timeout(Duration::from_secs(5));
+        r.map_err(self.sql("take the write lock for a snapshot"))?;
+        let r = self.snapshot_locked();
+        let _ = self.db().writer.execute_batch("ROLLBACK");
+        r
+    }
+
+    fn snapshot_locked(&mut self) -> R<SnapStart> {
+        while self.poll()? > 0 {}
+        let conn = Connection::open_with_flags(
+            &self.shared.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(self.sql("open the database for a snapshot"))?;
+        conn.execute_batch("BEGIN").map_err(self.sql("begin the snapshot"))?;
+        let q = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, u32>(0));
+        q("SELECT count(*) FROM sqlite_master").map_err(self.sql("read the schema"))?;
+        let page_size = q("PRAGMA page_size").map_err(self.sql("read page_size"))?;
+        let db_pages = q("PRAGMA page_count").map_err(self.sql("read page_count"))?;
+        info!(source = %self.shared.name, gen = self.gen, frame = self.pos.frame, pages = db_pages, "snapshot starts");
+        Ok(SnapStart { conn, gen: self.gen, frame: self.pos.frame, page_size, db_pages })
+    }
+
+    /// Why the database file is no longer the one opened, if it is not.
+    fn identity_changed(&mut self) -> Option<String> {
+        let path = self.shared.path.clone();
+        let db = self.db.as_mut()?;
+        if db.checked.elapsed() < IDENTITY_EVERY {
+            return None;
+        }
+        db.checked = Instant::now();
+        match std::fs::metadata(&path) {
+            Ok(m) if (m.dev(), m.ino()) == db.ident => None,
+            Ok(_) => Some("was replaced by another file".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("was deleted".into()),
+            Err(e) => Some(format!("cannot be examined ({e})")),
+        }
+    }
+
+    /// The database file changed underneath: report it, wait for a database at the path
+    /// again, and resync from it.
+    fn reopen(&mut self, why: &str) -> R<()> {
+        let msg = format!(
+            "database file {} {why} while lockstep was following it; waiting for a database at that path to resync from",
+            self.shared.path.display()
+        );
+        error!(source = %self.shared.name, "{msg}");
+        self.ctx.status.set_state(SourceState::Error, Some(msg));
+        self.settle(true)?;
+        self.db = None;
+        loop {
+            if self.ctx.cancel.is_cancelled() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            if !self.shared.path.exists() {
+                continue;
+            }
+            match self.open_db() {
+                Ok(db) => {
+                    self.db = Some(db);
+                    break;
+                }
+                Err(e) => debug!(source = %self.shared.name, error = %e, "database not ready yet"),
+            }
+        }
+        let why = format!("the database file {why}");
+        self.resync(Some(why))
+    }
+}
+
+/// Starts `conn`'s read transaction (it must be in `BEGIN` and not have read yet) through
+/// `sqlite3_snapshot_get`, which never reads from the database file alone while the log holds
+/// frames — so the transaction pins the log. Returns the snapshot's last frame and salts.
+fn snapshot_get(conn: &Connection) -> Option<(u32, [u32; 2])> {
+    use rusqlite::ffi;
+    let mut snap: *mut ffi::sqlite3_snapshot = std::ptr::null_mut();
+    // SAFETY: the handle is valid while `conn` lives and is used from this thread only;
+    // "main" is NUL-terminated; `snap` is freed below.
+    let rc = unsafe { ffi::sqlite3_snapshot_get(conn.handle(), c"main".as_ptr(), &mut snap) };
+    if rc != ffi::SQLITE_OK || snap.is_null() {
+        return None;
+    }
+    // SAFETY: a snapshot is the 48-byte WAL index header (`sqlite3_snapshot::hidden`), which
+    // holds mxFrame at offset 16 (native byte order) and the salts at 32 (copied from the log
+    // header, big-endian).
+    let hdr: [u8; 48] = unsafe { (*snap).hidden };
+    // SAFETY: `snap` came from sqlite3_snapshot_get and is freed once.
+    unsafe { ffi::sqlite3_snapshot_free(snap) };
+    let word = |at: usize| <[u8; 4]>::try_from(&hdr[at..at + 4]).expect("4 bytes");
+    Some((u32::from_ne_bytes(word(16)), [u32::from_be_bytes(word(32)), u32::from_be_bytes(word(36))]))
+}

@@ -1,0 +1,87 @@
+//! A read-only look at SQLite's WAL index (the `-shm` file) and at the locks other processes
+//! hold on it (format: <https://sqlite.org/walformat.html#the_wal_index_file_format>).
+//!
+//! The source lets go of its read transaction — the only moment the log may be reset — only
+//! when the index shows that doing so cannot lose a frame it has not read; see
+//! [`super::follow`].
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+/// Byte offset of the lock slots in the `-shm` file (the unix VFS locks one byte each).
+const LOCK_BASE: i64 = 120;
+const WRITE_LOCK: i64 = 0;
+/// Read-mark slots 1..=4 (slot 0 means "reading the database file only").
+const READ_LOCKS_USING_WAL: std::ops::RangeInclusive<i64> = 4..=7;
+
+/// What the WAL index says right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexState {
+    /// Last valid commit frame of the log.
+    pub mx_frame: u32,
+    /// Frames already copied back into the database file.
+    pub n_backfill: u32,
+    pub salt: [u32; 2],
+}
+
+pub struct Shm {
+    file: File,
+}
+
+impl Shm {
+    pub fn open(path: &std::path::Path) -> io::Result<Shm> {
+        Ok(Shm { file: std::fs::OpenOptions::new().read(true).open(path)? })
+    }
+
+    /// The index header, if its two copies agree (a writer is not half-way through it).
+    pub fn state(&self) -> io::Result<Option<IndexState>> {
+        let mut b = [0u8; 136];
+        match self.file.read_exact_at(&mut b, 0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        if b[..48] != b[48..96] || b[12] == 0 {
+            return Ok(None);
+        }
+        // Native byte order, except the salts: copied from the log header, big-endian.
+        let word = |at: usize| <[u8; 4]>::try_from(&b[at..at + 4]).expect("4 bytes");
+        Ok(Some(IndexState {
+            mx_frame: u32::from_ne_bytes(word(16)),
+            salt: [u32::from_be_bytes(word(32)), u32::from_be_bytes(word(36))],
+            n_backfill: u32::from_ne_bytes(word(96)),
+        }))
+    }
+
+    /// Whether another process holds the write lock (a writer or a blocking checkpoint).
+    pub fn other_writer(&self) -> io::Result<bool> {
+        self.held_by_other(LOCK_BASE + WRITE_LOCK)
+    }
+
+    /// Whether another process holds a read lock on a slot that reads from the log.
+    pub fn other_wal_readers(&self) -> io::Result<bool> {
+        for slot in READ_LOCKS_USING_WAL {
+            if self.held_by_other(LOCK_BASE + slot)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// POSIX record locks: F_GETLK reports locks of other processes only.
+    fn held_by_other(&self, byte: i64) -> io::Result<bool> {
+        // SAFETY: an all-zero `flock` is a valid value; the fields set below follow fcntl(2).
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as _;
+        fl.l_whence = libc::SEEK_SET as _;
+        fl.l_start = byte as _;
+        fl.l_len = 1;
+        // SAFETY: the descriptor is open for the call, and `fl` outlives it.
+        if unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETLK, &mut fl) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(i32::from(fl.l_type) != libc::F_UNLCK)
+    }
+}
