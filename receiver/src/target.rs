@@ -57,7 +57,10 @@ impl Target {
                 )?))
             }
             SourceKind::Postgres => Ok(Box::new(crate::applier::pg::PgApplier::open(&self.cfg)?)),
-            other => Err(ApplyError::Refused(format!("targets of kind {other} are not supported by this build yet"))),
+            SourceKind::Sqlite => {
+                let standby = self.cfg.path.clone().expect("validated: sqlite target has a path");
+                Ok(Box::new(crate::applier::sqlite::SqliteApplier::open(standby, self.position_file.clone())?))
+            }
         }
     }
 

@@ -10,8 +10,13 @@
 
 pub mod fs;
 pub mod pg;
+pub mod sqlite;
+
+use std::io;
+use std::path::Path;
 
 use lockstep_common::event::{Change, JournalId, Seq};
+use lockstep_common::frame;
 use lockstep_common::relpath::RelPath;
 
 /// Where a target stands: the journal it follows and the last seq applied and committed.
@@ -19,6 +24,56 @@ use lockstep_common::relpath::RelPath;
 pub struct Position {
     pub journal_id: JournalId,
     pub seq: Seq,
+}
+
+/// Size of a [`Position`] in a position file: journal id (16 bytes) then seq (u64 LE).
+pub(crate) const POSITION_LEN: usize = 24;
+
+impl Position {
+    /// The position as it starts a position file's body.
+    pub(crate) fn to_bytes(self) -> [u8; POSITION_LEN] {
+        let mut b = [0; POSITION_LEN];
+        b[..16].copy_from_slice(&self.journal_id.0);
+        b[16..].copy_from_slice(&self.seq.0.to_le_bytes());
+        b
+    }
+
+    /// Reads a position from the first [`POSITION_LEN`] bytes of `b`.
+    pub(crate) fn from_bytes(b: &[u8]) -> Position {
+        let journal_id = JournalId::from_slice(&b[..16]).expect("16 bytes");
+        let seq = Seq(u64::from_le_bytes(b[16..POSITION_LEN].try_into().expect("8 bytes")));
+        Position { journal_id, seq }
+    }
+}
+
+/// Reads a position file (a [`frame`]d record) whose body must be `len` bytes; missing means
+/// "no position yet". A corrupt file is an error naming it and the fix (it needs a person:
+/// restore it, or remove it to resync the target from scratch).
+pub(crate) fn read_position_file(path: &Path, len: usize) -> Result<Option<Vec<u8>>, ApplyError> {
+    let ctx = || format!("read position file {}", path.display());
+    let rec = match std::fs::read(path) {
+        Ok(rec) => rec,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(ApplyError::Io { context: ctx(), error }),
+    };
+    let corrupt = |why: String| ApplyError::Io {
+        context: ctx(),
+        error: io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{why}; restore the file or remove it to resync this target"),
+        ),
+    };
+    let body = frame::decode(&rec).map_err(|e| corrupt(e.to_string()))?;
+    if body.len() != len {
+        return Err(corrupt(format!("body is {} bytes, expected {len}", body.len())));
+    }
+    Ok(Some(body.to_vec()))
+}
+
+/// Writes a position file atomically and durably (see [`frame::write_atomic`]).
+pub(crate) fn write_position_file(path: &Path, body: &[u8]) -> Result<(), ApplyError> {
+    frame::write_atomic(path, &frame::encode(body))
+        .map_err(|error| ApplyError::Io { context: format!("write position file {}", path.display()), error })
 }
 
 /// Apply failures.

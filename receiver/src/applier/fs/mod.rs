@@ -52,17 +52,15 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use lockstep_common::event::{Change, FsOp, JournalId, Seq};
-use lockstep_common::frame;
+use lockstep_common::event::{Change, FsOp, Seq};
 use lockstep_common::relpath::{RelPath, STAGING_SUFFIX};
 
 use self::pool::Pool;
 use self::tree::{chmod_nofollow, ensure_parents, io_err, lstat, remove_any, staging_path, symlink_escapes};
 use self::write::Writer;
-use super::{Applier, ApplyError, ApplyOutcome, CommitFn, Position};
-
-/// Size of the position file's body: journal id (16 bytes) then seq (u64 LE).
-const POSITION_BODY_LEN: usize = 24;
+use super::{
+    read_position_file, write_position_file, Applier, ApplyError, ApplyOutcome, CommitFn, Position, POSITION_LEN,
+};
 
 /// Applies a filesystem source to a standby directory tree.
 pub struct FsApplier {
@@ -401,11 +399,7 @@ impl Applier for FsApplier {
                     return Err(io_err(format!("sync filesystem of {}", root.display()))(io::Error::last_os_error()));
                 }
             }
-            let mut body = Vec::with_capacity(POSITION_BODY_LEN);
-            body.extend_from_slice(&pos.journal_id.0);
-            body.extend_from_slice(&pos.seq.0.to_le_bytes());
-            frame::write_atomic(&position_file, &frame::encode(&body))
-                .map_err(io_err(format!("write position file {}", position_file.display())))?;
+            write_position_file(&position_file, &pos.to_bytes())?;
             *committed.lock().unwrap_or_else(|e| e.into_inner()) = Some(pos);
             Ok(())
         })))
@@ -426,23 +420,5 @@ fn dir_is_empty(path: &Path) -> Result<bool, ApplyError> {
 
 /// Reads the position file; missing means "no position yet".
 fn load_position(path: &Path) -> Result<Option<Position>, ApplyError> {
-    let ctx = || format!("read position file {}", path.display());
-    let rec = match fs::read(path) {
-        Ok(rec) => rec,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(ctx())(e)),
-    };
-    let corrupt = |why: String| {
-        io_err(ctx())(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{why}; restore the file or remove it to resync this target"),
-        ))
-    };
-    let body = frame::decode(&rec).map_err(|e| corrupt(e.to_string()))?;
-    if body.len() != POSITION_BODY_LEN {
-        return Err(corrupt(format!("body is {} bytes, expected {POSITION_BODY_LEN}", body.len())));
-    }
-    let journal_id = JournalId::from_slice(&body[..16]).expect("16 bytes");
-    let seq = Seq(u64::from_le_bytes(body[16..24].try_into().expect("8 bytes")));
-    Ok(Some(Position { journal_id, seq }))
+    Ok(read_position_file(path, POSITION_LEN)?.map(|body| Position::from_bytes(&body)))
 }

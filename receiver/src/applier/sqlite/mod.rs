@@ -1,0 +1,817 @@
+//! The SQLite applier: applies a SQLite source's committed transactions (`SqliteFrames`, see
+//! the SQLite section of `replication.proto`) to a standby database file, page by page, and
+//! records how far it got in a position file.
+//!
+//! In: whole source transactions as the pages they wrote (large ones in chunks), resync
+//! snapshots, commits from the session. Out: the standby database (readable by any SQLite
+//! client at every moment) and the position file.
+//!
+//! # Writing pages
+//!
+//! Pages go into the standby through the `sqlite_dbpage` virtual table inside one SQLite write
+//! transaction: readers keep seeing the last committed state until the COMMIT, which makes
+//! everything in it visible at once (the standby is in WAL mode: its page 1 comes from a
+//! WAL-mode source). Many source transactions are grouped into one standby transaction, which
+//! [`Applier::prepare_commit`] ends by truncating the database to the latest size (the
+//! truncate must be the last statement: a later page write cancels it) and committing. A
+//! chunked source transaction is buffered in memory until its last chunk and written whole,
+//! so a standby transaction never holds part of one.
+//!
+//! The connection writing pages never parses the standby's schema after it attached the file:
+//! its main database is an in-memory one and the standby is attached as `standby`, so its page
+//! writes check only the in-memory schema's cookie. With the standby as the main database, a
+//! page 1 carrying a new schema cookie makes the next statement re-read the schema from
+//! half-written pages, through b-tree page descriptors cached from before the pages were
+//! overwritten ("malformed database schema"; see the schema test).
+//!
+//! # Durability and the horizon
+//!
+//! A standby commit is visible at once; the position file is written afterwards, in the
+//! commit's durable half (after an fdatasync of the WAL and the database file). After a crash
+//! the standby may therefore be ahead of the recorded position, and the agent re-sends what
+//! followed it. Applying such an older transaction on top of the newer state and committing it
+//! alone would show readers a mix of page versions (a b-tree whose pages disagree). So before
+//! any standby commit the position file durably records a *horizon* at or beyond everything in
+//! it; while the applied position is below the horizon (only after a restart), `prepare_commit`
+//! declines, so every re-sent transaction up to the horizon lands in one standby commit, which
+//! takes the standby from some state at or before the horizon to exactly the horizon's state.
+//! A resync resets the horizon to the snapshot's position.
+//!
+//! # Resync
+//!
+//! Snapshot pieces for a standby that exists with the snapshot's page size are written through
+//! `sqlite_dbpage` in one write transaction, committed by the next `prepare_commit` after the
+//! resync (readers see the old database until then). Otherwise (no standby, or another page
+//! size) they are written into `<standby>.lockstep-tmp`, which replaces the standby by a rename
+//! at the end of the resync.
+//!
+//! Changes are applied in the calling (blocking) thread; commits' durable halves run on
+//! another one, so the position file is shared behind a mutex.
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use lockstep_common::event::{Change, Seq};
+use lockstep_common::proto::{self, SqliteFrames};
+use rusqlite::config::DbConfig;
+use rusqlite::Connection;
+use tracing::{debug, info, warn};
+
+use super::{
+    read_position_file, write_position_file, Applier, ApplyError, ApplyOutcome, CommitFn, Position, POSITION_LEN,
+};
+
+/// Size of the position file's body: the journal position, then the applied position and the
+/// horizon (each gen u64 LE, frame u32 LE).
+const STATE_LEN: usize = POSITION_LEN + 2 * 12;
+/// The byte offset SQLite reserves for locking; the page holding it is never used.
+const PENDING_BYTE: u64 = 0x4000_0000;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Overwrites (or appends) page `?1` of the standby (attached as `standby`) in the open
+/// transaction.
+const WRITE_PAGE: &str = "INSERT INTO sqlite_dbpage(pgno, data, schema) VALUES (?1, ?2, 'standby')";
+/// Truncates the standby to `?1 - 1` pages at COMMIT.
+const TRUNCATE: &str = "INSERT INTO sqlite_dbpage(pgno, data, schema) VALUES (?1, NULL, 'standby')";
+
+/// A position in the source's WAL history: transactions are ordered by (gen, frame).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WalPos {
+    /// The agent's count of WAL generations it followed.
+    pub gen: u64,
+    /// The 1-based index of a transaction's commit frame within its generation.
+    pub frame: u32,
+}
+
+impl fmt::Display for WalPos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.gen, self.frame)
+    }
+}
+
+impl WalPos {
+    fn of(f: &SqliteFrames) -> WalPos {
+        WalPos { gen: f.gen, frame: f.frame }
+    }
+
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.gen.to_le_bytes());
+        out.extend_from_slice(&self.frame.to_le_bytes());
+    }
+
+    fn get(b: &[u8]) -> WalPos {
+        WalPos {
+            gen: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+            frame: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
+        }
+    }
+}
+
+/// What the position file says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Recorded {
+    pos: Position,
+    /// Everything up to here is in the standby (committed and durable).
+    applied: WalPos,
+    /// No standby commit went beyond this (see the module docs).
+    horizon: WalPos,
+}
+
+impl Recorded {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(STATE_LEN);
+        b.extend_from_slice(&self.pos.to_bytes());
+        self.applied.put(&mut b);
+        self.horizon.put(&mut b);
+        b
+    }
+
+    fn decode(b: &[u8]) -> Recorded {
+        Recorded {
+            pos: Position::from_bytes(b),
+            applied: WalPos::get(&b[POSITION_LEN..]),
+            horizon: WalPos::get(&b[POSITION_LEN + 12..]),
+        }
+    }
+}
+
+/// The position file, shared with the durable halves of commits (which run on another
+/// thread). Every write happens under its lock, so a horizon written before a standby commit
+/// and a position written after an earlier one never interleave, and neither undoes the other.
+struct StateFile {
+    path: PathBuf,
+    /// What the file holds; `None` while no position is known (nothing to protect then: the
+    /// agent resyncs).
+    rec: Option<Recorded>,
+    /// The horizon to record: raised before each standby commit, reset by a resync.
+    horizon: WalPos,
+}
+
+impl StateFile {
+    fn write(&mut self, rec: Recorded) -> Result<(), ApplyError> {
+        write_position_file(&self.path, &rec.encode())?;
+        self.rec = Some(rec);
+        Ok(())
+    }
+
+    /// Durably records `self.horizon` (with the position already recorded) if the file says
+    /// otherwise. Called before anything beyond the recorded horizon becomes visible.
+    fn record_horizon(&mut self) -> Result<(), ApplyError> {
+        match self.rec {
+            Some(rec) if rec.horizon != self.horizon => self.write(Recorded { horizon: self.horizon, ..rec }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A chunked source transaction whose last chunk has not arrived yet.
+struct Partial {
+    at: WalPos,
+    page_size: u32,
+    next_chunk: u32,
+    /// The latest version of each page so far.
+    pages: BTreeMap<u32, Bytes>,
+}
+
+/// Where the pieces of a snapshot go.
+enum SnapshotSink {
+    /// Into the open standby write transaction.
+    Dbpage,
+    /// Into a temp file that replaces the standby at the end.
+    TempFile(File),
+}
+
+/// A resync in progress.
+#[derive(Default)]
+struct Resync {
+    /// Chosen by the first piece, with the snapshot's page size.
+    sink: Option<(SnapshotSink, u32)>,
+    /// Which pages the pieces carried.
+    seen: PageSet,
+    /// The snapshot's position and size, from its last piece.
+    end: Option<(WalPos, u32)>,
+}
+
+/// A set of page numbers: one bit per page up to the largest seen.
+#[derive(Default)]
+struct PageSet(Vec<u64>);
+
+impl PageSet {
+    fn insert(&mut self, pgno: u32) {
+        let (i, bit) = (pgno as usize / 64, pgno % 64);
+        if self.0.len() <= i {
+            self.0.resize(i + 1, 0);
+        }
+        self.0[i] |= 1 << bit;
+    }
+
+    fn contains(&self, pgno: u32) -> bool {
+        self.0.get(pgno as usize / 64).is_some_and(|w| w & (1 << (pgno % 64)) != 0)
+    }
+}
+
+/// Applies a SQLite source to a standby database file.
+pub struct SqliteApplier {
+    /// The standby database.
+    standby: PathBuf,
+    state: Arc<Mutex<StateFile>>,
+    /// The writing connection (main: in memory; the standby attached as `standby`). Opened
+    /// when first needed; dropped when an error may have left it unusable.
+    conn: Option<Connection>,
+    /// The standby's page size, from its header; `None` while it does not exist (or is not a
+    /// SQLite database).
+    page_size: Option<u32>,
+    /// A standby write transaction is open on `conn`.
+    in_tx: bool,
+    /// Database size in pages after the latest source transaction (or snapshot) in the open
+    /// write transaction.
+    db_pages: Option<u32>,
+    /// Everything up to here is in the standby, committed or in the open transaction.
+    applied: WalPos,
+    partial: Option<Partial>,
+    resync: Option<Resync>,
+    /// The WAL's directory entry is durable (fsynced once per connection).
+    wal_dir_synced: bool,
+    /// An error rolled the open transaction back; nothing more until the next session.
+    failed: bool,
+}
+
+fn refused(msg: impl Into<String>) -> ApplyError {
+    ApplyError::Refused(msg.into())
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyError {
+    let context = context.into();
+    move |error| ApplyError::Io { context, error }
+}
+
+/// An apply error for a failed SQLite call on the standby: the agent retries.
+fn db_err(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> ApplyError {
+    let context = context.into();
+    move |e| ApplyError::Io { context, error: io::Error::other(e.to_string()) }
+}
+
+/// `<path><suffix>`, as SQLite names a database's companion files.
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut s: OsString = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+fn remove_if_present(path: &Path) -> Result<(), ApplyError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(format!("remove {}", path.display()))(e)),
+        _ => Ok(()),
+    }
+}
+
+/// The page size recorded in a database header, or `None` if `path` does not exist or does
+/// not start with a SQLite header.
+fn header_page_size(path: &Path) -> Result<Option<u32>, ApplyError> {
+    let ctx = || format!("read the header of standby {}", path.display());
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(ctx())(e)),
+    };
+    let mut h = [0u8; 100];
+    match f.read_exact_at(&mut h, 0) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(io_err(ctx())(e)),
+    }
+    if &h[..16] != b"SQLite format 3\0" {
+        return Ok(None);
+    }
+    Ok(Some(match u16::from_be_bytes([h[16], h[17]]) {
+        1 => 65536,
+        n => u32::from(n),
+    }))
+}
+
+/// The page SQLite never uses (it holds the lock byte) for this page size.
+fn pending_page(page_size: u32) -> u32 {
+    (PENDING_BYTE / u64::from(page_size) + 1) as u32
+}
+
+/// A `file:` URI for `path` that opens it read-write but never creates it.
+fn attach_uri(path: &Path) -> String {
+    let mut s = String::from("file:");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s.push_str("?mode=rw");
+    s
+}
+
+/// Checks what can be checked of an event without the standby.
+fn validate(f: &SqliteFrames) -> Result<(), ApplyError> {
+    let what = if f.snapshot {
+        "a snapshot piece".to_string()
+    } else {
+        format!("transaction {} chunk {}", WalPos::of(f), f.chunk)
+    };
+    if !f.page_size.is_power_of_two() || !(512..=65536).contains(&f.page_size) {
+        return Err(refused(format!(
+            "{what} has page size {}; SQLite page sizes are powers of two from 512 to 65536",
+            f.page_size
+        )));
+    }
+    // Only a snapshot's last piece must say how large the database is.
+    if f.db_pages == 0 && (!f.snapshot || f.last) {
+        return Err(refused(format!("{what} says the database has 0 pages")));
+    }
+    for p in &f.pages {
+        if p.pgno == 0 || (f.db_pages != 0 && p.pgno > f.db_pages) {
+            return Err(refused(format!("{what} carries page {} of a database of {} pages", p.pgno, f.db_pages)));
+        }
+        if p.data.len() != f.page_size as usize {
+            return Err(refused(format!(
+                "{what} carries page {} of {} bytes; the page size is {}",
+                p.pgno,
+                p.data.len(),
+                f.page_size
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl SqliteApplier {
+    /// Opens the applier for the standby database `standby` (created by the first resync),
+    /// recording its position in `position_file` (both parent directories are created). A
+    /// corrupt position file is an error naming it; it needs a person (restore it, or remove
+    /// it to resync the standby). A position without a standby is forgotten (with a warning),
+    /// so the agent resyncs.
+    pub fn open(standby: PathBuf, position_file: PathBuf) -> Result<SqliteApplier, ApplyError> {
+        for dir in [standby.parent(), position_file.parent()].into_iter().flatten() {
+            if !dir.as_os_str().is_empty() {
+                fs::create_dir_all(dir).map_err(io_err(format!("create directory {}", dir.display())))?;
+            }
+        }
+        let mut rec = read_position_file(&position_file, STATE_LEN)?.map(|b| Recorded::decode(&b));
+        let exists = standby.try_exists().map_err(io_err(format!("inspect standby {}", standby.display())))?;
+        if rec.is_some() && !exists {
+            warn!(
+                standby = %standby.display(),
+                position_file = %position_file.display(),
+                "the position file has a position but the standby database is missing; resyncing it"
+            );
+            rec = None;
+        }
+        // Left by a resync cut short; a new one starts from scratch.
+        remove_if_present(&sidecar(&standby, ".lockstep-tmp"))?;
+        let page_size = header_page_size(&standby)?;
+        let horizon = rec.map(|r| r.horizon).unwrap_or_default();
+        Ok(SqliteApplier {
+            applied: rec.map(|r| r.applied).unwrap_or_default(),
+            standby,
+            state: Arc::new(Mutex::new(StateFile { path: position_file, rec, horizon })),
+            conn: None,
+            page_size,
+            in_tx: false,
+            db_pages: None,
+            partial: None,
+            resync: None,
+            wal_dir_synced: false,
+            failed: false,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, StateFile> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        sidecar(&self.standby, ".lockstep-tmp")
+    }
+
+    /// The writing connection, opened if needed.
+    fn conn(&mut self) -> Result<&Connection, ApplyError> {
+        if self.conn.is_none() {
+            let ctx = || format!("open standby {}", self.standby.display());
+            let conn = Connection::open_in_memory().map_err(db_err(ctx()))?;
+            conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err(ctx()))?;
+            // The schema is never used here; one this build cannot parse (unknown collations,
+            // functions) must not stop the pages from being copied.
+            conn.set_db_config(DbConfig::SQLITE_DBCONFIG_WRITABLE_SCHEMA, true).map_err(db_err(ctx()))?;
+            conn.execute("ATTACH DATABASE ?1 AS standby", [attach_uri(&self.standby)]).map_err(db_err(ctx()))?;
+            conn.execute_batch("PRAGMA standby.synchronous = NORMAL").map_err(db_err(ctx()))?;
+            self.wal_dir_synced = false;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_ref().expect("opened above"))
+    }
+
+    /// Opens the standby write transaction if none is open.
+    fn begin(&mut self) -> Result<(), ApplyError> {
+        if !self.in_tx {
+            self.conn()?.execute_batch("BEGIN IMMEDIATE").map_err(db_err("begin a standby transaction"))?;
+            self.in_tx = true;
+        }
+        Ok(())
+    }
+
+    /// Writes one page into the open write transaction.
+    fn write_page(&mut self, page_size: u32, pgno: u32, data: Bytes) -> Result<(), ApplyError> {
+        if pgno == pending_page(page_size) {
+            // SQLite never stores anything there (and refuses to hand out the page).
+            return Ok(());
+        }
+        self.conn()?
+            .prepare_cached(WRITE_PAGE)
+            .and_then(|mut s| s.execute(rusqlite::params![pgno, &data[..]]))
+            .map(|_| ())
+            .map_err(db_err(format!("write page {pgno} of the standby")))
+    }
+
+    /// Truncates and commits the open write transaction.
+    fn finish(&mut self) -> Result<(), ApplyError> {
+        if let Some(n) = self.db_pages {
+            // The last statement before COMMIT: a page write after it would cancel it.
+            self.conn()?
+                .prepare_cached(TRUNCATE)
+                .and_then(|mut s| s.execute([i64::from(n) + 1]))
+                .map_err(db_err(format!("truncate the standby to {n} pages")))?;
+        }
+        self.conn()?.execute_batch("COMMIT").map_err(db_err("commit on the standby"))?;
+        self.in_tx = false;
+        self.db_pages = None;
+        Ok(())
+    }
+
+    /// Rolls back whatever is open and forgets everything not committed. A connection that
+    /// fails the rollback is dropped.
+    fn discard(&mut self) {
+        if let Some(c) = &self.conn {
+            // SQLite may have rolled back already (after some errors).
+            if !c.is_autocommit() && c.execute_batch("ROLLBACK").is_err() {
+                self.conn = None;
+            }
+        }
+        self.in_tx = false;
+        self.db_pages = None;
+        self.partial = None;
+        if let Some(Resync { sink: Some((SnapshotSink::TempFile(_), _)), .. }) = self.resync.take() {
+            if let Err(e) = remove_if_present(&self.temp_path()) {
+                warn!(error = %e, "could not remove the temp file of an abandoned resync");
+            }
+        }
+        let committed = self.state().rec.map(|r| r.applied).unwrap_or_default();
+        self.applied = committed;
+    }
+
+    fn fail(&mut self, e: ApplyError) -> ApplyError {
+        self.discard();
+        self.failed = true;
+        e
+    }
+
+    fn check_usable(&self) -> Result<(), ApplyError> {
+        if self.failed {
+            return Err(ApplyError::Io {
+                context: format!("SQLite standby {}", self.standby.display()),
+                error: io::Error::other(
+                    "an earlier error rolled back this session's uncommitted work; waiting for the agent to reconnect",
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the standby can take transaction `f`: it exists, with `f`'s page size.
+    fn check_standby(&self, f: &SqliteFrames) -> Result<(), ApplyError> {
+        match self.page_size {
+            None => Err(refused(format!(
+                "transaction {} arrived but there is no standby database at {} to apply it to; \
+                 reconnect the agent so it resyncs the standby",
+                WalPos::of(f),
+                self.standby.display()
+            ))),
+            Some(ps) if ps != f.page_size => Err(refused(format!(
+                "transaction {} has page size {} but the standby {} has page size {ps}; delete the standby \
+                 and its position file {} to resync it",
+                WalPos::of(f),
+                f.page_size,
+                self.standby.display(),
+                self.state().path.display()
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn apply_frames(&mut self, f: SqliteFrames) -> Result<(), ApplyError> {
+        validate(&f)?;
+        if f.snapshot {
+            return self.apply_piece(f);
+        }
+        if self.resync.is_some() {
+            return Err(refused(format!("transaction {} arrived during a resync", WalPos::of(&f))));
+        }
+        let at = WalPos::of(&f);
+        if at <= self.applied {
+            debug!(at = %at, applied = %self.applied, chunk = f.chunk, "transaction already applied; skipped");
+            return Ok(());
+        }
+        self.check_standby(&f)?;
+        if f.chunk == 0 {
+            if let Some(p) = self.partial.take() {
+                warn!(
+                    at = %p.at,
+                    chunks = p.next_chunk,
+                    "transaction cut off by an agent restart; discarding its chunks (it is sent again in full)"
+                );
+            }
+            if f.last {
+                return self.write_tx(f.page_size, f.db_pages, f.pages.into_iter().map(|p| (p.pgno, p.data)), at);
+            }
+            let pages = f.pages.into_iter().map(|p| (p.pgno, p.data)).collect();
+            self.partial = Some(Partial { at, page_size: f.page_size, next_chunk: 1, pages });
+            return Ok(());
+        }
+        let continues = self.partial.as_ref().is_some_and(|p| p.at == at && p.next_chunk == f.chunk);
+        if !continues {
+            warn!(
+                at = %at,
+                chunk = f.chunk,
+                buffered = ?self.partial.as_ref().map(|p| (p.at, p.next_chunk)),
+                "chunk does not continue the transaction being received; ignored"
+            );
+            return Ok(());
+        }
+        let p = self.partial.as_mut().expect("checked above");
+        if p.page_size != f.page_size {
+            return Err(refused(format!(
+                "chunk {} of transaction {at} has page size {} but its chunk 0 had {}",
+                f.chunk, f.page_size, p.page_size
+            )));
+        }
+        p.pages.extend(f.pages.into_iter().map(|pg| (pg.pgno, pg.data)));
+        p.next_chunk += 1;
+        if !f.last {
+            return Ok(());
+        }
+        let p = self.partial.take().expect("checked above");
+        self.write_tx(p.page_size, f.db_pages, p.pages.into_iter(), at)
+    }
+
+    /// Writes a whole source transaction into the open standby transaction.
+    fn write_tx(
+        &mut self,
+        page_size: u32,
+        db_pages: u32,
+        pages: impl Iterator<Item = (u32, Bytes)>,
+        at: WalPos,
+    ) -> Result<(), ApplyError> {
+        self.write_pages(page_size, pages).map_err(|e| self.fail(e))?;
+        self.db_pages = Some(db_pages);
+        self.applied = at;
+        Ok(())
+    }
+
+    fn write_pages(&mut self, page_size: u32, pages: impl Iterator<Item = (u32, Bytes)>) -> Result<(), ApplyError> {
+        self.begin()?;
+        for (pgno, data) in pages {
+            self.write_page(page_size, pgno, data)?;
+        }
+        Ok(())
+    }
+
+    fn apply_piece(&mut self, f: SqliteFrames) -> Result<(), ApplyError> {
+        let standby_page_size = self.page_size;
+        let tmp = self.temp_path();
+        let Some(rs) = &mut self.resync else {
+            return Err(refused("a snapshot piece arrived outside a resync"));
+        };
+        if rs.end.is_some() {
+            return Err(refused("a snapshot piece arrived after the snapshot's last piece"));
+        }
+        let page_size = match &rs.sink {
+            Some((_, ps)) if *ps != f.page_size => {
+                return Err(refused(format!(
+                    "a snapshot piece has page size {} but the snapshot began with page size {ps}",
+                    f.page_size
+                )))
+            }
+            Some((_, ps)) => *ps,
+            None => {
+                let sink = if standby_page_size == Some(f.page_size) {
+                    SnapshotSink::Dbpage
+                } else {
+                    let file = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&tmp)
+                        .map_err(io_err(format!("create {}", tmp.display())))?;
+                    SnapshotSink::TempFile(file)
+                };
+                rs.sink = Some((sink, f.page_size));
+                f.page_size
+            }
+        };
+        for p in &f.pages {
+            rs.seen.insert(p.pgno);
+        }
+        if f.last {
+            rs.end = Some((WalPos::of(&f), f.db_pages));
+        }
+        let r = match &rs.sink {
+            Some((SnapshotSink::TempFile(file), _)) => f.pages.iter().try_for_each(|p| {
+                file.write_all_at(&p.data, u64::from(p.pgno - 1) * u64::from(page_size)).map_err(io_err(format!(
+                    "write page {} to {}",
+                    p.pgno,
+                    tmp.display()
+                )))
+            }),
+            _ => self.write_pages(page_size, f.pages.into_iter().map(|p| (p.pgno, p.data))),
+        };
+        r.map_err(|e| self.fail(e))
+    }
+
+    fn end_snapshot(&mut self) -> Result<(), ApplyError> {
+        let Some(rs) = self.resync.take() else {
+            return Err(refused("end of resync without a beginning"));
+        };
+        let (Some((sink, page_size)), Some((at, db_pages))) = (rs.sink, rs.end) else {
+            return Err(refused("the resync snapshot ended before its last piece"));
+        };
+        let pending = pending_page(page_size);
+        if let Some(missing) = (1..=db_pages).find(|&n| n != pending && !rs.seen.contains(n)) {
+            return Err(refused(format!("the resync snapshot at {at} of {db_pages} pages lacks page {missing}")));
+        }
+        match sink {
+            SnapshotSink::Dbpage => {
+                // Committed, with the truncate, by the next prepare_commit.
+                self.db_pages = Some(db_pages);
+            }
+            SnapshotSink::TempFile(file) => self.install_temp(file, page_size, db_pages, at)?,
+        }
+        self.applied = at;
+        self.state().horizon = at;
+        info!(at = %at, pages = db_pages, page_size, "resync snapshot applied");
+        Ok(())
+    }
+
+    /// Makes the temp file the standby: sized, synced, renamed over it.
+    fn install_temp(&mut self, file: File, page_size: u32, db_pages: u32, at: WalPos) -> Result<(), ApplyError> {
+        let tmp = self.temp_path();
+        file.set_len(u64::from(db_pages) * u64::from(page_size))
+            .and_then(|()| file.sync_all())
+            .map_err(io_err(format!("sync {}", tmp.display())))?;
+        drop(file);
+        // Nothing of ours may hold the old files.
+        self.conn = None;
+        self.page_size = None;
+        if let Some(old) = header_page_size(&self.standby)? {
+            warn!(
+                standby = %self.standby.display(),
+                old_page_size = old,
+                page_size,
+                "replacing the standby with a snapshot of another page size; readers that have it open keep the old file"
+            );
+        }
+        {
+            // The new database becomes visible with the rename: record the horizon first.
+            let mut st = self.state();
+            st.horizon = at;
+            st.record_horizon()?;
+        }
+        // A WAL or journal left beside the standby belongs to the old database and would be
+        // applied to the new one.
+        for suffix in ["-wal", "-shm", "-journal"] {
+            remove_if_present(&sidecar(&self.standby, suffix))?;
+        }
+        fs::rename(&tmp, &self.standby).map_err(io_err(format!(
+            "rename {} to {}",
+            tmp.display(),
+            self.standby.display()
+        )))?;
+        let dir = self.standby.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(format!("sync directory {}", dir.display())))?;
+        // The connection opens with the next write: nothing after the rename may fail.
+        self.page_size = Some(page_size);
+        Ok(())
+    }
+}
+
+/// The durable half of a standby commit: the WAL (with its directory entry) and the database
+/// file reach the disk.
+fn sync_standby(standby: &Path, sync_dir: bool) -> Result<(), ApplyError> {
+    let wal = sidecar(standby, "-wal");
+    match File::open(&wal) {
+        Ok(f) => f.sync_data().map_err(io_err(format!("sync {}", wal.display())))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(format!("open {}", wal.display()))(e)),
+    }
+    File::open(standby).and_then(|f| f.sync_data()).map_err(io_err(format!("sync {}", standby.display())))?;
+    if sync_dir {
+        let dir = standby.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(format!("sync directory {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+impl Applier for SqliteApplier {
+    fn position(&self) -> Option<Position> {
+        self.state().rec.map(|r| r.pos)
+    }
+
+    fn apply(&mut self, _seq: Seq, change: Change) -> Result<ApplyOutcome, ApplyError> {
+        self.check_usable()?;
+        let f = match change {
+            Change::Other(proto::change_event::Change::Sqlite(f)) => f,
+            _ => return Err(refused("a SQLite target accepts only SQLite changes")),
+        };
+        self.apply_frames(f)?;
+        Ok(ApplyOutcome::default())
+    }
+
+    fn begin_resync(&mut self) -> Result<(), ApplyError> {
+        self.check_usable()?;
+        self.discard();
+        self.resync = Some(Resync::default());
+        Ok(())
+    }
+
+    fn end_resync(&mut self) -> Result<(), ApplyError> {
+        self.check_usable()?;
+        self.end_snapshot().map_err(|e| self.fail(e))
+    }
+
+    fn prepare_commit(&mut self, pos: Position) -> Result<Option<CommitFn>, ApplyError> {
+        // Nothing of a snapshot is committed before its end (as for PostgreSQL).
+        if self.failed || self.resync.is_some() || self.partial.is_some() {
+            return Ok(None);
+        }
+        if self.applied < self.state().horizon {
+            // Re-applying after a restart: the standby may already show a later state.
+            return Ok(None);
+        }
+        let committed = self.in_tx;
+        if committed {
+            let r = {
+                let mut st = self.state();
+                st.horizon = st.horizon.max(self.applied);
+                st.record_horizon()
+            }
+            .and_then(|()| self.finish());
+            if let Err(e) = r {
+                return Err(self.fail(e));
+            }
+        }
+        let sync_dir = committed && !self.wal_dir_synced;
+        self.wal_dir_synced |= committed;
+        let applied = self.applied;
+        let standby = self.standby.clone();
+        let state = self.state.clone();
+        Ok(Some(Box::new(move || {
+            if committed {
+                sync_standby(&standby, sync_dir)?;
+            }
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            let horizon = st.horizon;
+            st.write(Recorded { pos, applied, horizon })
+        })))
+    }
+
+    fn session_start(&mut self) -> Result<(), ApplyError> {
+        self.discard();
+        if std::mem::take(&mut self.failed) {
+            // Whatever broke may have left the connection unusable: start afresh.
+            self.conn = None;
+        }
+        let exists =
+            self.standby.try_exists().map_err(io_err(format!("inspect standby {}", self.standby.display())))?;
+        if !exists {
+            self.conn = None;
+            let mut st = self.state();
+            if st.rec.is_some() {
+                warn!(standby = %self.standby.display(), "the standby database is missing; resyncing it");
+                st.rec = None;
+            }
+            st.horizon = WalPos::default();
+            drop(st);
+            self.applied = WalPos::default();
+        }
+        self.page_size = header_page_size(&self.standby)?;
+        self.wal_dir_synced = false;
+        Ok(())
+    }
+}
