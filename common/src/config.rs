@@ -359,6 +359,16 @@ impl ReceiverConfig {
                         .path
                         .as_ref()
                         .ok_or_else(|| err(file, k("path"), "missing; where should the standby copy live?"))?;
+                    if t.kind == SourceKind::Sqlite && p.is_dir() {
+                        return Err(err(
+                            file,
+                            k("path"),
+                            format!(
+                                "{} is a directory; a sqlite target's path is the standby database file",
+                                p.display()
+                            ),
+                        ));
+                    }
                     if p.starts_with(&self.data_dir) || self.data_dir.starts_with(p) {
                         return Err(err(file, k("path"), "must not overlap data_dir"));
                     }

@@ -6,3 +6,4 @@ mod fs_e2e;
 mod pg_e2e;
 mod pg_harness;
 mod security;
+mod sqlite_e2e;

@@ -63,6 +63,8 @@ const POLL: Duration = Duration::from_millis(1);
 const IDENTITY_EVERY: Duration = Duration::from_millis(500);
 /// Least time between rolls of the pin while transactions keep arriving.
 const ROLL_EVERY: Duration = Duration::from_millis(5);
+/// How long the log is polled without pause after the pin was released.
+const HOT_AFTER_RELEASE: Duration = Duration::from_millis(50);
 /// Log length (frames) past which the follower resets the log itself.
 const RECYCLE_FRAMES: u32 = 4096;
 /// Page bytes read per pass over the log.
@@ -101,6 +103,9 @@ pub(crate) async fn run(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), S
                 fresh: true,
                 released: true,
                 last_roll: Instant::now(),
+                pinned_at: 0,
+                hot_until: Instant::now(),
+                last_hold_log: Instant::now(),
                 last_recycle: Instant::now(),
                 in_flight: VecDeque::new(),
             };
@@ -156,6 +161,12 @@ struct Follower {
     /// could be added to it (see the module docs): the next generation may follow.
     released: bool,
     last_roll: Instant,
+    /// Poll without pausing until then: right after the pin was released, the next
+    /// generation must be pinned before the application can reset it again.
+    hot_until: Instant,
+    last_hold_log: Instant,
+    /// Last frame of the pin's snapshot (0: not pinned).
+    pinned_at: u32,
     last_recycle: Instant,
     in_flight: VecDeque<InFlight>,
 }
@@ -201,11 +212,28 @@ impl Follower {
                 }
             };
             self.settle(false)?;
+            // (Rate-limited: every new pin may rewrite a read-mark slot, and a storm of them
+            // makes the application's own readers retry.)
+            if got == 0
+                && self.db().active.is_some()
+                && self.pinned_at < self.pos.frame
+                && self.last_roll.elapsed() >= ROLL_EVERY
+            {
+                // Idle with the pin behind the newest transaction: move it up, so that a
+                // checkpoint (FULL and up waits for readers on older states) can proceed.
+                if let Err(e) = self.pin() {
+                    warn!(source = %self.shared.name, error = %e, "moving the WAL pin failed; retrying");
+                }
+            }
             if got == 0 {
                 if let Err(e) = self.maybe_release().and_then(|()| self.maybe_recycle()) {
                     warn!(source = %self.shared.name, error = %e, "WAL housekeeping failed; retrying later");
                 }
-                std::thread::sleep(POLL);
+                if Instant::now() < self.hot_until {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(POLL);
+                }
             }
         }
     }
@@ -221,6 +249,7 @@ impl Follower {
                 Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                     .map_err(self.sql("open the database"))?;
             c.busy_timeout(Duration::from_secs(5)).map_err(self.sql("set busy_timeout"))?;
+            persist_wal(&c);
             Ok::<_, SourceError>(c)
         };
         let writer = open()?;
@@ -295,9 +324,10 @@ impl Follower {
             self.ctx.status.set_state(SourceState::Streaming, None);
             Ok(())
         } else {
-            self.resync(Some(
-                "the WAL was reset while the agent was stopped, so transactions may have been missed".into(),
-            ))
+            self.resync(Some((
+                "the WAL was reset while the agent was stopped (a checkpoint ran), so the transactions after the saved position cannot be read back".into(),
+                false,
+            )))
         }
     }
 
@@ -344,9 +374,17 @@ impl Follower {
             if self.released && next {
                 self.gen += 1;
                 self.pos = WalPos::start(&h);
+                // Nothing of this generation is known to be read until it is pinned: if it is
+                // reset before that, the next one must not be taken for its successor.
+                self.released = false;
+                self.pin()?;
                 debug!(source = %self.shared.name, gen = self.gen, ckpt = h.ckpt_seq, "following the next WAL generation");
             } else {
-                let why = if self.released {
+                let why = if next {
+                    "the WAL was reset again before the source could pin its new generation (the application \
+                     checkpoints with RESTART or TRUNCATE faster than the source polls)"
+                        .to_string()
+                } else if self.released {
                     format!(
                         "the WAL jumped from checkpoint {} to {}: a whole generation was written and reset before it could be read",
                         self.pos.ckpt_seq, h.ckpt_seq
@@ -354,7 +392,7 @@ impl Follower {
                 } else {
                     "the WAL was reset while the source held it pinned".to_string()
                 };
-                self.resync(Some(why))?;
+                self.resync(Some((why, true)))?;
                 return Ok(0);
             }
         } else if self.pos.frame == 0 {
@@ -472,6 +510,7 @@ impl Follower {
                 if let Some(old) = db.active.replace(next) {
                     let _ = db.pins[old].execute_batch("COMMIT");
                 }
+                self.pinned_at = mx_frame;
                 if salt == pos_salt {
                     self.released = false;
                 }
@@ -487,6 +526,7 @@ impl Follower {
     }
 
     fn unpin(&mut self) {
+        self.pinned_at = 0;
         let db = self.db();
         if let Some(a) = db.active.take() {
             let _ = db.pins[a].execute_batch("COMMIT");
@@ -505,10 +545,23 @@ impl Follower {
             return Ok(());
         }
         let Some(st) = shm.state().unwrap_or(None) else { return Ok(()) };
-        if st.salt != pos.salt || st.mx_frame != pos.frame || st.n_backfill != st.mx_frame {
+        let readers = shm.other_wal_readers().unwrap_or(true);
+        if st.salt == pos.salt && st.mx_frame == pos.frame && st.n_backfill < st.mx_frame && !readers {
+            // A checkpoint is copying back and may wait on our pin's read-mark slot: when
+            // SQLite could not claim a free slot, a reader shares one whose mark is older
+            // than its snapshot. Take the pin again (on a fresh slot) and free the old one.
+            if self.last_roll.elapsed() >= ROLL_EVERY {
+                self.pin()?;
+            }
             return Ok(());
         }
-        if shm.other_wal_readers().unwrap_or(true) {
+        if st.salt != pos.salt || st.mx_frame != pos.frame || st.n_backfill != st.mx_frame || readers {
+            let locks = shm.held();
+            if self.last_hold_log.elapsed() > Duration::from_secs(1) {
+                self.last_hold_log = Instant::now();
+                debug!(source = %self.shared.name, ?st, read = pos.frame, pinned_at = self.pinned_at, other_readers = readers, locks,
+                    "another process holds the write lock; keeping the WAL pinned");
+            }
             return Ok(());
         }
         let Some(h) = self.header()? else { return Ok(()) };
@@ -519,6 +572,7 @@ impl Follower {
         self.settle(true)?;
         self.unpin();
         self.released = true;
+        self.hot_until = Instant::now() + HOT_AFTER_RELEASE;
         // A commit that slipped in between the checks and the release: pin it again at once.
         if let Some(st) = self.shm().and_then(|s| s.state().ok().flatten()) {
             if st.salt == pos.salt && st.mx_frame != pos.frame {
@@ -562,6 +616,7 @@ impl Follower {
         self.unpin();
         if self.checkpoint_passive(true)? {
             self.released = true;
+            self.hot_until = Instant::now() + HOT_AFTER_RELEASE;
             debug!(source = %self.shared.name, frames = self.pos.frame, "recycled the WAL");
         } else {
             self.pin()?;
@@ -584,9 +639,10 @@ impl Follower {
         }
     }
 
-    /// Starts over from the log's current end: every receiver is reseeded with a snapshot
-    /// (`why` is None on a first start, which needs no alarm).
-    fn resync(&mut self, why: Option<String>) -> R<()> {
+    /// Starts over from the log's current end: every receiver is reseeded with a snapshot.
+    /// `why`: the reason and whether it is an alarm (ERROR) or an expected cost (WARN, e.g.
+    /// after the agent was down); None on a first start.
+    fn resync(&mut self, why: Option<(String, bool)>) -> R<()> {
         self.settle(true)?;
         self.gen += 1;
         let own_lock = self.db().writer.is_autocommit();
@@ -619,8 +675,11 @@ impl Follower {
         self.settle(true)?;
         self.ctx.resync_floor.kick();
         match why {
-            Some(why) => {
+            Some((why, true)) => {
                 error!(source = %self.shared.name, floor = raised.0, "{why}; every receiver will be resynced from a new snapshot")
+            }
+            Some((why, false)) => {
+                warn!(source = %self.shared.name, floor = raised.0, "{why}; every receiver will be resynced from a new snapshot")
             }
             None => info!(source = %self.shared.name, gen = self.gen, frame = self.pos.frame, "following the WAL"),
         }
@@ -727,8 +786,22 @@ impl Follower {
                 Err(e) => debug!(source = %self.shared.name, error = %e, "database not ready yet"),
             }
         }
-        let why = format!("the database file {why}");
-        self.resync(Some(why))
+        self.resync(Some((format!("the database file {why}"), true)))
+    }
+}
+
+/// Closing the agent's last connection must never delete the log by name: after the
+/// database file was replaced, that name may belong to the new database's log.
+fn persist_wal(conn: &Connection) {
+    let mut on: std::ffi::c_int = 1;
+    // SAFETY: valid handle; SQLITE_FCNTL_PERSIST_WAL takes a pointer to an int.
+    unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+            (&mut on as *mut std::ffi::c_int).cast(),
+        );
     }
 }
 

@@ -26,13 +26,17 @@ pub struct IndexState {
     pub salt: [u32; 2],
 }
 
+/// The descriptor is never closed: closing any descriptor of a file drops every POSIX lock
+/// this process holds on it — SQLite's read locks (the pins) included. One descriptor is
+/// leaked per database opened, which only a replaced database file repeats.
 pub struct Shm {
-    file: File,
+    file: std::mem::ManuallyDrop<File>,
 }
 
 impl Shm {
     pub fn open(path: &std::path::Path) -> io::Result<Shm> {
-        Ok(Shm { file: std::fs::OpenOptions::new().read(true).open(path)? })
+        let file = std::fs::OpenOptions::new().read(true).open(path)?;
+        Ok(Shm { file: std::mem::ManuallyDrop::new(file) })
     }
 
     /// The index header, if its two copies agree (a writer is not half-way through it).
@@ -68,6 +72,12 @@ impl Shm {
             }
         }
         Ok(false)
+    }
+
+    /// Which of the eight lock bytes (write, checkpoint, recover, read 0..4) another process
+    /// holds, for diagnostics.
+    pub fn held(&self) -> String {
+        (0..8).map(|i| if self.held_by_other(LOCK_BASE + i).unwrap_or(false) { '1' } else { '0' }).collect()
     }
 
     /// POSIX record locks: F_GETLK reports locks of other processes only.

@@ -319,6 +319,12 @@ fn attach_uri(path: &Path) -> String {
     s
 }
 
+/// The record the agent journals when it starts over from a new snapshot (so that a receiver
+/// seeded after it is past the resync floor): no pages, no sizes. Nothing to apply.
+fn is_marker(f: &SqliteFrames) -> bool {
+    !f.snapshot && f.pages.is_empty() && f.page_size == 0 && f.db_pages == 0
+}
+
 /// Checks what can be checked of an event without the standby.
 fn validate(f: &SqliteFrames) -> Result<(), ApplyError> {
     let what = if f.snapshot {
@@ -711,8 +717,11 @@ impl SqliteApplier {
     }
 }
 
-/// The durable half of a standby commit: the WAL (with its directory entry) and the database
-/// file reach the disk.
+/// The durable half of a standby commit: the WAL (with its directory entry) reaches the disk.
+/// The database file is SQLite's to sync (it does after each checkpoint with
+/// `synchronous = NORMAL`) — and it must not be opened here at all: closing a descriptor of
+/// it would drop the POSIX locks the standby connection holds on it (SQLite locks the
+/// database file and the `-shm` file, never the `-wal` file).
 fn sync_standby(standby: &Path, sync_dir: bool) -> Result<(), ApplyError> {
     let wal = sidecar(standby, "-wal");
     match File::open(&wal) {
@@ -720,7 +729,6 @@ fn sync_standby(standby: &Path, sync_dir: bool) -> Result<(), ApplyError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(format!("open {}", wal.display()))(e)),
     }
-    File::open(standby).and_then(|f| f.sync_data()).map_err(io_err(format!("sync {}", standby.display())))?;
     if sync_dir {
         let dir = standby.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(format!("sync directory {}", dir.display())))?;
@@ -739,6 +747,9 @@ impl Applier for SqliteApplier {
             Change::Other(proto::change_event::Change::Sqlite(f)) => f,
             _ => return Err(refused("a SQLite target accepts only SQLite changes")),
         };
+        if is_marker(&f) {
+            return Ok(ApplyOutcome::default());
+        }
         self.apply_frames(f)?;
         Ok(ApplyOutcome::default())
     }
@@ -810,7 +821,16 @@ impl Applier for SqliteApplier {
             drop(st);
             self.applied = WalPos::default();
         }
-        self.page_size = header_page_size(&self.standby)?;
+        self.page_size = match &self.conn {
+            // Never open (and close) the database file beside a live connection: closing any
+            // descriptor of a file drops every POSIX lock this process holds on it, SQLite's
+            // included — another process could then checkpoint or delete the WAL under it.
+            Some(c) => Some(
+                c.query_row("PRAGMA standby.page_size", [], |r| r.get::<_, u32>(0))
+                    .map_err(db_err("read the standby's page size"))?,
+            ),
+            None => header_page_size(&self.standby)?,
+        };
         self.wal_dir_synced = false;
         Ok(())
     }
