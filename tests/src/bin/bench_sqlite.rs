@@ -122,36 +122,61 @@ fn main() -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // 1. Latency at a steady rate.
     let mut ins = c.prepare("INSERT INTO lat (id, at, pad) VALUES (?1, ?2, 'payload-0123456789')")?;
+    // Warm up: the first start reseeds the receiver and reconnects; measure after that.
+    const WARM: i64 = 100;
+    for i in 1..=WARM {
+        ins.execute(rusqlite::params![i, i])?;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    wait_visible(&seen, WARM, Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    // 1. Latency at a steady rate.
     let n = (secs * RATE) as i64;
-    let mut committed = Vec::with_capacity(n as usize);
+    let mut committed = vec![Instant::now(); WARM as usize];
     let start = Instant::now();
-    for i in 1..=n {
-        let due = start + Duration::from_micros(i as u64 * 1_000_000 / RATE);
+    for i in WARM + 1..=WARM + n {
+        let due = start + Duration::from_micros((i - WARM) as u64 * 1_000_000 / RATE);
         if let Some(d) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(d);
         }
         ins.execute(rusqlite::params![i, i])?;
         committed.push(Instant::now());
     }
+    let n_end = WARM + n;
     let achieved = n as f64 / start.elapsed().as_secs_f64();
-    wait_visible(&seen, n, Duration::from_secs(60))?;
+    wait_visible(&seen, n_end, Duration::from_secs(60))?;
     let mut lat: Vec<f64> = {
         let seen = seen.lock().expect("lock");
-        (1..=n)
+        (WARM + 1..=n_end)
             .filter_map(|id| {
                 visible_at(&seen, id)
                     .map(|t| t.saturating_duration_since(committed[(id - 1) as usize]).as_secs_f64() * 1e3)
             })
             .collect()
     };
+    if std::env::var_os("BENCH_SQLITE_WORST").is_some() {
+        let seen = seen.lock().expect("lock");
+        let mut worst: Vec<(f64, i64)> = (WARM + 1..=n_end)
+            .filter_map(|id| {
+                visible_at(&seen, id)
+                    .map(|t| (t.saturating_duration_since(committed[(id - 1) as usize]).as_secs_f64() * 1e3, id))
+            })
+            .collect();
+        worst.sort_by(|a, b| b.0.partial_cmp(&a.0).expect("no NaN"));
+        for (ms, id) in worst.iter().take(8) {
+            let at = committed[(*id - 1) as usize].duration_since(start).as_secs_f64();
+            eprintln!("slow: id {id} committed at +{at:.3} s took {ms:.1} ms");
+        }
+        eprintln!("run started at {:?}", std::time::SystemTime::now() - start.elapsed());
+    }
     let samples = lat.len();
     let (p50, p99, max) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99), percentile(&mut lat, 1.0));
 
     // 2. Commits/s shipped for a burst.
-    let first = n + 1;
-    let last = n + BURST;
+    let first = n_end + 1;
+    let last = n_end + BURST;
     let b0 = Instant::now();
     for i in first..=last {
         ins.execute(rusqlite::params![i, i])?;

@@ -602,8 +602,10 @@ impl Follower {
         if locked.is_err() {
             return Ok(());
         }
+        let t = Instant::now();
         let r = self.recycle_locked();
         let _ = self.db().writer.execute_batch("ROLLBACK");
+        debug!(source = %self.shared.name, held_ms = t.elapsed().as_millis() as u64, "write lock released after recycling");
         r
     }
 

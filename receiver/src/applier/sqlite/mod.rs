@@ -245,6 +245,39 @@ pub struct SqliteApplier {
     wal_dir_synced: bool,
     /// An error rolled the open transaction back; nothing more until the next session.
     failed: bool,
+    /// A second connection, used by a thread of its own to copy the WAL back into the
+    /// database (PASSIVE) off the apply and commit paths; the writing connection never
+    /// checkpoints.
+    checkpointer: Arc<Mutex<Option<Connection>>>,
+    /// Wakes that thread (started on first use) after a commit.
+    checkpoint_kick: Option<std::sync::mpsc::SyncSender<()>>,
+}
+
+/// WAL size past which the durable half of a commit copies it back into the database.
+const CHECKPOINT_WAL_BYTES: u64 = 4 << 20;
+
+/// Copies the standby's WAL back into the database when it has grown, on `slot`'s own
+/// connection (opened on first use). Failures only postpone it.
+fn checkpoint_if_large(standby: &Path, slot: &Mutex<Option<Connection>>) {
+    let large = fs::metadata(sidecar(standby, "-wal")).is_ok_and(|m| m.len() > CHECKPOINT_WAL_BYTES);
+    if !large {
+        return;
+    }
+    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if slot.is_none() {
+        match Connection::open_with_flags(standby, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE) {
+            Ok(c) => *slot = Some(c),
+            Err(e) => {
+                debug!(error = %e, "cannot open a checkpoint connection on the standby");
+                return;
+            }
+        }
+    }
+    if let Some(c) = slot.as_ref() {
+        if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            debug!(error = %e, "standby checkpoint postponed");
+        }
+    }
 }
 
 fn refused(msg: impl Into<String>) -> ApplyError {
@@ -396,11 +429,31 @@ impl SqliteApplier {
             resync: None,
             wal_dir_synced: false,
             failed: false,
+            checkpointer: Arc::default(),
+            checkpoint_kick: None,
         })
     }
 
     fn state(&self) -> MutexGuard<'_, StateFile> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The checkpoint thread's wake-up, starting the thread on first use.
+    fn checkpoint_kick(&mut self) -> Option<std::sync::mpsc::SyncSender<()>> {
+        if self.checkpoint_kick.is_none() {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+            let standby = self.standby.clone();
+            let slot = self.checkpointer.clone();
+            let spawned = std::thread::Builder::new().name("sqlite-checkpoint".into()).spawn(move || {
+                while rx.recv().is_ok() {
+                    checkpoint_if_large(&standby, &slot);
+                }
+            });
+            if spawned.is_ok() {
+                self.checkpoint_kick = Some(tx);
+            }
+        }
+        self.checkpoint_kick.clone()
     }
 
     fn temp_path(&self) -> PathBuf {
@@ -418,6 +471,8 @@ impl SqliteApplier {
             conn.set_db_config(DbConfig::SQLITE_DBCONFIG_WRITABLE_SCHEMA, true).map_err(db_err(ctx()))?;
             conn.execute("ATTACH DATABASE ?1 AS standby", [attach_uri(&self.standby)]).map_err(db_err(ctx()))?;
             conn.execute_batch("PRAGMA standby.synchronous = NORMAL").map_err(db_err(ctx()))?;
+            // Checkpoints run in the durable half of commits, on their own connection.
+            conn.execute_batch("PRAGMA wal_autocheckpoint = 0").map_err(db_err(ctx()))?;
             self.wal_dir_synced = false;
             self.conn = Some(conn);
         }
@@ -684,6 +739,7 @@ impl SqliteApplier {
         drop(file);
         // Nothing of ours may hold the old files.
         self.conn = None;
+        *self.checkpointer.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.page_size = None;
         if let Some(old) = header_page_size(&self.standby)? {
             warn!(
@@ -792,13 +848,20 @@ impl Applier for SqliteApplier {
         let applied = self.applied;
         let standby = self.standby.clone();
         let state = self.state.clone();
+        let kick = committed.then(|| self.checkpoint_kick()).flatten();
         Ok(Some(Box::new(move || {
             if committed {
                 sync_standby(&standby, sync_dir)?;
             }
-            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-            let horizon = st.horizon;
-            st.write(Recorded { pos, applied, horizon })
+            {
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                let horizon = st.horizon;
+                st.write(Recorded { pos, applied, horizon })?;
+            }
+            if let Some(k) = kick {
+                let _ = k.try_send(());
+            }
+            Ok(())
         })))
     }
 
