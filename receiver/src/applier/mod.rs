@@ -10,6 +10,7 @@
 
 pub mod fs;
 pub mod pg;
+mod slots;
 pub mod sqlite;
 
 use std::io;

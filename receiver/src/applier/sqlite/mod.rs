@@ -69,9 +69,7 @@ use rusqlite::config::DbConfig;
 use rusqlite::Connection;
 use tracing::{debug, info, warn};
 
-use super::{
-    read_position_file, write_position_file, Applier, ApplyError, ApplyOutcome, CommitFn, Position, POSITION_LEN,
-};
+use super::{Applier, ApplyError, ApplyOutcome, CommitFn, Position, POSITION_LEN};
 
 /// Size of the position file's body: the journal position, then the applied position and the
 /// horizon (each gen u64 LE, frame u32 LE).
@@ -151,6 +149,7 @@ impl Recorded {
 /// and a position written after an earlier one never interleave, and neither undoes the other.
 struct StateFile {
     path: PathBuf,
+    file: super::slots::SlotFile,
     /// What the file holds; `None` while no position is known (nothing to protect then: the
     /// agent resyncs).
     rec: Option<Recorded>,
@@ -160,7 +159,7 @@ struct StateFile {
 
 impl StateFile {
     fn write(&mut self, rec: Recorded) -> Result<(), ApplyError> {
-        write_position_file(&self.path, &rec.encode())?;
+        self.file.write(&rec.encode())?;
         self.rec = Some(rec);
         Ok(())
     }
@@ -403,7 +402,8 @@ impl SqliteApplier {
                 fs::create_dir_all(dir).map_err(io_err(format!("create directory {}", dir.display())))?;
             }
         }
-        let mut rec = read_position_file(&position_file, STATE_LEN)?.map(|b| Recorded::decode(&b));
+        let (file, rec) = super::slots::SlotFile::open(&position_file, STATE_LEN)?;
+        let mut rec = rec.map(|b| Recorded::decode(&b));
         let exists = standby.try_exists().map_err(io_err(format!("inspect standby {}", standby.display())))?;
         if rec.is_some() && !exists {
             warn!(
@@ -420,7 +420,7 @@ impl SqliteApplier {
         Ok(SqliteApplier {
             applied: rec.map(|r| r.applied).unwrap_or_default(),
             standby,
-            state: Arc::new(Mutex::new(StateFile { path: position_file, rec, horizon })),
+            state: Arc::new(Mutex::new(StateFile { path: position_file, file, rec, horizon })),
             conn: None,
             page_size,
             in_tx: false,

@@ -587,14 +587,19 @@ fn position_file_corruption_and_a_missing_standby() {
     let standby = h.standby();
     drop(h.applier);
 
+    // Damage the record in every slot of the file (two alternately written slots).
     let mut bytes = fs::read(&pos_file).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1;
+    let damaged: Vec<usize> = (0..bytes.len()).step_by(512).map(|s| s + 10).filter(|&i| i < bytes.len()).collect();
+    for &i in &damaged {
+        bytes[i] ^= 1;
+    }
     fs::write(&pos_file, &bytes).unwrap();
     let err = SqliteApplier::open(standby.clone(), pos_file.clone()).err().expect("corruption undetected");
     assert!(err.to_string().contains(&pos_file.display().to_string()), "{err}");
     assert!(err.to_string().contains("remove it to resync"), "{err}");
-    bytes[last] ^= 1;
+    for &i in &damaged {
+        bytes[i] ^= 1;
+    }
     fs::write(&pos_file, &bytes).unwrap();
     assert!(open_applier(h.dir.path()).position().is_some());
 
