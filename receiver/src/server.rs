@@ -281,19 +281,34 @@ impl Session {
     fn round(&mut self, msgs: Vec<AgentMessage>) -> Round {
         let mut repairs = Vec::new();
         let mut result = Ok(());
+        let t0 = Instant::now();
+        let n = msgs.len();
         for msg in msgs {
             if let Err(s) = self.handle(msg, &mut repairs) {
                 result = Err(s);
                 break;
             }
         }
+        let applied = t0.elapsed();
         // Commit what was applied even when the round failed part-way: it is all valid.
-        match self.prepare_commits() {
+        let prepared = self.prepare_commits();
+        if t0.elapsed() > SLOW_ROUND {
+            debug!(
+                messages = n,
+                apply_ms = applied.as_millis() as u64,
+                commit_ms = (t0.elapsed() - applied).as_millis() as u64,
+                "slow round"
+            );
+        }
+        match prepared {
             Ok(p) => Round { repairs, result, commit: Some(p) },
             Err(e) => Round { repairs, result: result.and(Err(e)), commit: None },
         }
     }
 }
+
+/// Rounds slower than this are logged at debug level.
+const SLOW_ROUND: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The durable halves of one round's commits, and the acknowledgement they earn.
 struct PendingCommit {

@@ -181,11 +181,20 @@ impl JournalWriter {
             let store = self.store.clone();
             let recs: Vec<Vec<NewRecord>> = group.iter_mut().map(|r| std::mem::take(&mut r.records)).collect();
             let result = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<RecordMeta>>, JournalError> {
+                let t = std::time::Instant::now();
                 let mut metas = Vec::with_capacity(recs.len());
                 for r in &recs {
                     metas.push(store.append(r)?);
                 }
+                let appended = t.elapsed();
                 store.flush()?;
+                if t.elapsed() > std::time::Duration::from_millis(20) {
+                    tracing::debug!(
+                        append_ms = appended.as_millis() as u64,
+                        flush_ms = (t.elapsed() - appended).as_millis() as u64,
+                        "slow journal group"
+                    );
+                }
                 Ok(metas)
             })
             .await

@@ -426,6 +426,7 @@ impl Follower {
                 pieces.push(Vec::new());
                 bytes = 0;
             }
+            let data = zstd::bulk::compress(&data, 1).map_err(self.io("compress a page"))?;
             bytes += data.len();
             pieces.last_mut().expect("non-empty").push(proto::SqlitePage { pgno, data: data.into() });
         }
@@ -446,6 +447,7 @@ impl Follower {
                     last: i == last,
                     pages,
                     snapshot: false,
+                    zstd: true,
                 }))
                 .encode(),
             })
@@ -455,10 +457,14 @@ impl Follower {
 
     fn submit(&mut self, records: Vec<NewRecord>, pos: Option<(u64, WalPos)>) -> R<()> {
         let journal = self.ctx.journal.clone();
+        let t = Instant::now();
         let ticket = self
             .rt
             .block_on(journal.submit(records))
             .map_err(|e| SourceError::Journal(e, self.shared.name.to_string()))?;
+        if t.elapsed() > Duration::from_millis(20) {
+            debug!(source = %self.shared.name, waited_ms = t.elapsed().as_millis() as u64, "the journal held up a submission");
+        }
         self.in_flight.push_back(InFlight { ticket, pos });
         Ok(())
     }

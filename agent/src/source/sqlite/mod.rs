@@ -130,6 +130,7 @@ fn send_pages(start: SnapStart, tx: &mpsc::Sender<Change>) -> rusqlite::Result<(
             last,
             pages,
             snapshot: true,
+            zstd: true,
         }))
     };
     let mut stmt = start.conn.prepare("SELECT pgno, data FROM sqlite_dbpage WHERE pgno <= ?1 ORDER BY pgno")?;
@@ -139,6 +140,7 @@ fn send_pages(start: SnapStart, tx: &mpsc::Sender<Change>) -> rusqlite::Result<(
     let mut chunk = 0u32;
     while let Some(row) = rows.next()? {
         let data: Vec<u8> = row.get(1)?;
+        let data = zstd::bulk::compress(&data, 1).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         bytes += data.len();
         pages.push(proto::SqlitePage { pgno: row.get(0)?, data: data.into() });
         if bytes >= PIECE_BYTES {

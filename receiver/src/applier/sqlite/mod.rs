@@ -357,6 +357,25 @@ fn is_marker(f: &SqliteFrames) -> bool {
     !f.snapshot && f.pages.is_empty() && f.page_size == 0 && f.db_pages == 0
 }
 
+/// Inflates zstd-compressed pages, never beyond one page each (a hostile peer cannot make
+/// the receiver allocate more than the page size per page).
+fn decompress(mut f: SqliteFrames) -> Result<SqliteFrames, ApplyError> {
+    if !f.zstd {
+        return Ok(f);
+    }
+    if !f.page_size.is_power_of_two() || !(512..=65536).contains(&f.page_size) {
+        return Err(refused(format!("compressed pages of page size {}", f.page_size)));
+    }
+    let (at, page_size) = (WalPos::of(&f), f.page_size as usize);
+    for p in &mut f.pages {
+        let data = zstd::bulk::decompress(&p.data, page_size)
+            .map_err(|e| refused(format!("page {} of transaction {at} does not decompress: {e}", p.pgno)))?;
+        p.data = data.into();
+    }
+    f.zstd = false;
+    Ok(f)
+}
+
 /// Checks what can be checked of an event without the standby.
 fn validate(f: &SqliteFrames) -> Result<(), ApplyError> {
     let what = if f.snapshot {
@@ -806,6 +825,7 @@ impl Applier for SqliteApplier {
         if is_marker(&f) {
             return Ok(ApplyOutcome::default());
         }
+        let f = decompress(f)?;
         self.apply_frames(f)?;
         Ok(ApplyOutcome::default())
     }

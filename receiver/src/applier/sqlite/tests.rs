@@ -105,6 +105,7 @@ fn snapshot_pieces(pages: &Pages, page_size: u32, at: WalPos, per_piece: usize) 
                 last,
                 pages: frames(g.to_vec()),
                 snapshot: true,
+                zstd: false,
             }
         })
         .collect()
@@ -162,8 +163,13 @@ impl Source {
                 db_pages,
                 chunk: i as u32,
                 last: i == n - 1,
-                pages: frames(g),
+                // Transactions travel compressed, as the agent sends them.
+                pages: frames(g)
+                    .into_iter()
+                    .map(|p| SqlitePage { data: zstd::bulk::compress(&p.data, 1).unwrap().into(), ..p })
+                    .collect(),
                 snapshot: false,
+                zstd: true,
             })
             .collect()
     }
@@ -506,10 +512,26 @@ fn malformed_input_is_refused() {
     h.commit();
     let before = h.src.dump();
     h.src.exec("UPDATE t SET n = 0 WHERE id = 1; INSERT INTO t(name) VALUES (hex(randomblob(5000)));");
-    let good = h.src.transaction(usize::MAX).remove(0);
-    assert!(good.pages.len() >= 2);
+    let good_z = h.src.transaction(usize::MAX).remove(0);
+    assert!(good_z.zstd && good_z.pages.len() >= 2);
+    // The same transaction uncompressed, for the checks of page contents.
+    let mut good = good_z.clone();
+    good.zstd = false;
+    for p in &mut good.pages {
+        p.data = zstd::bulk::decompress(&p.data, 4096).unwrap().into();
+    }
 
     let mut cases: Vec<(SqliteFrames, &str)> = Vec::new();
+    let mut f = good_z.clone();
+    f.pages[0].data = Bytes::from_static(b"not zstd at all");
+    cases.push((f, "does not decompress"));
+    // A page that would inflate past the page size (a decompression bomb) is refused too.
+    let mut f = good_z.clone();
+    f.pages[0].data = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).unwrap().into();
+    cases.push((f, "does not decompress"));
+    let mut f = good_z.clone();
+    f.pages[0].data = zstd::bulk::compress(&[7u8; 100], 1).unwrap().into();
+    cases.push((f, "100 bytes"));
     for ps in [1000, 256, 131072, 0] {
         let mut f = good.clone();
         f.page_size = ps;
