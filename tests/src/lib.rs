@@ -196,6 +196,29 @@ path = "standby"
         self.dir.path()
     }
 
+    /// Adds a sqlite source "app" following `app/app.db` (`source_extra`: more lines for its
+    /// `[[sources]]` entry) and its target applying to `standby-app/app.db`; returns
+    /// (source database, standby database). The directories exist; the databases do not.
+    pub fn add_sqlite(&self, source_extra: &str) -> Result<(PathBuf, PathBuf)> {
+        let src = self.root().join("app").join("app.db");
+        let dst = self.root().join("standby-app").join("app.db");
+        std::fs::create_dir_all(src.parent().expect("parent"))?;
+        std::fs::create_dir_all(dst.parent().expect("parent"))?;
+        let mut a = std::fs::read_to_string(&self.agent_cfg)?;
+        a.push_str(&format!(
+            "\n[[sources]]\nname = \"app\"\nkind = \"sqlite\"\npath = \"{}\"\n{source_extra}\n",
+            src.display()
+        ));
+        std::fs::write(&self.agent_cfg, a)?;
+        let mut r = std::fs::read_to_string(&self.receiver_cfg)?;
+        r.push_str(&format!(
+            "\n[[targets]]\nagent = \"web-1\"\nsource = \"app\"\nkind = \"sqlite\"\npath = \"{}\"\n",
+            dst.display()
+        ));
+        std::fs::write(&self.receiver_cfg, r)?;
+        Ok((src, dst))
+    }
+
     fn spawn(&mut self, binary: &str, cfg: &Path, log: &str) -> Result<Child> {
         self.starts += 1;
         let log_path = self.root().join(format!("{log}.{}.log", self.starts));

@@ -24,22 +24,7 @@ struct Sq {
 /// of the default setup stays too; it idles on an empty tree).
 fn sqlite_setup(source_extra: &str) -> Result<Sq> {
     let s = Setup::new()?;
-    let src = s.root().join("app").join("app.db");
-    let dst = s.root().join("standby-app").join("app.db");
-    std::fs::create_dir_all(src.parent().expect("parent"))?;
-    std::fs::create_dir_all(dst.parent().expect("parent"))?;
-    let mut a = std::fs::read_to_string(&s.agent_cfg)?;
-    a.push_str(&format!(
-        "\n[[sources]]\nname = \"app\"\nkind = \"sqlite\"\npath = \"{}\"\n{source_extra}\n",
-        src.display()
-    ));
-    std::fs::write(&s.agent_cfg, a)?;
-    let mut r = std::fs::read_to_string(&s.receiver_cfg)?;
-    r.push_str(&format!(
-        "\n[[targets]]\nagent = \"web-1\"\nsource = \"app\"\nkind = \"sqlite\"\npath = \"{}\"\n",
-        dst.display()
-    ));
-    std::fs::write(&s.receiver_cfg, r)?;
+    let (src, dst) = s.add_sqlite(source_extra)?;
     Ok(Sq { s, src, dst })
 }
 

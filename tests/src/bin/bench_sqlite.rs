@@ -91,19 +91,7 @@ fn wait_visible(seen: &std::sync::Mutex<Vec<(i64, Instant)>>, id: i64, timeout: 
 fn main() -> Result<()> {
     let secs: u64 = std::env::var("BENCH_SQLITE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     let mut s = Setup::new()?;
-    let src = s.root().join("app").join("app.db");
-    let dst_dir = s.root().join("standby-app");
-    let dst = dst_dir.join("app.db");
-    std::fs::create_dir_all(src.parent().expect("parent"))?;
-    let mut a = std::fs::read_to_string(&s.agent_cfg)?;
-    a.push_str(&format!("\n[[sources]]\nname = \"app\"\nkind = \"sqlite\"\npath = \"{}\"\n", src.display()));
-    std::fs::write(&s.agent_cfg, a)?;
-    let mut r = std::fs::read_to_string(&s.receiver_cfg)?;
-    r.push_str(&format!(
-        "\n[[targets]]\nagent = \"web-1\"\nsource = \"app\"\nkind = \"sqlite\"\npath = \"{}\"\n",
-        dst.display()
-    ));
-    std::fs::write(&s.receiver_cfg, r)?;
+    let (src, dst) = s.add_sqlite("")?;
     let c = app(&src)?;
     c.execute_batch("CREATE TABLE lat (id INTEGER PRIMARY KEY, at INTEGER, pad TEXT)")?;
     s.start()?;
