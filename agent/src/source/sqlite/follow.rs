@@ -108,6 +108,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), S
                 last_hold_log: Instant::now(),
                 last_recycle: Instant::now(),
                 in_flight: VecDeque::new(),
+                snap_waiting: Vec::new(),
             };
             let r = f.run();
             if let Err(e) = &r {
@@ -169,6 +170,8 @@ struct Follower {
     pinned_at: u32,
     last_recycle: Instant,
     in_flight: VecDeque<InFlight>,
+    /// Snapshot requests waiting for the write lock, and since when.
+    snap_waiting: Vec<(SnapRequest, Instant)>,
 }
 
 type R<T> = Result<T, SourceError>;
@@ -196,9 +199,9 @@ impl Follower {
                 return Ok(());
             }
             while let Ok(req) = self.snaps.try_recv() {
-                let r = self.snapshot_start().map_err(|e| e.to_string());
-                let _ = req.reply.send(r);
+                self.snap_waiting.push((req, Instant::now()));
             }
+            self.serve_snapshots();
             if let Some(why) = self.identity_changed() {
                 self.reopen(&why)?;
                 continue;
@@ -655,6 +658,9 @@ impl Follower {
         self.gen += 1;
         let own_lock = self.db().writer.is_autocommit();
         if own_lock {
+            // Starting over anyway: nothing is lost by letting go of the log, and a checkpoint
+            // holding the write lock while it waits for our pin can then finish.
+            self.unpin();
             self.db().writer.busy_timeout(WRITE_LOCK_PATIENCE).map_err(self.sql("set busy_timeout"))?;
             let r = self.db().writer.execute_batch("BEGIN IMMEDIATE");
             let _ = self.db().writer.busy_timeout(Duration::from_secs(5));
@@ -725,14 +731,59 @@ impl Follower {
 
     /// With the write lock held, reads the log to its end and opens a read transaction at
     /// exactly that point for the snapshotter.
-    fn snapshot_start(&mut self) -> R<SnapStart> {
-        self.db().writer.busy_timeout(WRITE_LOCK_PATIENCE).map_err(self.sql("set busy_timeout"))?;
-        let r = self.db().writer.execute_batch("BEGIN IMMEDIATE");
-        let _ = self.db().writer.busy_timeout(Duration::from_secs(5));
-        r.map_err(self.sql("take the write lock for a snapshot"))?;
-        let r = self.snapshot_locked();
-        let _ = self.db().writer.execute_batch("ROLLBACK");
-        r
+    /// Starts the snapshots waiting for the write lock. The lock is only tried briefly: the
+    /// holder may be a checkpoint waiting for this very thread to move or release the pin,
+    /// so between tries the loop goes on doing that.
+    fn serve_snapshots(&mut self) {
+        if self.snap_waiting.is_empty() {
+            return;
+        }
+        let r = match self.try_write_lock() {
+            Ok(true) => {
+                let r = self.snapshot_locked();
+                let _ = self.db().writer.execute_batch("ROLLBACK");
+                r.map_err(|e| e.to_string())
+            }
+            Ok(false) => {
+                // Busy: tell the ones that waited too long, keep the others.
+                let (late, keep): (Vec<_>, Vec<_>) =
+                    self.snap_waiting.drain(..).partition(|(_, since)| since.elapsed() > WRITE_LOCK_PATIENCE);
+                self.snap_waiting = keep;
+                for (req, _) in late {
+                    let _ = req.reply.send(Err(format!(
+                        "the database's write lock stayed busy for {WRITE_LOCK_PATIENCE:?}; retrying later"
+                    )));
+                }
+                return;
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        // One consistent point serves every snapshot waiting now.
+        let waiting = std::mem::take(&mut self.snap_waiting);
+        let mut r = Some(r);
+        for (i, (req, _)) in waiting.into_iter().enumerate() {
+            let this = if i == 0 {
+                r.take().expect("first")
+            } else {
+                // Each snapshot needs its own read transaction: start the others next time.
+                self.snap_waiting.push((req, Instant::now()));
+                continue;
+            };
+            let _ = req.reply.send(this);
+        }
+    }
+
+    /// Tries to take the database's write lock for a moment; false if it is busy.
+    fn try_write_lock(&mut self) -> R<bool> {
+        let w = &self.db().writer;
+        let _ = w.busy_timeout(Duration::from_millis(20));
+        let r = w.execute_batch("BEGIN IMMEDIATE");
+        let _ = w.busy_timeout(Duration::from_secs(5));
+        match r {
+            Ok(()) => Ok(true),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => Ok(false),
+            Err(e) => Err(self.err(format!("take the write lock ({}): {e}", self.shared.path.display()))),
+        }
     }
 
     fn snapshot_locked(&mut self) -> R<SnapStart> {
