@@ -758,19 +758,9 @@ impl Follower {
             }
             Err(e) => Err(e.to_string()),
         };
-        // One consistent point serves every snapshot waiting now.
-        let waiting = std::mem::take(&mut self.snap_waiting);
-        let mut r = Some(r);
-        for (i, (req, _)) in waiting.into_iter().enumerate() {
-            let this = if i == 0 {
-                r.take().expect("first")
-            } else {
-                // Each snapshot needs its own read transaction: start the others next time.
-                self.snap_waiting.push((req, Instant::now()));
-                continue;
-            };
-            let _ = req.reply.send(this);
-        }
+        // Each snapshot needs a read transaction of its own: one per turn of the loop.
+        let (req, _) = self.snap_waiting.remove(0);
+        let _ = req.reply.send(r);
     }
 
     /// Tries to take the database's write lock for a moment; false if it is busy.
