@@ -69,6 +69,9 @@ const HOT_AFTER_RELEASE: Duration = Duration::from_millis(50);
 const RECYCLE_FRAMES: u32 = 4096;
 /// Page bytes read per pass over the log.
 const READ_BUDGET: usize = 64 << 20;
+/// How long the follower waits for the write lock at a time while it holds the pin (the
+/// holder may be a checkpoint waiting for the pin to move).
+const LOCK_TRY: Duration = Duration::from_millis(20);
 /// How long a snapshot or a resync waits for the application's writer.
 const WRITE_LOCK_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -549,13 +552,17 @@ impl Follower {
             return Ok(());
         }
         let pos = self.pos;
+        let log_hold = self.last_hold_log.elapsed() > Duration::from_secs(1);
         let Some(shm) = self.shm() else { return Ok(()) };
         if !shm.other_writer().unwrap_or(false) {
             return Ok(());
         }
         let Some(st) = shm.state().unwrap_or(None) else { return Ok(()) };
-        let readers = shm.other_wal_readers().unwrap_or(true);
-        if st.salt == pos.salt && st.mx_frame == pos.frame && st.n_backfill < st.mx_frame && !readers {
+        let caught_up = st.salt == pos.salt && st.mx_frame == pos.frame;
+        // Four lock probes: only worth it once the index shows everything read.
+        let readers = caught_up && shm.other_wal_readers().unwrap_or(true);
+        let locks = log_hold.then(|| shm.held());
+        if caught_up && !readers && st.n_backfill < st.mx_frame {
             // A checkpoint is copying back and may wait on our pin's read-mark slot: when
             // SQLite could not claim a free slot, a reader shares one whose mark is older
             // than its snapshot. Take the pin again (on a fresh slot) and free the old one.
@@ -564,11 +571,10 @@ impl Follower {
             }
             return Ok(());
         }
-        if st.salt != pos.salt || st.mx_frame != pos.frame || st.n_backfill != st.mx_frame || readers {
-            let locks = shm.held();
-            if self.last_hold_log.elapsed() > Duration::from_secs(1) {
+        if !caught_up || readers || st.n_backfill != st.mx_frame {
+            if log_hold {
                 self.last_hold_log = Instant::now();
-                debug!(source = %self.shared.name, ?st, read = pos.frame, pinned_at = self.pinned_at, other_readers = readers, locks,
+                debug!(source = %self.shared.name, ?st, read = pos.frame, pinned_at = self.pinned_at, other_readers = readers, ?locks,
                     "another process holds the write lock; keeping the WAL pinned");
             }
             return Ok(());
@@ -605,10 +611,7 @@ impl Follower {
         }
         // Copy back what the pin allows before holding up the application's writers.
         let _ = self.checkpoint_passive(false);
-        let _ = self.db().writer.busy_timeout(Duration::from_millis(20));
-        let locked = self.db().writer.execute_batch("BEGIN IMMEDIATE");
-        let _ = self.db().writer.busy_timeout(Duration::from_secs(5));
-        if locked.is_err() {
+        if !self.try_write_lock(LOCK_TRY)? {
             return Ok(());
         }
         let t = Instant::now();
@@ -661,10 +664,12 @@ impl Follower {
             // Starting over anyway: nothing is lost by letting go of the log, and a checkpoint
             // holding the write lock while it waits for our pin can then finish.
             self.unpin();
-            self.db().writer.busy_timeout(WRITE_LOCK_PATIENCE).map_err(self.sql("set busy_timeout"))?;
-            let r = self.db().writer.execute_batch("BEGIN IMMEDIATE");
-            let _ = self.db().writer.busy_timeout(Duration::from_secs(5));
-            r.map_err(self.sql("take the write lock to find the end of the WAL"))?;
+            if !self.try_write_lock(WRITE_LOCK_PATIENCE)? {
+                return Err(self.err(format!(
+                    "the write lock of {} stayed busy for {WRITE_LOCK_PATIENCE:?}; cannot find the end of the WAL",
+                    self.shared.path.display()
+                )));
+            }
         }
         let r = self.find_end();
         if own_lock {
@@ -738,7 +743,7 @@ impl Follower {
         if self.snap_waiting.is_empty() {
             return;
         }
-        let r = match self.try_write_lock() {
+        let r = match self.try_write_lock(LOCK_TRY) {
             Ok(true) => {
                 let r = self.snapshot_locked();
                 let _ = self.db().writer.execute_batch("ROLLBACK");
@@ -763,10 +768,11 @@ impl Follower {
         let _ = req.reply.send(r);
     }
 
-    /// Tries to take the database's write lock for a moment; false if it is busy.
-    fn try_write_lock(&mut self) -> R<bool> {
+    /// Tries to take the database's write lock, waiting at most `patience`; false if it
+    /// stayed busy.
+    fn try_write_lock(&mut self, patience: Duration) -> R<bool> {
         let w = &self.db().writer;
-        let _ = w.busy_timeout(Duration::from_millis(20));
+        let _ = w.busy_timeout(patience);
         let r = w.execute_batch("BEGIN IMMEDIATE");
         let _ = w.busy_timeout(Duration::from_secs(5));
         match r {
