@@ -3,6 +3,7 @@
 //! gRPC on loopback, real files in temp dirs, and a tree comparison that checks content, modes,
 //! symlinks and empty directories.
 
+pub mod measure;
 pub mod pg;
 pub mod proxy;
 pub mod tree;

@@ -14,12 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use lockstep_tests::measure::percentile;
 use lockstep_tests::{free_port, http_get, Setup};
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn xorshift_fill(buf: &mut [u8], seed: &mut u64) {
     for chunk in buf.chunks_mut(8) {

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
+use lockstep_tests::measure::{fsync_latency, percentile};
 use lockstep_tests::pg::PgCluster;
 use lockstep_tests::Setup;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -39,11 +40,6 @@ BEGIN PERFORM pg_notify('applied', NEW.id::text); RETURN NEW; END $$;
 CREATE TRIGGER lat_applied AFTER INSERT ON lat FOR EACH ROW EXECUTE FUNCTION notify_applied();
 ALTER TABLE lat ENABLE ALWAYS TRIGGER lat_applied;
 ";
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
 
 /// Inserts single rows at `RATE`/s into the source for `secs` and measures, per row, the time
 /// from its commit acknowledgement to the standby's NOTIFY. Returns (p50, p99) in ms.
@@ -212,23 +208,6 @@ struct Round {
     after_commit_s: f64,
 }
 
-/// The disk's own small-write flush latency (p50, p99 in ms): the floor under any path with an
-/// fsync on it, such as the journal's.
-fn fsync_latency() -> Result<(f64, f64)> {
-    use std::io::Write;
-    let dir = tempfile::tempdir()?;
-    let mut f = std::fs::File::create(dir.path().join("probe"))?;
-    let mut ms = Vec::new();
-    for _ in 0..500 {
-        f.write_all(&[b'x'; 200])?;
-        let t = Instant::now();
-        f.sync_data()?;
-        ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok((percentile(&mut ms, 0.5), percentile(&mut ms, 0.99)))
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     percentile(&mut v, 0.5)
 }
@@ -244,8 +223,8 @@ fn main() -> Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     );
-    let (f50, f99) = fsync_latency()?;
-    println!("this disk: fdatasync of a 200-byte append p50 {f50:.2} ms, p99 {f99:.2} ms");
+    let (f50, f99, fmax) = fsync_latency()?;
+    println!("this disk: fdatasync of a 200-byte append p50 {f50:.2} ms, p99 {f99:.2} ms, max {fmax:.2} ms");
     let src = PgCluster::start().context("start source cluster")?;
     let dst = PgCluster::start().context("start standby cluster")?;
     src.create_db("src")?;

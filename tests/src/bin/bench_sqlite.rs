@@ -21,16 +21,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use lockstep_tests::measure::{fsync_latency, percentile};
 use lockstep_tests::Setup;
 use rusqlite::Connection;
 
 const RATE: u64 = 1000;
 const BURST: i64 = 20_000;
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn app(path: &Path) -> Result<Connection> {
     let c = Connection::open(path)?;
@@ -90,6 +86,8 @@ fn wait_visible(seen: &std::sync::Mutex<Vec<(i64, Instant)>>, id: i64, timeout: 
 
 fn main() -> Result<()> {
     let secs: u64 = std::env::var("BENCH_SQLITE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let (f50, f99, fmax) = fsync_latency()?;
+    println!("this disk: fdatasync of a 200-byte append p50 {f50:.2} ms, p99 {f99:.2} ms, max {fmax:.2} ms");
     let mut s = Setup::new()?;
     let (src, dst) = s.add_sqlite("")?;
     let c = app(&src)?;
