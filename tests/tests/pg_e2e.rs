@@ -149,6 +149,16 @@ fn pg_snapshot_stream_types_toast_truncate_ddl() -> Result<()> {
     pg.psql("shop", "TRUNCATE nokey; INSERT INTO nokey VALUES (5, 'five');")?;
     wait_equal(&mut s, &pg, Duration::from_secs(60))?;
 
+    // Enum labels added on the source (no relation message announces them), then used.
+    pg.psql("shop", "ALTER TYPE mood ADD VALUE 'meh' BEFORE 'ok'; ALTER TYPE mood ADD VALUE 'ecstatic';")?;
+    pg.psql(
+        "shop",
+        "INSERT INTO typed (id, m) VALUES (900001, 'ecstatic'), (900002, 'meh'); UPDATE typed SET m = 'meh' WHERE id = 3001;",
+    )?;
+    wait_equal(&mut s, &pg, Duration::from_secs(60))?;
+    let labels = "SELECT enumlabel::text FROM pg_enum WHERE enumtypid = 'mood'::regtype ORDER BY enumsortorder";
+    assert_eq!(pg.query("shop_standby", labels)?, pg.query("shop", labels)?);
+
     // One large transaction: travels in chunks, applied atomically.
     pg.psql("shop", "CREATE TABLE bulk (id bigint PRIMARY KEY, payload text);")?;
     pg.psql("shop", "INSERT INTO bulk SELECT g, md5(g::text) FROM generate_series(1, 1000000) g;")?;

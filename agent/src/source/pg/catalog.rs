@@ -339,15 +339,13 @@ async fn type_def_inner(
     let elem: u32 = t.get(3);
     let base: u32 = t.get(4);
     let qualified = format!("{}.{}", ident(&schema), ident(&name));
+    let mut enum_labels = Vec::new();
     let create_sql = match kind.as_str() {
         "b" if elem != 0 => return type_def(shared, client, elem, seen, out).await,
         "e" => {
-            let labels = client
-                .query("SELECT enumlabel::text FROM pg_enum WHERE enumtypid = $1 ORDER BY enumsortorder", &[&oid])
-                .await
-                .map_err(sql_err(shared, "read enum labels"))?;
-            let labels: Vec<String> = labels.iter().map(|r| super::literal(&r.get::<_, String>(0))).collect();
-            format!("CREATE TYPE {qualified} AS ENUM ({})", labels.join(", "))
+            enum_labels = enum_labels_of(shared, client, oid).await?;
+            let quoted: Vec<String> = enum_labels.iter().map(|l| super::literal(l)).collect();
+            format!("CREATE TYPE {qualified} AS ENUM ({})", quoted.join(", "))
         }
         "d" => {
             type_def(shared, client, base, seen, out).await?;
@@ -375,8 +373,46 @@ async fn type_def_inner(
         // needs them installed (the receiver reports the missing type by name).
         _ => return Ok(()),
     };
-    out.push(proto::PgTypeDef { schema, name, create_sql });
+    out.push(proto::PgTypeDef { schema, name, create_sql, enum_labels });
     Ok(())
+}
+
+/// The labels of enum type `oid`, in sort order. Labels are only ever added (or renamed), so
+/// the catalog's current list covers every label a decoded row can carry.
+pub(crate) async fn enum_labels_of(shared: &Shared, client: &Client, oid: u32) -> Result<Vec<String>, SourceError> {
+    let rows = client
+        .query("SELECT enumlabel::text FROM pg_enum WHERE enumtypid = $1 ORDER BY enumsortorder", &[&oid])
+        .await
+        .map_err(sql_err(shared, "read enum labels"))?;
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
+/// What a column of type `oid` holds, as far as enum labels go: `Some((enum oid, is_array))`
+/// for an enum or a one-level array of one, else `None`.
+pub(crate) async fn enum_column(
+    shared: &Shared,
+    client: &Client,
+    oid: u32,
+) -> Result<Option<(u32, bool)>, SourceError> {
+    if oid < FIRST_NORMAL_OID {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT t.typtype::text, t.typelem, coalesce(e.typtype::text, '') \
+             FROM pg_type t LEFT JOIN pg_type e ON e.oid = t.typelem WHERE t.oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(sql_err(shared, "read a column type"))?;
+    Ok(row.and_then(|r| {
+        let (kind, elem, elem_kind): (String, u32, String) = (r.get(0), r.get(1), r.get(2));
+        match (kind.as_str(), elem_kind.as_str()) {
+            ("e", _) => Some((oid, false)),
+            ("b", "e") => Some((elem, true)),
+            _ => None,
+        }
+    }))
 }
 
 /// A published table as the snapshot copies it: its definition from the catalog.

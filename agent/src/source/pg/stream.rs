@@ -181,6 +181,7 @@ async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Res
         status: ctx,
         types: TypeNames::default(),
         relations: HashMap::new(),
+        enums: Enums::default(),
         txn: None,
         in_flight: VecDeque::new(),
         last_end,
@@ -295,6 +296,7 @@ struct Streamer<'a> {
     types: TypeNames,
     /// Relations as last described by the stream (pgoutput sends each before first use).
     relations: HashMap<u32, (Vec<proto::PgTypeDef>, proto::PgRelation)>,
+    enums: Enums,
     txn: Option<Txn>,
     in_flight: VecDeque<InFlight>,
     /// End LSN of the last transaction submitted to the journal.
@@ -410,6 +412,7 @@ impl Streamer<'_> {
                 .await
                 .map_err(Refusal::Retry)?;
                 self.relations.insert(r.id, (types, rel));
+                self.enums.describe(self.shared, self.client, r).await.map_err(Refusal::Retry)?;
                 // Re-described in this chunk with its new shape (e.g. after ADD COLUMN).
                 if let Some(t) = &mut self.txn {
                     t.described.remove(&r.id);
@@ -422,11 +425,23 @@ impl Streamer<'_> {
             }
             _ => {}
         }
+        // A row may carry an enum label added since its type was described: the standby's
+        // type gets it first.
+        let added = match (&msg, &self.txn) {
+            (PgOutput::Insert { rel, new } | PgOutput::Update { rel, new, .. }, Some(t)) if !t.skip => {
+                self.enums.added_labels(self.shared, self.client, *rel, new).await.map_err(Refusal::Retry)?
+            }
+            _ => Vec::new(),
+        };
         let Some(t) = &mut self.txn else {
             return Err(Refusal::Retry(self.shared.err("protocol: row change outside a transaction")));
         };
         if t.skip {
             return Ok(());
+        }
+        for d in added {
+            t.bytes += 128;
+            t.push(proto::PgOp { op: Some(Op::TypeDef(d)) });
         }
         for id in rel_of(&msg) {
             if t.described.insert(id) {
@@ -567,4 +582,142 @@ fn tuple_bytes(t: &proto::PgTuple) -> usize {
             _ => 2,
         })
         .sum()
+}
+
+/// The enum labels known per enum type, to notice rows carrying labels added on the source
+/// after the type was described (`ALTER TYPE ... ADD VALUE` sends no relation message).
+#[derive(Default)]
+struct Enums {
+    /// Per column type OID: `Some((enum OID, is_array))` for enums and arrays of them.
+    kinds: HashMap<u32, Option<(u32, bool)>>,
+    /// Per relation: (column index, enum OID, is_array) of its enum columns.
+    columns: HashMap<u32, Vec<(usize, u32, bool)>>,
+    /// Per enum OID: the labels known.
+    labels: HashMap<u32, HashSet<String>>,
+}
+
+impl Enums {
+    async fn describe(&mut self, shared: &Shared, client: &Client, r: &pgoutput::Relation) -> Result<(), SourceError> {
+        let mut cols = Vec::new();
+        for (i, c) in r.columns.iter().enumerate() {
+            let kind = match self.kinds.get(&c.type_oid) {
+                Some(k) => *k,
+                None => {
+                    let k = catalog::enum_column(shared, client, c.type_oid).await?;
+                    self.kinds.insert(c.type_oid, k);
+                    k
+                }
+            };
+            if let Some((oid, array)) = kind {
+                if let std::collections::hash_map::Entry::Vacant(e) = self.labels.entry(oid) {
+                    e.insert(catalog::enum_labels_of(shared, client, oid).await?.into_iter().collect());
+                }
+                cols.push((i, oid, array));
+            }
+        }
+        if cols.is_empty() {
+            self.columns.remove(&r.id);
+        } else {
+            self.columns.insert(r.id, cols);
+        }
+        Ok(())
+    }
+
+    /// Definitions, with every label, of the enums whose labels `row` of relation `rel`
+    /// uses without them being known yet.
+    async fn added_labels(
+        &mut self,
+        shared: &Shared,
+        client: &Client,
+        rel: u32,
+        row: &pgoutput::Tuple,
+    ) -> Result<Vec<proto::PgTypeDef>, SourceError> {
+        let Some(cols) = self.columns.get(&rel) else { return Ok(Vec::new()) };
+        let mut stale = Vec::new();
+        for &(i, oid, array) in cols {
+            let (Some(Value::Text(v) | Value::Binary(v)), Some(known)) = (row.0.get(i), self.labels.get(&oid)) else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(v);
+            let unknown = if array {
+                array_elements(&text).iter().any(|l| !known.contains(l.as_str()))
+            } else {
+                !known.contains(text.as_ref())
+            };
+            if unknown && !stale.contains(&oid) {
+                stale.push(oid);
+            }
+        }
+        let mut defs = Vec::new();
+        for oid in stale {
+            let now: HashSet<String> = catalog::enum_labels_of(shared, client, oid).await?.into_iter().collect();
+            if self.labels.get(&oid) == Some(&now) {
+                continue;
+            }
+            info!(source = %shared.name, type_oid = oid, labels = now.len(), "enum labels added on the source; passing them on");
+            self.labels.insert(oid, now);
+            defs.extend(catalog::type_defs(shared, client, vec![oid], &mut Default::default()).await?);
+        }
+        Ok(defs)
+    }
+}
+
+/// The elements of a PostgreSQL array in text form (`{a,"b c",NULL}`, any nesting; NULLs
+/// left out).
+fn array_elements(text: &str) -> Vec<String> {
+    // An explicit lower bound ("[0:1]={...}") precedes the braces.
+    let body = match text.find('=') {
+        Some(eq) if text.starts_with('[') => &text[eq + 1..],
+        _ => text,
+    };
+    let mut out = Vec::new();
+    let mut chars = body.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' | '}' | ',' | ' ' => {}
+            '"' => {
+                let mut e = String::new();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => e.extend(chars.next()),
+                        '"' => break,
+                        c => e.push(c),
+                    }
+                }
+                out.push(e);
+            }
+            c => {
+                let mut e = String::from(c);
+                while let Some(&n) = chars.peek() {
+                    if n == ',' || n == '}' {
+                        break;
+                    }
+                    e.push(n);
+                    chars.next();
+                }
+                if !e.eq_ignore_ascii_case("NULL") {
+                    out.push(e);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::array_elements;
+
+    #[test]
+    fn array_elements_of_text_arrays() {
+        assert_eq!(array_elements("{sad,happy}"), ["sad", "happy"]);
+        assert_eq!(array_elements("{}"), Vec::<String>::new());
+        assert_eq!(
+            array_elements(r#"{"very happy",NULL,"q\"uote","b\\s",ok}"#),
+            ["very happy", "q\"uote", "b\\s", "ok"]
+        );
+        assert_eq!(array_elements("{{a,b},{c,NULL}}"), ["a", "b", "c"]);
+        assert_eq!(array_elements("[0:1]={x,y}"), ["x", "y"]);
+        assert_eq!(array_elements(r#"{"NULL"}"#), ["NULL"]);
+    }
 }

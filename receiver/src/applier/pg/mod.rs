@@ -177,6 +177,8 @@ struct State {
     last_message: Option<LastMessage>,
     /// User-defined types (schema, name) known to exist on the standby.
     types: HashSet<(String, String)>,
+    /// Per enum type: the source's labels last made present on the standby.
+    enum_labels: HashMap<(String, String), Vec<String>>,
     /// Makes asynchronously committed rounds durable (see [`flush`]).
     flusher: flush::Flusher,
     /// Updates and deletes of the current event that found no row.
@@ -395,6 +397,7 @@ impl PgApplier {
             can_emit: false,
             last_message: None,
             types: HashSet::new(),
+            enum_labels: HashMap::new(),
             flusher: flush::Flusher::new(config.clone())?,
             missing: 0,
             first_missing: None,
@@ -1008,11 +1011,20 @@ impl State {
             return Err(refused(format!("type {q} is in a reserved schema")));
         }
         let key = (t.schema.clone(), t.name.clone());
-        if self.types.contains(&key) {
+        let same_labels = t.enum_labels.is_empty() || self.enum_labels.get(&key) == Some(&t.enum_labels);
+        if self.types.contains(&key) && same_labels {
             return Ok(());
         }
         let client = self.client()?;
-        if !schema::type_exists(client, &t.schema, &t.name).await? {
+        let exists = schema::type_exists(client, &t.schema, &t.name).await?;
+        if !t.enum_labels.is_empty() {
+            if exists {
+                self.add_enum_labels(t, &q).await?;
+            }
+            self.enum_labels.insert(key.clone(), t.enum_labels.clone());
+        }
+        let client = self.client()?;
+        if !exists {
             match sql::type_def(&t.schema, &t.name, &t.create_sql) {
                 Ok(stmt) => schema::create_type(client, &t.schema, &stmt, &q).await?,
                 Err(why) => {
@@ -1023,6 +1035,41 @@ impl State {
             }
         }
         self.types.insert(key);
+        Ok(())
+    }
+
+    /// Adds the labels of the source's enum `t` that the standby's type lacks, each next to
+    /// its neighbour in the source's order (`ALTER TYPE ... ADD VALUE ... AFTER`). A label
+    /// added inside a transaction cannot be used before that transaction commits, so they are
+    /// added on a connection of their own, committed at once: the round's open transaction
+    /// can then insert rows carrying them.
+    async fn add_enum_labels(&mut self, t: &proto::PgTypeDef, q: &str) -> Result<(), ApplyError> {
+        let have: Vec<String> = self
+            .client()?
+            .query(
+                "SELECT e.enumlabel::text FROM pg_catalog.pg_enum e JOIN pg_catalog.pg_type ty ON ty.oid = e.enumtypid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = ty.typnamespace \
+                 WHERE n.nspname = $1 AND ty.typname = $2 ORDER BY e.enumsortorder",
+                &[&t.schema, &t.name],
+            )
+            .await
+            .map_err(db_err(format!("read the labels of {q}")))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let stmts = sql::add_enum_labels(q, &have, &t.enum_labels);
+        if stmts.is_empty() {
+            return Ok(());
+        }
+        let ctx = || format!("add labels to {q} on {}", self.where_());
+        let (client, connection) = self.config.connect(NoTls).await.map_err(db_err(ctx()))?;
+        let conn = tokio::spawn(connection);
+        for stmt in &stmts {
+            client.batch_execute(stmt).await.map_err(db_err(ctx()))?;
+        }
+        drop(client);
+        let _ = conn.await;
+        info!(type_name = %q, added = stmts.len(), "enum labels added on the standby");
         Ok(())
     }
 

@@ -605,6 +605,35 @@ fn is_word(t: &Tok, w: &str) -> bool {
     matches!(t, Tok::Word { text, quoted: false } if text == w)
 }
 
+/// A string literal (standard_conforming_strings, the default since PostgreSQL 9.1).
+pub fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// `ALTER TYPE q ADD VALUE` statements that give enum `q`, having labels `have`, every label
+/// of `want` (the source's labels in order), each placed after its predecessor in `want` (or
+/// before its successor when it is first). Labels `have` holds beyond `want` stay where they
+/// are. Empty when nothing is missing.
+pub fn add_enum_labels(q: &str, have: &[String], want: &[String]) -> Vec<String> {
+    let mut present: Vec<&str> = have.iter().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for (i, label) in want.iter().enumerate() {
+        if present.contains(&label.as_str()) {
+            continue;
+        }
+        let place = match i.checked_sub(1).map(|p| &want[p]) {
+            Some(prev) => format!(" AFTER {}", literal(prev)),
+            None => match want.iter().skip(1).find(|l| present.contains(&l.as_str())) {
+                Some(next) => format!(" BEFORE {}", literal(next)),
+                None => String::new(),
+            },
+        };
+        out.push(format!("ALTER TYPE {q} ADD VALUE IF NOT EXISTS {}{place}", literal(label)));
+        present.push(label);
+    }
+    out
+}
+
 /// Checks a type definition from the agent (`CREATE TYPE ... AS ENUM (...)` or `CREATE DOMAIN`)
 /// for `schema.name` and returns the statement to run: enums are rebuilt from their labels;
 /// domains may call only [`SAFE_FUNCTIONS`] (their CHECK constraints run while changes are
@@ -701,5 +730,33 @@ mod type_defs {
         ] {
             assert!(type_def("public", "d", bad).is_err(), "{bad} accepted");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::add_enum_labels;
+
+    fn v(l: &[&str]) -> Vec<String> {
+        l.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn enum_labels_are_added_in_the_sources_order() {
+        let q = r#""public"."mood""#;
+        assert!(add_enum_labels(q, &v(&["a", "b"]), &v(&["a", "b"])).is_empty());
+        assert_eq!(
+            add_enum_labels(q, &v(&["b", "d"]), &v(&["a", "b", "c", "d", "it's"])),
+            [
+                r#"ALTER TYPE "public"."mood" ADD VALUE IF NOT EXISTS 'a' BEFORE 'b'"#,
+                r#"ALTER TYPE "public"."mood" ADD VALUE IF NOT EXISTS 'c' AFTER 'b'"#,
+                r#"ALTER TYPE "public"."mood" ADD VALUE IF NOT EXISTS 'it''s' AFTER 'd'"#,
+            ]
+        );
+        // A standby label the source lacks stays; nothing to place against: appended.
+        assert_eq!(
+            add_enum_labels(q, &v(&["x"]), &v(&["y"])),
+            [r#"ALTER TYPE "public"."mood" ADD VALUE IF NOT EXISTS 'y'"#]
+        );
     }
 }

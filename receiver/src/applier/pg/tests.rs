@@ -1007,6 +1007,7 @@ fn pg_user_defined_types_are_created_when_missing() {
             schema: schema.into(),
             name: name.into(),
             create_sql: sql.into(),
+            enum_labels: Vec::new(),
         })),
     };
     let mood = type_def("app", "mood", r#"CREATE TYPE "app"."mood" AS ENUM ('sad', 'it''s ok', 'happy')"#);
@@ -1048,4 +1049,55 @@ fn pg_user_defined_types_are_created_when_missing() {
     assert!(out.skipped.unwrap().contains("pg_terminate_backend"));
     assert!(a.commit(pos(3)).unwrap());
     assert_eq!(db.count("SELECT count(*) FROM pg_type WHERE typname = 'evil'"), 0);
+}
+
+#[test]
+fn pg_enum_labels_added_on_the_source_reach_the_standby_type() {
+    let pg = Cluster::start();
+    let mut a = pg.open();
+    let mood = |labels: &[&str]| PgOp {
+        op: Some(pg_op::Op::TypeDef(proto::PgTypeDef {
+            schema: "public".into(),
+            name: "mood".into(),
+            create_sql: r#"CREATE TYPE "public"."mood" AS ENUM ('sad', 'happy')"#.into(),
+            enum_labels: labels.iter().map(|l| l.to_string()).collect(),
+        })),
+    };
+    let rel = || {
+        relation(1, "feel", "d", vec![col("id", "integer", true), col("m", "mood", false), col("ms", "mood[]", false)])
+    };
+    apply_commit(
+        &mut a,
+        1,
+        tx(100, vec![mood(&["sad", "happy"]), rel(), insert(1, &[vec![Some("1"), Some("sad"), None]])]),
+    );
+    // Labels added on the source (one before, one between, one after the others) arrive with a
+    // row that uses them, in the same standby transaction as earlier rows of the round.
+    a.apply(Seq(2), tx(200, vec![insert(1, &[vec![Some("2"), Some("happy"), None]])])).unwrap();
+    let labels = ["bleak", "sad", "it's ok", "happy", "ecstatic"];
+    a.apply(
+        Seq(3),
+        tx(
+            300,
+            vec![mood(&labels), insert(1, &[vec![Some("3"), Some("it's ok"), Some(r#"{bleak,"it's ok",ecstatic}"#)]])],
+        ),
+    )
+    .unwrap();
+    assert!(a.commit(pos(3)).unwrap());
+    let db = pg.db();
+    assert_eq!(
+        db.rows("SELECT enumlabel::text FROM pg_enum WHERE enumtypid = 'mood'::regtype ORDER BY enumsortorder"),
+        labels.iter().map(|l| vec![Some(l.to_string())]).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        db.rows("SELECT id::text, m::text, ms::text FROM feel ORDER BY id"),
+        vec![
+            vec![Some("1".into()), Some("sad".into()), None],
+            vec![Some("2".into()), Some("happy".into()), None],
+            vec![Some("3".into()), Some("it's ok".into()), Some(r#"{bleak,"it's ok",ecstatic}"#.into())],
+        ]
+    );
+    // The same definition again: nothing to do.
+    apply_commit(&mut a, 4, tx(400, vec![mood(&labels), insert(1, &[vec![Some("4"), Some("ecstatic"), None]])]));
+    assert_eq!(db.count("SELECT count(*) FROM feel"), 4);
 }
