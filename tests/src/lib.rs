@@ -295,6 +295,15 @@ path = "standby"
         }
     }
 
+    /// Whether any daemon log (of any start) contains `needle`.
+    pub fn logs_contain(&self, needle: &str) -> bool {
+        std::fs::read_dir(self.root()).into_iter().flatten().filter_map(|e| e.ok()).any(|e| {
+            let p = e.path();
+            p.extension().is_some_and(|x| x == "log")
+                && std::fs::read_to_string(&p).is_ok_and(|text| text.contains(needle))
+        })
+    }
+
     /// The last lines of every daemon log, for failure messages.
     pub fn logs_tail(&self) -> String {
         let mut out = String::new();

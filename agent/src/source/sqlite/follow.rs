@@ -37,7 +37,7 @@
 //! agent's sled database, so a restart resumes mid-generation; transactions re-read after a
 //! crash carry the same (gen, frame), and receivers skip them.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -69,6 +69,11 @@ const HOT_AFTER_RELEASE: Duration = Duration::from_millis(50);
 const RECYCLE_FRAMES: u32 = 4096;
 /// Page bytes read per pass over the log.
 const READ_BUDGET: usize = 64 << 20;
+/// A transaction writing more pages than this is not held in memory: it is journaled piece by
+/// piece straight from its frames.
+const HOLD_BYTES: usize = 32 << 20;
+/// Frames re-read per step when journaling such a transaction.
+const LARGE_READ_FRAMES: u32 = 1024;
 /// How long the follower waits for the write lock at a time while it holds the pin (the
 /// holder may be a checkpoint waiting for the pin to move).
 const LOCK_TRY: Duration = Duration::from_millis(20);
@@ -407,7 +412,7 @@ impl Follower {
         }
         let pos = self.pos;
         let f = self.wal()?.expect("header was read");
-        let (txns, end) = wal::read_committed(f, &h, pos, READ_BUDGET).map_err(self.io("read the WAL"))?;
+        let (txns, end) = wal::read_committed(f, &h, pos, READ_BUDGET, HOLD_BYTES).map_err(self.io("read the WAL"))?;
         if txns.is_empty() {
             return Ok(0);
         }
@@ -422,12 +427,76 @@ impl Follower {
         Ok(n)
     }
 
+    /// One journal record: piece `chunk` of the transaction committed at frame `t.frame`.
+    fn piece(&self, t: &Txn, h: &WalHeader, chunk: u32, last: bool, pages: Vec<proto::SqlitePage>) -> NewRecord {
+        NewRecord {
+            source: self.shared.name.clone(),
+            captured_at_us: now_us(),
+            payload: Change::Other(proto::change_event::Change::Sqlite(proto::SqliteFrames {
+                gen: self.gen,
+                frame: t.frame,
+                page_size: h.page_size,
+                db_pages: t.db_pages,
+                chunk,
+                last,
+                pages,
+                snapshot: false,
+                zstd: true,
+            }))
+            .encode(),
+        }
+    }
+
+    /// Journals a transaction too large to hold, piece by piece as its frames are re-read.
+    /// Only the last piece carries the position: after a crash before it, the transaction is
+    /// read and journaled again whole (the receiver drops the orphaned pieces).
+    fn journal_large(&mut self, t: Txn, h: &WalHeader, from: u32) -> R<()> {
+        let at = WalPos { frame: t.frame, cksum: t.cksum, ..self.pos };
+        let mut piece: BTreeMap<u32, bytes::Bytes> = BTreeMap::new();
+        let mut bytes = 0;
+        let mut chunk = 0;
+        let mut n = from;
+        while n <= t.frame {
+            let f = self.wal()?.expect("the WAL is open while pinned");
+            let frames = wal::read_frames(f, h, n, (t.frame - n + 1).min(LARGE_READ_FRAMES))
+                .map_err(self.io("re-read a large transaction"))?;
+            if frames.is_empty() {
+                return Err(self.shared.err(format!("frames {n}..={} of a committed transaction vanished", t.frame)));
+            }
+            n += frames.len() as u32;
+            for (pgno, data) in frames {
+                let data = bytes::Bytes::from(zstd::bulk::compress(&data, 1).map_err(self.io("compress a page"))?);
+                bytes += data.len();
+                if let Some(old) = piece.insert(pgno, data) {
+                    bytes -= old.len();
+                }
+            }
+            if bytes >= PIECE_BYTES && n <= t.frame {
+                let pages = std::mem::take(&mut piece)
+                    .into_iter()
+                    .map(|(pgno, data)| proto::SqlitePage { pgno, data })
+                    .collect();
+                let rec = self.piece(&t, h, chunk, false, pages);
+                self.submit(vec![rec], None)?;
+                chunk += 1;
+                bytes = 0;
+            }
+        }
+        let pages = piece.into_iter().map(|(pgno, data)| proto::SqlitePage { pgno, data }).collect();
+        let rec = self.piece(&t, h, chunk, true, pages);
+        info!(source = %self.shared.name, frame = t.frame, pieces = chunk + 1, "large transaction journaled piece by piece");
+        self.submit(vec![rec], Some((self.gen, at)))
+    }
+
     /// Hands one transaction to the journal (in pieces if large).
-    fn journal(&mut self, t: Txn, h: &WalHeader) -> R<()> {
+    fn journal(&mut self, mut t: Txn, h: &WalHeader) -> R<()> {
+        if let Some(from) = t.large_from {
+            return self.journal_large(t, h, from);
+        }
         let at = WalPos { frame: t.frame, cksum: t.cksum, ..self.pos };
         let mut pieces: Vec<Vec<proto::SqlitePage>> = vec![Vec::new()];
         let mut bytes = 0;
-        for (pgno, data) in t.pages {
+        for (pgno, data) in std::mem::take(&mut t.pages) {
             if bytes >= PIECE_BYTES {
                 pieces.push(Vec::new());
                 bytes = 0;
@@ -437,27 +506,8 @@ impl Follower {
             pieces.last_mut().expect("non-empty").push(proto::SqlitePage { pgno, data: data.into() });
         }
         let last = pieces.len() - 1;
-        let now = now_us();
-        let records = pieces
-            .into_iter()
-            .enumerate()
-            .map(|(i, pages)| NewRecord {
-                source: self.shared.name.clone(),
-                captured_at_us: now,
-                payload: Change::Other(proto::change_event::Change::Sqlite(proto::SqliteFrames {
-                    gen: self.gen,
-                    frame: t.frame,
-                    page_size: h.page_size,
-                    db_pages: t.db_pages,
-                    chunk: i as u32,
-                    last: i == last,
-                    pages,
-                    snapshot: false,
-                    zstd: true,
-                }))
-                .encode(),
-            })
-            .collect();
+        let records =
+            pieces.into_iter().enumerate().map(|(i, pages)| self.piece(&t, h, i as u32, i == last, pages)).collect();
         self.submit(records, Some((self.gen, at)))
     }
 
@@ -714,7 +764,8 @@ impl Follower {
                 let mut pos = WalPos::start(&h);
                 loop {
                     let f = self.wal()?.expect("header was read");
-                    let (txns, end) = wal::read_committed(f, &h, pos, READ_BUDGET).map_err(self.io("read the WAL"))?;
+                    let (txns, end) =
+                        wal::read_committed(f, &h, pos, READ_BUDGET, HOLD_BYTES).map_err(self.io("read the WAL"))?;
                     pos = end;
                     if txns.is_empty() {
                         break;

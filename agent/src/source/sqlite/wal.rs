@@ -152,6 +152,10 @@ pub struct Txn {
     /// Running checksum after its commit frame.
     pub cksum: [u32; 2],
     pub pages: BTreeMap<u32, Vec<u8>>,
+    /// Set when the transaction wrote more than the reader holds in memory: `pages` is then
+    /// empty and its pages are in frames `from..=frame` (read them with [`read_frames`]; a
+    /// page may appear more than once, the last version wins).
+    pub large_from: Option<u32>,
 }
 
 impl Txn {
@@ -166,8 +170,15 @@ const READ_FRAMES: u32 = 256;
 /// Reads the committed transactions that follow `pos` in the generation `h` heads (whose
 /// salts must equal `pos`'s), stopping at the first frame that is not valid, after about
 /// `max_bytes` of pages (never inside a transaction), or at end of file. Returns them and the
-/// position after the last one.
-pub fn read_committed(file: &File, h: &WalHeader, pos: WalPos, max_bytes: usize) -> io::Result<(Vec<Txn>, WalPos)> {
+/// position after the last one. A transaction writing more than `hold_bytes` of pages is
+/// returned without them (see [`Txn::large_from`]), so memory stays bounded.
+pub fn read_committed(
+    file: &File,
+    h: &WalHeader,
+    pos: WalPos,
+    max_bytes: usize,
+    hold_bytes: usize,
+) -> io::Result<(Vec<Txn>, WalPos)> {
     debug_assert_eq!(h.salt, pos.salt);
     let flen = h.frame_len() as usize;
     let psize = h.page_size as usize;
@@ -177,6 +188,7 @@ pub fn read_committed(file: &File, h: &WalHeader, pos: WalPos, max_bytes: usize)
     let mut cksum = pos.cksum;
     let mut n = pos.frame + 1;
     let mut bytes = 0usize;
+    let mut cur_from = n;
     let mut buf = vec![0u8; flen * READ_FRAMES as usize];
     'read: loop {
         let got = read_at_most(file, &mut buf, h.frame_offset(n))?;
@@ -198,7 +210,16 @@ pub fn read_committed(file: &File, h: &WalHeader, pos: WalPos, max_bytes: usize)
             if pgno == 0 {
                 break 'read;
             }
-            cur.pages.insert(pgno, page[..psize].to_vec());
+            if cur.large_from.is_none() {
+                if cur.pages.is_empty() {
+                    cur_from = n;
+                }
+                cur.pages.insert(pgno, page[..psize].to_vec());
+                if cur.pages.len() * (psize + 8) > hold_bytes {
+                    cur.pages.clear();
+                    cur.large_from = Some(cur_from);
+                }
+            }
             let commit = be32(fh, 4);
             if commit != 0 {
                 cur.frame = n;
@@ -218,6 +239,25 @@ pub fn read_committed(file: &File, h: &WalHeader, pos: WalPos, max_bytes: usize)
         }
     }
     Ok((out, committed))
+}
+
+/// The pages of up to `count` frames from frame `from` on, as (page number, page), stopping
+/// early at the end of the file or at a frame of another generation. For re-reading frames
+/// [`read_committed`] already validated (a large transaction's): while the log is pinned,
+/// committed frames do not change.
+pub fn read_frames(file: &File, h: &WalHeader, from: u32, count: u32) -> io::Result<Vec<(u32, Vec<u8>)>> {
+    let flen = h.frame_len() as usize;
+    let mut buf = vec![0u8; flen * count as usize];
+    let got = read_at_most(file, &mut buf, h.frame_offset(from))?;
+    let mut out = Vec::with_capacity(got / flen);
+    for f in buf[..got / flen * flen].chunks_exact(flen) {
+        let (fh, page) = f.split_at(FRAME_HEADER_LEN);
+        if [be32(fh, 8), be32(fh, 12)] != h.salt {
+            break;
+        }
+        out.push((be32(fh, 0), page[..h.page_size as usize].to_vec()));
+    }
+    Ok(out)
 }
 
 /// Whether a valid frame continuing `pos`'s chain follows it (a transaction being written,
@@ -278,21 +318,21 @@ mod tests {
         }
         let f = wal(&path);
         let h = read_header(&f).unwrap().expect("header");
-        let (txns, end) = read_committed(&f, &h, WalPos::start(&h), usize::MAX).unwrap();
+        let (txns, end) = read_committed(&f, &h, WalPos::start(&h), usize::MAX, usize::MAX).unwrap();
         // CREATE TABLE plus five inserts, each committed on its own.
         assert_eq!(txns.len(), 6);
         assert!(txns.windows(2).all(|w| w[0].frame < w[1].frame));
         assert_eq!(end.frame, txns.last().unwrap().frame);
         // Nothing more until the next commit; then exactly it.
-        let (none, same) = read_committed(&f, &h, end, usize::MAX).unwrap();
+        let (none, same) = read_committed(&f, &h, end, usize::MAX, usize::MAX).unwrap();
         assert!(none.is_empty());
         assert_eq!(same, end);
         c.execute("INSERT INTO t(v) VALUES ('x')", []).unwrap();
-        let (more, end2) = read_committed(&f, &h, end, usize::MAX).unwrap();
+        let (more, end2) = read_committed(&f, &h, end, usize::MAX, usize::MAX).unwrap();
         assert_eq!(more.len(), 1);
         assert!(end2.frame > end.frame);
         // A budget stops between transactions, never inside one.
-        let (first, mid) = read_committed(&f, &h, WalPos::start(&h), 1).unwrap();
+        let (first, mid) = read_committed(&f, &h, WalPos::start(&h), 1, usize::MAX).unwrap();
         assert_eq!(first.len(), 1);
         assert_eq!(mid.frame, txns[0].frame);
     }
@@ -304,7 +344,7 @@ mod tests {
         c.execute("INSERT INTO t(v) VALUES ('a')", []).unwrap();
         let f = wal(&path);
         let h = read_header(&f).unwrap().unwrap();
-        let (_, end) = read_committed(&f, &h, WalPos::start(&h), usize::MAX).unwrap();
+        let (_, end) = read_committed(&f, &h, WalPos::start(&h), usize::MAX, usize::MAX).unwrap();
         // A large transaction spills frames before it commits; they are not returned.
         c.pragma_update(None, "cache_size", 2).unwrap();
         c.execute_batch("BEGIN").unwrap();
@@ -312,7 +352,7 @@ mod tests {
             c.execute("INSERT INTO t(v) VALUES (?1)", [format!("{i:0>200}")]).unwrap();
         }
         assert!(frame_follows(&f, &h, end).unwrap(), "spilled frames are on disk");
-        let (none, _) = read_committed(&f, &h, end, usize::MAX).unwrap();
+        let (none, _) = read_committed(&f, &h, end, usize::MAX, usize::MAX).unwrap();
         assert!(none.is_empty(), "no commit frame yet");
         c.execute_batch("ROLLBACK").unwrap();
         // Reset the log: stale frames of the old generation fail the salt test.
@@ -321,10 +361,52 @@ mod tests {
         let h2 = read_header(&f).unwrap().unwrap();
         assert_eq!(h2.ckpt_seq, h.ckpt_seq.wrapping_add(1));
         assert_eq!(h2.salt[0], h.salt[0].wrapping_add(1));
-        let (stale, _) = read_committed(&f, &h, end, usize::MAX).unwrap();
+        let (stale, _) = read_committed(&f, &h, end, usize::MAX, usize::MAX).unwrap();
         assert!(stale.is_empty());
-        let (fresh, _) = read_committed(&f, &h2, WalPos::start(&h2), usize::MAX).unwrap();
+        let (fresh, _) = read_committed(&f, &h2, WalPos::start(&h2), usize::MAX, usize::MAX).unwrap();
         assert_eq!(fresh.len(), 1);
+    }
+
+    #[test]
+    fn large_transactions_are_not_held_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, path) = wal_db(dir.path());
+        c.execute("INSERT INTO t(v) VALUES ('a')", []).unwrap();
+        // Spills while it runs (tiny cache), so some pages are written more than once.
+        c.pragma_update(None, "cache_size", 5).unwrap();
+        c.execute_batch("BEGIN").unwrap();
+        for i in 0..3000 {
+            c.execute("INSERT INTO t(v) VALUES (?1)", [format!("{i:0>300}")]).unwrap();
+            if i % 500 == 0 {
+                c.execute("UPDATE t SET v = v || 'x' WHERE id = 1", []).unwrap();
+            }
+        }
+        c.execute_batch("COMMIT").unwrap();
+        c.execute("INSERT INTO t(v) VALUES ('after')", []).unwrap();
+        let f = wal(&path);
+        let h = read_header(&f).unwrap().unwrap();
+        let (held, end) = read_committed(&f, &h, WalPos::start(&h), usize::MAX, usize::MAX).unwrap();
+        let (light, end2) = read_committed(&f, &h, WalPos::start(&h), usize::MAX, 64 << 10).unwrap();
+        assert_eq!(end, end2);
+        assert_eq!(held.len(), light.len());
+        let big = held.iter().position(|t| t.bytes() > 64 << 10).expect("a large transaction");
+        assert!(light[big].pages.is_empty());
+        let from = light[big].large_from.expect("marked large");
+        assert_eq!(light[big].frame, held[big].frame);
+        assert_eq!(from, held[big - 1].frame + 1);
+        // Small transactions around it are held as usual.
+        assert_eq!(light[big + 1].pages, held[big + 1].pages);
+        assert!(light[big + 1].large_from.is_none());
+        // Its frames read back in order give the same last version of every page.
+        let mut pages = BTreeMap::new();
+        let mut n = from;
+        while n <= light[big].frame {
+            let got = read_frames(&f, &h, n, (light[big].frame - n + 1).min(100)).unwrap();
+            assert!(!got.is_empty());
+            n += got.len() as u32;
+            pages.extend(got);
+        }
+        assert_eq!(pages, held[big].pages);
     }
 
     #[test]

@@ -51,7 +51,6 @@
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -175,12 +174,13 @@ impl StateFile {
 }
 
 /// A chunked source transaction whose last chunk has not arrived yet.
+/// A source transaction arriving in chunks: its pages so far are written in the open standby
+/// transaction, after savepoint `lockstep_tx` (rolled back to if the rest never comes), so
+/// a large transaction is never held in memory.
 struct Partial {
     at: WalPos,
     page_size: u32,
     next_chunk: u32,
-    /// The latest version of each page so far.
-    pages: BTreeMap<u32, Bytes>,
 }
 
 /// Where the pieces of a snapshot go.
@@ -616,12 +616,15 @@ impl SqliteApplier {
                     chunks = p.next_chunk,
                     "transaction cut off by an agent restart; discarding its chunks (it is sent again in full)"
                 );
+                self.savepoint("ROLLBACK TO lockstep_tx; RELEASE lockstep_tx")?;
             }
             if f.last {
                 return self.write_tx(f.page_size, f.db_pages, f.pages.into_iter().map(|p| (p.pgno, p.data)), at);
             }
-            let pages = f.pages.into_iter().map(|p| (p.pgno, p.data)).collect();
-            self.partial = Some(Partial { at, page_size: f.page_size, next_chunk: 1, pages });
+            self.begin().map_err(|e| self.fail(e))?;
+            self.savepoint("SAVEPOINT lockstep_tx")?;
+            self.write_pages(f.page_size, f.pages.into_iter().map(|p| (p.pgno, p.data))).map_err(|e| self.fail(e))?;
+            self.partial = Some(Partial { at, page_size: f.page_size, next_chunk: 1 });
             return Ok(());
         }
         let continues = self.partial.as_ref().is_some_and(|p| p.at == at && p.next_chunk == f.chunk);
@@ -641,13 +644,24 @@ impl SqliteApplier {
                 f.chunk, f.page_size, p.page_size
             )));
         }
-        p.pages.extend(f.pages.into_iter().map(|pg| (pg.pgno, pg.data)));
         p.next_chunk += 1;
+        let page_size = p.page_size;
+        // Later chunks may carry a newer version of a page: written in order, it wins.
+        self.write_pages(page_size, f.pages.into_iter().map(|pg| (pg.pgno, pg.data))).map_err(|e| self.fail(e))?;
         if !f.last {
             return Ok(());
         }
-        let p = self.partial.take().expect("checked above");
-        self.write_tx(p.page_size, f.db_pages, p.pages.into_iter(), at)
+        self.partial = None;
+        self.savepoint("RELEASE lockstep_tx")?;
+        self.db_pages = Some(f.db_pages);
+        self.applied = at;
+        Ok(())
+    }
+
+    /// Runs a savepoint statement for a chunked transaction on the open write transaction.
+    fn savepoint(&mut self, sql: &str) -> Result<(), ApplyError> {
+        let r = self.conn().and_then(|c| c.execute_batch(sql).map_err(db_err(format!("{sql} on the standby"))));
+        r.map_err(|e| self.fail(e))
     }
 
     /// Writes a whole source transaction into the open standby transaction.
