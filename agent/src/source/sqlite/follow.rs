@@ -391,7 +391,8 @@ impl Follower {
                 self.pin()?;
                 debug!(source = %self.shared.name, gen = self.gen, ckpt = h.ckpt_seq, "following the next WAL generation");
             } else {
-                let why = if next {
+                let pinned = self.db().active.is_some();
+                let why = if !self.released && !pinned {
                     "the WAL was reset again before the source could pin its new generation (the application \
                      checkpoints with RESTART or TRUNCATE faster than the source polls)"
                         .to_string()
@@ -409,6 +410,12 @@ impl Follower {
         } else if self.pos.frame == 0 {
             // The same generation, nothing read yet: its header starts the chain.
             self.pos = WalPos::start(&h);
+        }
+        if !self.released && self.db().active.is_none() {
+            // A new generation taken on but not pinned yet (its first transaction was not
+            // committed when it was seen): pin it before reading, or a checkpoint could
+            // reset it while we read.
+            self.pin()?;
         }
         let pos = self.pos;
         let f = self.wal()?.expect("header was read");
