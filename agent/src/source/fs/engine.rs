@@ -703,23 +703,21 @@ impl Engine {
     }
 
     fn resend_subtree(&mut self, rel: &RelPath) -> R<()> {
-        self.repair(RepairRequest { path: rel.clone(), reason: "changed while the first index was built".into() })?;
-        let abs = rel.under(&self.root);
-        let is_dir = std::fs::symlink_metadata(&abs).is_ok_and(|m| m.is_dir());
-        if is_dir && !self.filter.out_of_scope(rel) {
-            let Ok(entries) = std::fs::read_dir(&abs) else { return Ok(()) };
-            for e in entries.flatten() {
-                if let Some(child) = self.rel(&e.path()) {
-                    self.resend_subtree(&child)?;
-                }
-            }
-        }
-        Ok(())
+        self.repair(RepairRequest { path: rel.clone(), reason: "changed while the first index was built".into() })
     }
 
+    /// A receiver found the standby unable to follow at `req.path` (e.g. a rename whose source
+    /// it lacks): sends that path again whole — a directory with everything under it, since
+    /// the standby may lack all of it while the index says it was sent.
     fn repair(&mut self, req: RepairRequest) -> R<()> {
-        let rel = req.path;
-        tracing::info!(path = %rel, reason = %req.reason, "repair requested");
+        tracing::info!(path = %req.path, reason = %req.reason, "repair requested");
+        self.resend(&req.path)
+    }
+
+    /// Sends `rel` as it is on disk now, in full (no deltas), and for a directory everything
+    /// under it; a path gone from disk is removed.
+    fn resend(&mut self, rel: &RelPath) -> R<()> {
+        let rel = rel.clone();
         self.done.remove(&rel);
         let abs = rel.under(&self.root);
         let meta = if self.filter.out_of_scope(&rel) { None } else { std::fs::symlink_metadata(&abs).ok() };
@@ -732,6 +730,14 @@ impl Engine {
             let mode = content::mode_of(&meta);
             self.emit(FsOp::Mkdir { path: rel.clone(), mode })?;
             self.index.stage_put(&rel, Entry::dir(mode));
+            let Ok(entries) = std::fs::read_dir(&abs) else { return Ok(()) };
+            for e in entries.flatten() {
+                if let Some(child) = self.rel(&e.path()) {
+                    if !self.filter.out_of_scope(&child) {
+                        self.resend(&child)?;
+                    }
+                }
+            }
         } else if meta.file_type().is_symlink() || meta.is_file() {
             // Forget the index entry so the path goes out whole (full content, not a delta).
             self.index.stage_remove(&rel, Kind::File);

@@ -574,6 +574,30 @@ async fn repair_resends_full_state() {
     h.stop().await;
 }
 
+/// A repair of a directory (a receiver lacking a rename's source, say) re-sends everything
+/// under it, not just the directory: the index says its children were sent, so nothing else
+/// would send them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repair_of_a_directory_resends_its_whole_subtree() {
+    let mut h = Harness::new(&[]);
+    std::fs::create_dir_all(h.p("d/sub")).unwrap();
+    std::fs::write(h.p("d/a"), b"aaa").unwrap();
+    std::fs::write(h.p("d/sub/b"), vec![3u8; 70_000]).unwrap();
+    std::os::unix::fs::symlink("target-2", h.p("d/sub/l.lnk")).unwrap();
+    h.start().await;
+    h.settle().await;
+    let tx = h.running.as_ref().unwrap().repair_tx.clone();
+    tx.send(RepairRequest { path: rp("d"), reason: "rename source missing".into() }).await.unwrap();
+    let ops = h
+        .ops_until(|o| o.iter().any(|op| matches!(op, FsOp::Symlink { path, .. } if *path == rp("d/sub/l.lnk"))))
+        .await;
+    // Applied to an empty standby, the repair alone rebuilds the directory.
+    let mut model = Model::default();
+    model.apply_all(&ops);
+    assert_eq!(model.nodes, Model::from_disk(&h.root, &[]).nodes);
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn burst_of_changes_converges() {
     let mut h = Harness::new(&[]);
