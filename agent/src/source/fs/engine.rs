@@ -456,7 +456,16 @@ impl Engine {
     fn sync_entry(&mut self, rel: &RelPath, meta: &std::fs::Metadata, force_content: bool) -> R<Synced> {
         self.done.insert(rel.clone());
         let old = self.index.get(rel);
-        let old = self.ix(old)?;
+        let mut old = self.ix(old)?;
+        if old.as_ref().is_some_and(Entry::is_stale) {
+            // A crash lost the index update for what the journal sent here (see `flush`): the
+            // standby may hold anything at this path — say a directory renamed here, with
+            // children since deleted that no index entry remembers. Clear it and send what the
+            // disk has, whole.
+            self.emit(FsOp::Remove { path: rel.clone() })?;
+            self.index.stage_remove(rel, Kind::Dir);
+            old = None;
+        }
         let ft = meta.file_type();
         let abs = rel.under(&self.root);
         if ft.is_dir() {

@@ -76,6 +76,11 @@ impl Entry {
         }
     }
 
+    /// Whether this is a marker left by [`Entry::stale`] (a crash lost the real entry).
+    pub(crate) fn is_stale(&self) -> bool {
+        self.kind == Kind::File && self.size == u64::MAX && self.mtime_ns == -1
+    }
+
     pub(crate) fn symlink(target: Vec<u8>) -> Entry {
         Entry {
             kind: Kind::Symlink,

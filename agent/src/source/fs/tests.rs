@@ -650,3 +650,32 @@ async fn stale_markers_left_by_a_crash_are_resolved_on_restart() {
     assert!(h.store.last_seq() > before);
     h.stop().await;
 }
+
+/// A crash right after a directory rename was journaled, before the index moved the subtree:
+/// the standby has the directory under its new name with everything it held, the index has
+/// a stale marker there and the old subtree under the old name, and a file in it was deleted
+/// meanwhile. After the restart the standby must not keep that file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_between_a_rename_and_its_index_move_leaves_nothing_behind() {
+    let mut h = Harness::new(&[]);
+    std::fs::create_dir_all(h.p("old/sub")).unwrap();
+    std::fs::write(h.p("old/keep"), b"keep").unwrap();
+    std::fs::write(h.p("old/sub/gone"), b"gone").unwrap();
+    h.start().await;
+    h.settle().await;
+    h.stop().await;
+    // The standby had everything, then applied the rename before the crash.
+    let mut standby = Model::from_disk(&h.root, &[]);
+    standby.apply(&FsOp::Rename { from: rp("old"), to: rp("new") });
+    // What the agent's index kept: the marker written before the append, not the move.
+    let index = super::index::Index::open(&h.db, "www").unwrap();
+    index.put_stale_markers(&[rp("new")]).unwrap();
+    drop(index);
+    // The disk: renamed, and a file deleted while the agent was down.
+    std::fs::rename(h.p("old"), h.p("new")).unwrap();
+    std::fs::remove_file(h.p("new/sub/gone")).unwrap();
+    h.start().await;
+    standby.apply_all(&h.settle().await);
+    assert_eq!(standby.nodes, Model::from_disk(&h.root, &[]).nodes);
+    h.stop().await;
+}
