@@ -37,7 +37,7 @@
 //! agent's sled database, so a restart resumes mid-generation; transactions re-read after a
 //! crash carry the same (gen, frame), and receivers skip them.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -53,7 +53,7 @@ use tracing::{debug, error, info, warn};
 
 use super::shm::Shm;
 use super::wal::{self, Txn, WalHeader, WalPos};
-use super::{Shared, SnapRequest, SnapStart, PIECE_BYTES};
+use super::{Piece, Shared, SnapRequest, SnapStart};
 use crate::journal::{AppendTicket, NewRecord, RecordMeta};
 use crate::source::{SourceContext, SourceError, SourceState};
 
@@ -454,68 +454,60 @@ impl Follower {
         }
     }
 
-    /// Journals a transaction too large to hold, piece by piece as its frames are re-read.
-    /// Only the last piece carries the position: after a crash before it, the transaction is
-    /// read and journaled again whole (the receiver drops the orphaned pieces).
-    fn journal_large(&mut self, t: Txn, h: &WalHeader, from: u32) -> R<()> {
+    /// Hands one transaction to the journal in pieces of about `PIECE_BYTES`. Only the last
+    /// carries the position: after a crash before it, the transaction is read and journaled
+    /// again whole (the receiver drops the orphaned pieces). A transaction too large to hold
+    /// (`Txn::large_from`) is re-read from its frames as it goes: committed frames do not
+    /// change while the log is pinned.
+    fn journal(&mut self, mut t: Txn, h: &WalHeader) -> R<()> {
         let at = WalPos { frame: t.frame, cksum: t.cksum, ..self.pos };
-        let mut piece: BTreeMap<u32, bytes::Bytes> = BTreeMap::new();
-        let mut bytes = 0;
+        let mut piece = Piece::default();
         let mut chunk = 0;
-        let mut n = from;
-        while n <= t.frame {
-            let f = self.wal()?.expect("the WAL is open while pinned");
-            let frames = wal::read_frames(f, h, n, (t.frame - n + 1).min(LARGE_READ_FRAMES))
-                .map_err(self.io("re-read a large transaction"))?;
-            if frames.is_empty() {
-                return Err(self.shared.err(format!("frames {n}..={} of a committed transaction vanished", t.frame)));
-            }
-            n += frames.len() as u32;
-            for (pgno, data) in frames {
-                let data = bytes::Bytes::from(zstd::bulk::compress(&data, 1).map_err(self.io("compress a page"))?);
-                bytes += data.len();
-                if let Some(old) = piece.insert(pgno, data) {
-                    bytes -= old.len();
+        match t.large_from {
+            None => {
+                for (pgno, data) in std::mem::take(&mut t.pages) {
+                    self.add_page(&t, h, &mut piece, &mut chunk, pgno, &data)?;
                 }
             }
-            if bytes >= PIECE_BYTES && n <= t.frame {
-                let pages = std::mem::take(&mut piece)
-                    .into_iter()
-                    .map(|(pgno, data)| proto::SqlitePage { pgno, data })
-                    .collect();
-                let rec = self.piece(&t, h, chunk, false, pages);
-                self.submit(vec![rec], None)?;
-                chunk += 1;
-                bytes = 0;
+            Some(from) => {
+                let mut n = from;
+                while n <= t.frame {
+                    let f = self.wal()?.expect("the WAL is open while pinned");
+                    let frames = wal::read_frames(f, h, n, (t.frame - n + 1).min(LARGE_READ_FRAMES))
+                        .map_err(self.io("re-read a large transaction"))?;
+                    if frames.is_empty() {
+                        return Err(self
+                            .shared
+                            .err(format!("frames {n}..={} of a committed transaction vanished", t.frame)));
+                    }
+                    n += frames.len() as u32;
+                    for (pgno, data) in frames {
+                        self.add_page(&t, h, &mut piece, &mut chunk, pgno, &data)?;
+                    }
+                }
+                info!(source = %self.shared.name, frame = t.frame, pieces = chunk + 1, "large transaction journaled piece by piece");
             }
         }
-        let pages = piece.into_iter().map(|(pgno, data)| proto::SqlitePage { pgno, data }).collect();
-        let rec = self.piece(&t, h, chunk, true, pages);
-        info!(source = %self.shared.name, frame = t.frame, pieces = chunk + 1, "large transaction journaled piece by piece");
+        let rec = self.piece(&t, h, chunk, true, piece.take());
         self.submit(vec![rec], Some((self.gen, at)))
     }
 
-    /// Hands one transaction to the journal (in pieces if large).
-    fn journal(&mut self, mut t: Txn, h: &WalHeader) -> R<()> {
-        if let Some(from) = t.large_from {
-            return self.journal_large(t, h, from);
+    /// Adds a page of `t` to its current piece, journaling the piece first if it is full.
+    fn add_page(
+        &mut self,
+        t: &Txn,
+        h: &WalHeader,
+        piece: &mut Piece,
+        chunk: &mut u32,
+        pgno: u32,
+        data: &[u8],
+    ) -> R<()> {
+        if piece.is_full() {
+            let rec = self.piece(t, h, *chunk, false, piece.take());
+            self.submit(vec![rec], None)?;
+            *chunk += 1;
         }
-        let at = WalPos { frame: t.frame, cksum: t.cksum, ..self.pos };
-        let mut pieces: Vec<Vec<proto::SqlitePage>> = vec![Vec::new()];
-        let mut bytes = 0;
-        for (pgno, data) in std::mem::take(&mut t.pages) {
-            if bytes >= PIECE_BYTES {
-                pieces.push(Vec::new());
-                bytes = 0;
-            }
-            let data = zstd::bulk::compress(&data, 1).map_err(self.io("compress a page"))?;
-            bytes += data.len();
-            pieces.last_mut().expect("non-empty").push(proto::SqlitePage { pgno, data: data.into() });
-        }
-        let last = pieces.len() - 1;
-        let records =
-            pieces.into_iter().enumerate().map(|(i, pages)| self.piece(&t, h, i as u32, i == last, pages)).collect();
-        self.submit(records, Some((self.gen, at)))
+        piece.add(pgno, data).map_err(self.io("compress a page"))
     }
 
     fn submit(&mut self, records: Vec<NewRecord>, pos: Option<(u64, WalPos)>) -> R<()> {

@@ -16,6 +16,7 @@ mod follow;
 mod shm;
 pub mod wal;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -29,6 +30,36 @@ use super::{Snapshotter, Source, SourceContext, SourceError};
 
 /// Page bytes per snapshot piece and per journal event of a large transaction.
 pub(crate) const PIECE_BYTES: usize = 4 << 20;
+
+/// The pages of one piece of a transaction or snapshot, compressed, gathered until about
+/// [`PIECE_BYTES`] of them are held.
+#[derive(Default)]
+pub(crate) struct Piece {
+    pages: BTreeMap<u32, bytes::Bytes>,
+    bytes: usize,
+}
+
+impl Piece {
+    /// Adds a page, compressed; a later version of a page replaces the one held.
+    pub(crate) fn add(&mut self, pgno: u32, page: &[u8]) -> std::io::Result<()> {
+        let data = bytes::Bytes::from(zstd::bulk::compress(page, 1)?);
+        self.bytes += data.len();
+        if let Some(old) = self.pages.insert(pgno, data) {
+            self.bytes -= old.len();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.bytes >= PIECE_BYTES
+    }
+
+    /// The pages held, in page order, leaving the piece empty.
+    pub(crate) fn take(&mut self) -> Vec<proto::SqlitePage> {
+        self.bytes = 0;
+        std::mem::take(&mut self.pages).into_iter().map(|(pgno, data)| proto::SqlitePage { pgno, data }).collect()
+    }
+}
 
 /// A request from the snapshotter to the follower for a consistent starting point.
 pub(crate) struct SnapRequest {
@@ -135,22 +166,18 @@ fn send_pages(start: SnapStart, tx: &mpsc::Sender<Change>) -> rusqlite::Result<(
     };
     let mut stmt = start.conn.prepare("SELECT pgno, data FROM sqlite_dbpage WHERE pgno <= ?1 ORDER BY pgno")?;
     let mut rows = stmt.query([start.db_pages])?;
-    let mut pages = Vec::new();
-    let mut bytes = 0usize;
+    let mut pages = Piece::default();
     let mut chunk = 0u32;
     while let Some(row) = rows.next()? {
         let data: Vec<u8> = row.get(1)?;
-        let data = zstd::bulk::compress(&data, 1).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        bytes += data.len();
-        pages.push(proto::SqlitePage { pgno: row.get(0)?, data: data.into() });
-        if bytes >= PIECE_BYTES {
-            if tx.blocking_send(piece(std::mem::take(&mut pages), chunk, false)).is_err() {
+        pages.add(row.get(0)?, &data).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        if pages.is_full() {
+            if tx.blocking_send(piece(pages.take(), chunk, false)).is_err() {
                 return Ok(());
             }
             chunk += 1;
-            bytes = 0;
         }
     }
-    let _ = tx.blocking_send(piece(pages, chunk, true));
+    let _ = tx.blocking_send(piece(pages.take(), chunk, true));
     Ok(())
 }

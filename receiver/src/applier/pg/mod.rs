@@ -1016,15 +1016,7 @@ impl State {
             return Ok(());
         }
         let client = self.client()?;
-        let exists = schema::type_exists(client, &t.schema, &t.name).await?;
-        if !t.enum_labels.is_empty() {
-            if exists {
-                self.add_enum_labels(t, &q).await?;
-            }
-            self.enum_labels.insert(key.clone(), t.enum_labels.clone());
-        }
-        let client = self.client()?;
-        if !exists {
+        if !schema::type_exists(client, &t.schema, &t.name).await? {
             match sql::type_def(&t.schema, &t.name, &t.create_sql) {
                 Ok(stmt) => schema::create_type(client, &t.schema, &stmt, &q).await?,
                 Err(why) => {
@@ -1033,6 +1025,11 @@ impl State {
                     self.skipped = Some(msg);
                 }
             }
+        } else if !t.enum_labels.is_empty() {
+            self.add_enum_labels(t, &q).await?;
+        }
+        if !t.enum_labels.is_empty() {
+            self.enum_labels.insert(key.clone(), t.enum_labels.clone());
         }
         self.types.insert(key);
         Ok(())

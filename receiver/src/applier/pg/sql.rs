@@ -662,7 +662,7 @@ pub fn type_def(schema: &str, name: &str, create_sql: &str) -> Result<String, St
         let mut out = Vec::new();
         for (i, t) in labels.iter().enumerate() {
             match (i % 2, t) {
-                (0, Tok::Str(l)) => out.push(format!("'{}'", l.replace('\'', "''"))),
+                (0, Tok::Str(l)) => out.push(literal(l)),
                 (1, Tok::Punct(',')) => {}
                 _ => return Err("enum labels must be string literals".into()),
             }
