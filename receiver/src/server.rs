@@ -61,6 +61,8 @@ struct Session {
     /// Highest journal seq seen on this stream; journal records must arrive strictly increasing.
     last_seq: Seq,
     batches: u64,
+    /// Repair requests to send once the session is up.
+    repairs: Vec<proto::Repair>,
 }
 
 /// What one round of applying produced.
@@ -400,6 +402,7 @@ impl ReplicationService {
         }
         wanted.sort_by(|a, b| a.0.cmp(&b.0));
         let mut targets = HashMap::new();
+        let mut repairs = Vec::new();
         for (name, t) in wanted {
             let lock = t.applier.clone().lock_owned();
             let mut guard = tokio::time::timeout(Duration::from_secs(15), lock).await.map_err(|_| {
@@ -424,15 +427,22 @@ impl ReplicationService {
             // again from the committed position.
             let mut applier = guard.take().expect("opened above");
             let (applier, started) = tokio::task::spawn_blocking(move || {
-                let r = applier.session_start();
+                let r = applier.session_start(journal_id).map(|()| applier.take_deferred());
                 (applier, r)
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-            if let Err(e) = started {
-                // Dropped: the next session opens it afresh.
-                t.status().last_error = Some(e.to_string());
-                return Err(Status::unavailable(format!("target for source {name}: {e}; retry")));
+            let recovered = match started {
+                Ok(r) => r,
+                Err(e) => {
+                    // Dropped: the next session opens it afresh.
+                    t.status().last_error = Some(e.to_string());
+                    return Err(Status::unavailable(format!("target for source {name}: {e}; retry")));
+                }
+            };
+            // Repairs asked for before a restart, which may not have reached the agent.
+            for (path, reason) in recovered.repairs {
+                repairs.push(proto::Repair { source: name.clone(), path: path.into_bytes().into(), reason });
             }
             *guard = Some(applier);
             let pos = guard.as_ref().and_then(|a| a.position()).filter(|p| p.journal_id == journal_id).map(|p| p.seq);
@@ -456,15 +466,21 @@ impl ReplicationService {
                 },
             );
         }
-        Ok((Session { agent, journal_id, targets, last_seq: Seq::ZERO, batches: 0 }, inbound))
+        Ok((Session { agent, journal_id, targets, last_seq: Seq::ZERO, batches: 0, repairs }, inbound))
     }
 }
 
 async fn run_session(
-    session: Session,
+    mut session: Session,
     mut inbound: Streaming<AgentMessage>,
     out: mpsc::Sender<Result<ReceiverMessage, Status>>,
 ) {
+    // Sent from here, not before the response: the outbound channel is only drained once the
+    // response is returned.
+    for r in std::mem::take(&mut session.repairs) {
+        info!(source = %r.source, path = %String::from_utf8_lossy(&r.path), reason = %r.reason, "repair asked for again after a restart");
+        let _ = out.send(Ok(ReceiverMessage { msg: Some(RMsg::Repair(r)) })).await;
+    }
     let mut holder = Some(session);
     let end = session_loop(&mut holder, &mut inbound, &out).await;
     if let Err(s) = &end {
@@ -650,6 +666,7 @@ impl Replication for ReplicationService {
         };
         info!(agent = %session.agent, peer = ?peer, sources = session.targets.len(), "session started");
         let _ = tx.send(Ok(ReceiverMessage { msg: Some(RMsg::Welcome(welcome)) })).await;
+
         let span = tracing::info_span!("session", agent = %session.agent);
         tokio::spawn(run_session(session, inbound, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

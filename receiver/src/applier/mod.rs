@@ -77,6 +77,18 @@ pub(crate) fn write_position_file(path: &Path, body: &[u8]) -> Result<(), ApplyE
         .map_err(|error| ApplyError::Io { context: format!("write position file {}", path.display()), error })
 }
 
+/// Removes a position file durably (the removal itself survives a machine crash).
+pub(crate) fn remove_position_file(path: &Path) -> Result<(), ApplyError> {
+    let ctx = || format!("remove position file {}", path.display());
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(ApplyError::Io { context: ctx(), error }),
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|error| ApplyError::Io { context: ctx(), error })
+}
+
 /// Apply failures.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -131,10 +143,11 @@ pub trait Applier: Send + 'static {
             None => Ok(false),
         }
     }
-    /// A new session is about to stream to this applier: discard whatever was applied but not
-    /// committed by the previous one (it will be sent again from the committed position), and
-    /// reconnect to the standby if needed. Blocking.
-    fn session_start(&mut self) -> Result<(), ApplyError> {
+    /// A new session from the agent's journal `journal_id` is about to stream to this applier:
+    /// settle whatever the previous one (or a crashed process) applied but did not commit —
+    /// discard it, to be sent again from the committed position, or commit it — and reconnect
+    /// to the standby if needed. Blocking.
+    fn session_start(&mut self, _journal_id: JournalId) -> Result<(), ApplyError> {
         Ok(())
     }
 }

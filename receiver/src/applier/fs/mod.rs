@@ -18,16 +18,22 @@
 //! the position file atomically (temp, fsync, rename, dir fsync). So a durable position never
 //! covers changes that are not durable.
 //!
-//! After a crash, the tree holds an unknown subset of the changes applied after the committed
-//! position, and the agent re-sends all of them. That is safe because every operation here is
-//! harmless to repeat on top of any later state of the same sequence:
+//! After a crash, the changes applied after the committed position are not re-applied: that
+//! is not safe in general (a replayed write recreates a directory a later rename moved away,
+//! and the replayed rename then replaces the newer directory with it). Instead the applier
+//! records after every change how far it got (see [`mark`]): after the process dies it commits
+//! that position (the page cache holds exactly what it did); after the machine restarts it
+//! resyncs the target. A resync in progress is not resumable either: it removes the position
+//! file first, so an interrupted one starts over.
+//!
+//! What must still be harmless to redo is the one change that was under way when the process
+//! died, over its own partial result:
 //! - a file write rebuilds the content in a staging file and installs it only if its blake3
-//!   matches the sender's hash; otherwise it leaves the target alone and asks for a repair (a
-//!   replayed write over a newer version, or a delta over a different base, is discarded and
-//!   the later changes in the replay restore the newer state);
+//!   matches the sender's hash; otherwise it leaves the target alone and asks for a repair;
 //! - mkdir, chmod and symlink set an absolute state; remove of a missing path does nothing;
 //! - a rename whose source is already gone does nothing (the destination was renamed in
-//!   before, or is re-sent as a repair if it is missing too).
+//!   before, or is re-sent as a repair if it is missing too); one onto its own ancestor picks
+//!   up the source it had parked.
 //!
 //! During a resync, file writes are applied by a few worker threads (see [`pool`]); every other
 //! operation, the end of the resync and a commit wait for them first.
@@ -36,6 +42,7 @@
 //! committed (and therefore synced with the staging file) continues in the same file after a
 //! restart.
 
+mod mark;
 mod pool;
 mod tree;
 mod write;
@@ -52,14 +59,17 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use lockstep_common::event::{Change, FsOp, Seq};
+use lockstep_common::event::{Change, FsOp, JournalId, Seq};
 use lockstep_common::relpath::{RelPath, STAGING_SUFFIX};
+use tracing::{info, warn};
 
+use self::mark::AppliedMark;
 use self::pool::Pool;
 use self::tree::{chmod_nofollow, ensure_parents, io_err, lstat, remove_any, staging_path, symlink_escapes};
 use self::write::Writer;
 use super::{
-    read_position_file, write_position_file, Applier, ApplyError, ApplyOutcome, CommitFn, Position, POSITION_LEN,
+    read_position_file, remove_position_file, write_position_file, Applier, ApplyError, ApplyOutcome, CommitFn,
+    Position, POSITION_LEN,
 };
 
 /// Applies a filesystem source to a standby directory tree.
@@ -72,7 +82,11 @@ pub struct FsApplier {
     allow_external_symlinks: bool,
     /// The last committed position, as loaded or as written by a commit (which may finish on
     /// another thread).
-    committed: Arc<Mutex<Option<Position>>>,
+    committed: Arc<Mutex<Committed>>,
+    /// How far applying got, past the committed position (see [`mark`]).
+    mark: AppliedMark,
+    /// The journal the current session streams from (positions are recorded in it).
+    journal: Option<JournalId>,
     /// Something was applied since the last commit was prepared (so the next one must flush).
     unflushed: bool,
     /// Content writes applied on this thread, with their staging state.
@@ -95,11 +109,14 @@ impl FsApplier {
             fs::create_dir_all(dir).map_err(io_err(format!("create position directory {}", dir.display())))?;
         }
         let position = load_position(&position_file)?;
+        let mark = AppliedMark::open(mark_path(&position_file))?;
         Ok(FsApplier {
             root: root.clone(),
             position_file,
             allow_external_symlinks,
-            committed: Arc::new(Mutex::new(position)),
+            committed: Arc::new(Mutex::new(Committed { pos: position, epoch: 0 })),
+            mark,
+            journal: None,
             unflushed: false,
             writer: Writer { root: root.clone(), ..Default::default() },
             pool: None,
@@ -154,8 +171,17 @@ impl FsApplier {
         } else {
             None
         };
+        // Moving a/b onto its own ancestor a parks b beside a first (below); a crash after
+        // that leaves b parked, and the redo continues from there.
+        let parked = from.starts_with(to).then(|| staging_path(&self.root, to, "rename"));
+        let (src_meta, src) = match (src_meta, &parked) {
+            (None, Some(parked)) if ensure_parents(&self.root, to, false)? => {
+                (lstat(parked).map_err(io_err(format!("inspect {}", parked.display())))?, parked.clone())
+            }
+            (meta, _) => (meta, src),
+        };
         let Some(src_meta) = src_meta else {
-            // Replayed after a crash (already renamed) or raced with a later change on the
+            // Redone after a crash (already renamed) or raced with a later change on the
             // source: keep what is there, ask for the destination if it is missing.
             let dst_exists = ensure_parents(&self.root, to, false)?
                 && lstat(&dst).map_err(io_err(format!("inspect {}", dst.display())))?.is_some();
@@ -169,11 +195,10 @@ impl FsApplier {
             return Ok(ApplyOutcome::default());
         }
         let mut src = src;
-        if from.starts_with(to) {
+        if let Some(parked) = parked.filter(|p| *p != src) {
             // Moving a/b onto its own ancestor a: a must go, but b lives inside it. Park b next
             // to a first.
             ensure_parents(&self.root, to, true)?;
-            let parked = staging_path(&self.root, to, "rename");
             remove_any(&parked)?;
             fs::rename(&src, &parked).map_err(io_err(format!("move {} aside", src.display())))?;
             src = parked;
@@ -231,6 +256,42 @@ impl FsApplier {
         Ok(ApplyOutcome::default())
     }
 
+    /// Applies one change (see [`Applier::apply`]).
+    fn apply_change(&mut self, change: Change) -> Result<ApplyOutcome, ApplyError> {
+        self.unflushed = true;
+        let op = match change {
+            Change::Fs(op) => op,
+            Change::Other(_) => return Err(ApplyError::Refused("a filesystem target accepts only fs changes".into())),
+        };
+        if self.resync.is_some() {
+            match &op {
+                // What a snapshot removes or renames away is not part of it.
+                FsOp::Remove { .. } => {}
+                other => self.mention(other.path()),
+            }
+        }
+        let Some(pool) = &mut self.pool else {
+            return self.apply_fs(op);
+        };
+        let mut outcome = match op {
+            FsOp::Write(w) => {
+                pool.dispatch(w, &mut self.writer);
+                ApplyOutcome::default()
+            }
+            other => {
+                // A barrier: see `pool`.
+                self.settle()?;
+                self.apply_fs(other)?
+            }
+        };
+        self.collect()?;
+        outcome.repairs.append(&mut self.deferred.repairs);
+        if outcome.skipped.is_none() {
+            outcome.skipped = self.deferred.skipped.take();
+        }
+        Ok(outcome)
+    }
+
     /// Drops in-memory staging state of writes at or below `rel` (their files move or vanish
     /// with it; a later chunk then reopens or asks for a repair).
     fn forget_writes_under(&mut self, rel: &RelPath) {
@@ -284,7 +345,10 @@ impl FsApplier {
         for entry in entries {
             let entry = entry.map_err(io_err(format!("list {}", dir.display())))?;
             let path = entry.path();
-            if path == self.position_file || path == self.position_file.with_extension("tmp") {
+            if path == self.position_file
+                || path == self.position_file.with_extension("tmp")
+                || path == mark_path(&self.position_file)
+            {
                 // The position file may live inside the root; it is not part of the copy.
                 continue;
             }
@@ -316,40 +380,14 @@ impl FsApplier {
 
 impl Applier for FsApplier {
     fn position(&self) -> Option<Position> {
-        *self.committed.lock().unwrap_or_else(|e| e.into_inner())
+        self.committed.lock().unwrap_or_else(|e| e.into_inner()).pos
     }
 
-    fn apply(&mut self, _seq: Seq, change: Change) -> Result<ApplyOutcome, ApplyError> {
-        self.unflushed = true;
-        let op = match change {
-            Change::Fs(op) => op,
-            Change::Other(_) => return Err(ApplyError::Refused("a filesystem target accepts only fs changes".into())),
-        };
-        if self.resync.is_some() {
-            match &op {
-                // What a snapshot removes or renames away is not part of it.
-                FsOp::Remove { .. } => {}
-                other => self.mention(other.path()),
-            }
-        }
-        let Some(pool) = &mut self.pool else {
-            return self.apply_fs(op);
-        };
-        let mut outcome = match op {
-            FsOp::Write(w) => {
-                pool.dispatch(w, &mut self.writer);
-                ApplyOutcome::default()
-            }
-            other => {
-                // A barrier: see `pool`.
-                self.settle()?;
-                self.apply_fs(other)?
-            }
-        };
-        self.collect()?;
-        outcome.repairs.append(&mut self.deferred.repairs);
-        if outcome.skipped.is_none() {
-            outcome.skipped = self.deferred.skipped.take();
+    fn apply(&mut self, seq: Seq, change: Change) -> Result<ApplyOutcome, ApplyError> {
+        let outcome = self.apply_change(change)?;
+        if let Some(journal_id) = self.journal.filter(|_| seq > Seq::ZERO) {
+            self.mark.repairs.extend(outcome.repairs.iter().cloned());
+            self.mark.record(Position { journal_id, seq })?;
         }
         Ok(outcome)
     }
@@ -359,6 +397,15 @@ impl Applier for FsApplier {
         // this resync re-sends everything).
         let _ = self.settle();
         self.deferred = ApplyOutcome::default();
+        // A resync cut short leaves a tree that is neither the old position's nor the new
+        // one's: without a position, the agent starts the resync over. Commits still running
+        // for the old position must not bring it back.
+        {
+            let mut c = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+            c.epoch += 1;
+            c.pos = None;
+            remove_position_file(&self.position_file)?;
+        }
         self.resync = Some(HashSet::new());
         if self.pool.is_none() {
             self.pool = Some(Pool::new(self.root.clone(), apply_threads()));
@@ -384,26 +431,112 @@ impl Applier for FsApplier {
 
     fn prepare_commit(&mut self, pos: Position) -> Result<Option<CommitFn>, ApplyError> {
         self.settle()?;
+        // Their requests go out with this round; a crash from here on loses at most a
+        // duplicate request (the mark file still lists them until the next change).
+        self.mark.repairs.clear();
         let root = self.root.clone();
         let position_file = self.position_file.clone();
         let committed = self.committed.clone();
+        let epoch = committed.lock().unwrap_or_else(|e| e.into_inner()).epoch;
         // Nothing applied since the last commit: only the position moves, no flush needed.
         let flush = std::mem::take(&mut self.unflushed);
         Ok(Some(Box::new(move || {
             // See the module docs: flush everything applied, then record the position. A
             // syncfs that also catches changes applied after `prepare_commit` is harmless.
             if flush {
-                let dir = File::open(&root).map_err(io_err(format!("open target root {}", root.display())))?;
-                // SAFETY: `dir` is an open file descriptor for the duration of the call.
-                if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-                    return Err(io_err(format!("sync filesystem of {}", root.display()))(io::Error::last_os_error()));
-                }
+                syncfs(&root)?;
             }
-            write_position_file(&position_file, &pos.to_bytes())?;
-            *committed.lock().unwrap_or_else(|e| e.into_inner()) = Some(pos);
-            Ok(())
+            commit_position(&committed, &position_file, pos, epoch)
         })))
     }
+
+    fn session_start(&mut self, journal_id: JournalId) -> Result<(), ApplyError> {
+        // A resync the previous session left unfinished is abandoned (its begin removed the
+        // position, so the agent starts it over).
+        let _ = self.settle();
+        self.pool = None;
+        self.resync = None;
+        self.deferred = ApplyOutcome::default();
+        self.journal = Some(journal_id);
+        self.recover()
+    }
+}
+
+impl FsApplier {
+    /// Brings the committed position up to the applied mark (see [`mark`]) when it is ahead:
+    /// commits it when this boot's page cache holds what was applied, else drops the position
+    /// so that the target is resynced. Repairs the mark lists are handed to the session again.
+    fn recover(&mut self) -> Result<(), ApplyError> {
+        let committed = self.position();
+        let Some(mark) = self.mark.pos else { return Ok(()) };
+        let ahead = committed.is_some_and(|c| c.journal_id == mark.journal_id && c.seq < mark.seq);
+        if ahead && self.mark.this_boot {
+            info!(
+                target = %self.root.display(), committed = %committed.map_or(0, |c| c.seq.0), applied = %mark.seq,
+                "changes applied before a restart are flushed and committed, not applied again"
+            );
+            syncfs(&self.root)?;
+            let epoch = self.committed.lock().unwrap_or_else(|e| e.into_inner()).epoch;
+            commit_position(&self.committed, &self.position_file, mark, epoch)?;
+            self.deferred.repairs.extend(std::mem::take(&mut self.mark.repairs));
+        } else if ahead {
+            warn!(
+                target = %self.root.display(),
+                "the machine restarted while changes past the committed position were being applied; \
+                 the tree may hold any part of them, so the target is resynced"
+            );
+            let mut c = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+            c.epoch += 1;
+            c.pos = None;
+            remove_position_file(&self.position_file)?;
+        }
+        // From here on the mark describes this process's work.
+        self.mark.this_boot = true;
+        Ok(())
+    }
+}
+
+/// The committed position, shared with commits finishing on other threads.
+struct Committed {
+    pos: Option<Position>,
+    /// Bumped when the position is dropped (a resync begins): commits prepared before that
+    /// must not bring it back.
+    epoch: u64,
+}
+
+/// Records `pos` as committed (file, then memory) unless the position was dropped since the
+/// commit was prepared (`epoch`) or is already further on.
+fn commit_position(
+    committed: &Mutex<Committed>,
+    position_file: &Path,
+    pos: Position,
+    epoch: u64,
+) -> Result<(), ApplyError> {
+    let mut c = committed.lock().unwrap_or_else(|e| e.into_inner());
+    let behind = c.pos.is_some_and(|cur| cur.journal_id == pos.journal_id && cur.seq >= pos.seq);
+    if c.epoch != epoch || behind {
+        return Ok(());
+    }
+    write_position_file(position_file, &pos.to_bytes())?;
+    c.pos = Some(pos);
+    Ok(())
+}
+
+/// Flushes everything written to the filesystem holding `root`.
+fn syncfs(root: &Path) -> Result<(), ApplyError> {
+    let dir = File::open(root).map_err(io_err(format!("open target root {}", root.display())))?;
+    // SAFETY: `dir` is an open file descriptor for the duration of the call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(io_err(format!("sync filesystem of {}", root.display()))(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The applied mark lives beside the position file.
+fn mark_path(position_file: &Path) -> PathBuf {
+    let mut name = position_file.as_os_str().to_owned();
+    name.push(".applied");
+    PathBuf::from(name)
 }
 
 /// Worker threads applying file writes during a resync.

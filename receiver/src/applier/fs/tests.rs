@@ -543,3 +543,154 @@ fn resync_keeps_staging_of_write_in_progress() {
     apply_ok(&mut a, events[1].clone());
     assert!(fs::read(t.path().join("root/d/f")).unwrap() == content);
 }
+
+const J: JournalId = JournalId([3; 16]);
+
+fn at(seq: u64) -> Position {
+    Position { journal_id: J, seq: Seq(seq) }
+}
+
+/// Applies `changes` as journal records `first..`, as a session does.
+fn apply_from(a: &mut FsApplier, first: u64, changes: &[Change]) -> Vec<ApplyOutcome> {
+    changes.iter().enumerate().map(|(i, c)| a.apply(Seq(first + i as u64), c.clone()).unwrap()).collect()
+}
+
+/// Changes that go wrong when replayed over their own result: the replayed write recreates
+/// `a`, the replayed rename of `x` finds nothing to move, and the replayed rename of `a` then
+/// replaces `b`, the directory that holds `x` by now.
+fn unsafe_to_replay() -> Vec<Change> {
+    let mut s = Vec::new();
+    s.extend(full_write("x/keep", b"kept", 0o644, 1));
+    s.extend(full_write("a/f", b"f", 0o644, 2));
+    s.push(fsop(FsOp::Rename { from: rp("x"), to: rp("a/x") }));
+    s.push(fsop(FsOp::Rename { from: rp("a"), to: rp("b") }));
+    s
+}
+
+#[test]
+fn a_restart_commits_what_was_applied_instead_of_replaying_it() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let s = unsafe_to_replay();
+    let expected = {
+        let mut a = new_applier(t.path());
+        a.session_start(J).unwrap();
+        apply_from(&mut a, 1, &s[..1]);
+        assert!(a.commit(at(1)).unwrap());
+        apply_from(&mut a, 2, &s[1..]);
+        snapshot(&root)
+        // Dropped without a commit: kill -9 after applying 2..=4.
+    };
+    assert_eq!(expected.get("b/x/keep"), Some(&Entry::File(b"kept".to_vec(), 0o644)));
+    let mut a = new_applier(t.path());
+    assert_eq!(a.position(), Some(at(1)));
+    a.session_start(J).unwrap();
+    assert_eq!(a.position(), Some(at(4)), "the restart must not ask for 2..=4 again");
+    assert_eq!(new_applier(t.path()).position(), Some(at(4)), "and the position is durable");
+    assert_eq!(snapshot(&root), expected);
+
+    // What a replay would have done: `b/x/keep` is lost.
+    apply_from(&mut a, 2, &s[1..]);
+    assert_ne!(snapshot(&root), expected, "the scenario no longer shows why replays are avoided");
+}
+
+#[test]
+fn a_machine_restart_resyncs_rather_than_trusting_the_tree() {
+    let t = tempfile::tempdir().unwrap();
+    let s = unsafe_to_replay();
+    {
+        let mut a = new_applier(t.path());
+        a.session_start(J).unwrap();
+        apply_from(&mut a, 1, &s[..1]);
+        assert!(a.commit(at(1)).unwrap());
+        apply_from(&mut a, 2, &s[1..3]);
+    }
+    super::mark::tests::age_to_previous_boot(&super::mark_path(&t.path().join("state/position")));
+    let mut a = new_applier(t.path());
+    a.session_start(J).unwrap();
+    assert_eq!(a.position(), None, "a target whose tree is in doubt must be resynced");
+    assert_eq!(new_applier(t.path()).position(), None);
+}
+
+#[test]
+fn a_mark_not_ahead_of_the_position_changes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    {
+        let mut a = new_applier(t.path());
+        a.session_start(J).unwrap();
+        apply_from(&mut a, 1, &unsafe_to_replay()[..1]);
+        // Idle records after it moved the position further.
+        assert!(a.commit(at(9)).unwrap());
+    }
+    let mut a = new_applier(t.path());
+    a.session_start(J).unwrap();
+    assert_eq!(a.position(), Some(at(9)));
+    // Another journal: the mark says nothing about it.
+    let mut a = new_applier(t.path());
+    a.session_start(JournalId([4; 16])).unwrap();
+    assert_eq!(a.position(), Some(at(9)));
+}
+
+#[test]
+fn repairs_a_dead_process_asked_for_are_asked_for_again() {
+    let t = tempfile::tempdir().unwrap();
+    {
+        let mut a = new_applier(t.path());
+        a.session_start(J).unwrap();
+        let out = apply_from(&mut a, 1, &[fsop(FsOp::Chmod { path: rp("missing"), mode: 0o600 })]);
+        assert_eq!(out[0].repairs.len(), 1);
+        apply_from(&mut a, 2, &[fsop(FsOp::Mkdir { path: rp("d"), mode: 0o755 })]);
+    }
+    let mut a = new_applier(t.path());
+    a.session_start(J).unwrap();
+    assert_eq!(a.position(), None, "no position was ever committed: resync");
+    // With a committed position the repair comes back.
+    let t = tempfile::tempdir().unwrap();
+    {
+        let mut a = new_applier(t.path());
+        a.session_start(J).unwrap();
+        apply_from(&mut a, 1, &[fsop(FsOp::Mkdir { path: rp("d"), mode: 0o755 })]);
+        assert!(a.commit(at(1)).unwrap());
+        apply_from(&mut a, 2, &[fsop(FsOp::Chmod { path: rp("missing"), mode: 0o600 })]);
+        apply_from(&mut a, 3, &[fsop(FsOp::Mkdir { path: rp("e"), mode: 0o755 })]);
+    }
+    let mut a = new_applier(t.path());
+    a.session_start(J).unwrap();
+    assert_eq!(a.position(), Some(at(3)));
+    let late = a.take_deferred();
+    assert_eq!(late.repairs.len(), 1);
+    assert_eq!(late.repairs[0].0, rp("missing"));
+}
+
+#[test]
+fn a_resync_cut_short_starts_over() {
+    let t = tempfile::tempdir().unwrap();
+    let mut a = new_applier(t.path());
+    a.session_start(J).unwrap();
+    apply_from(&mut a, 1, &[fsop(FsOp::Mkdir { path: rp("d"), mode: 0o755 })]);
+    // A commit prepared before the resync begins but finishing after.
+    let late = a.prepare_commit(at(1)).unwrap().unwrap();
+    a.begin_resync().unwrap();
+    late().unwrap();
+    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("e"), mode: 0o755 }));
+    assert_eq!(a.position(), None);
+    drop(a);
+    assert_eq!(new_applier(t.path()).position(), None);
+}
+
+#[test]
+fn a_rename_onto_its_ancestor_cut_short_after_parking_completes() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let mut a = new_applier(t.path());
+    fs::create_dir_all(root.join("a/b")).unwrap();
+    fs::write(root.join("a/b/inner"), b"1").unwrap();
+    fs::write(root.join("a/other"), b"2").unwrap();
+    // The process died right after parking a/b beside a.
+    let parked = super::tree::staging_path(&root, &rp("a"), "rename");
+    fs::rename(root.join("a/b"), &parked).unwrap();
+    apply_ok(&mut a, fsop(FsOp::Rename { from: rp("a/b"), to: rp("a") }));
+    let snap = snapshot(&root);
+    assert_eq!(snap.get("a/inner"), Some(&Entry::File(b"1".to_vec(), 0o644)));
+    assert!(!snap.contains_key("a/other") && snap.len() == 2, "{snap:?}");
+}

@@ -1221,7 +1221,7 @@ impl Applier for PgApplier {
         rt.block_on(self.st.prepare_commit(pos))
     }
 
-    fn session_start(&mut self) -> Result<(), ApplyError> {
+    fn session_start(&mut self, _journal_id: JournalId) -> Result<(), ApplyError> {
         let rt = self.rt.as_ref().expect("runtime present until dropped");
         rt.block_on(self.st.session_start())
     }

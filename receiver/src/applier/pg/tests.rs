@@ -657,7 +657,7 @@ fn pg_chunked_transaction_commits_only_after_its_last_chunk() {
     a.apply(Seq(5), chunk(300, 0, false, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("5"), Some("e")]])]))
         .unwrap();
     assert!(a.prepare_commit(pos(5)).unwrap().is_none());
-    a.session_start().unwrap();
+    a.session_start(JOURNAL).unwrap();
     assert_eq!(a.position(), Some(pos(4)));
     assert_eq!(a.applied_lsn(), 201);
     assert_eq!(db.count("SELECT count(*) FROM kv"), 4);
@@ -869,7 +869,7 @@ fn pg_refuses_bad_changes_and_commits_nothing_of_them() {
         assert!(why.contains(expect), "case {i}: {why}");
         assert!(a.prepare_commit(pos(2)).unwrap().is_none(), "case {i}: committed after a refusal");
         assert_eq!(db.count("SELECT count(*) FROM kv"), 1, "case {i}");
-        a.session_start().unwrap();
+        a.session_start(JOURNAL).unwrap();
         assert_eq!(a.position(), Some(pos(1)));
     }
     assert!(is_refused(a.apply(Seq(0), tx(1, vec![]))).contains("outside a resync"));
@@ -890,7 +890,7 @@ fn pg_sql_errors_roll_back_and_name_the_table() {
     assert!(a.prepare_commit(pos(2)).unwrap().is_none());
     assert!(a.apply(Seq(4), tx(400, vec![])).is_err(), "no more work until the next session");
     assert_eq!(db.count("SELECT count(*) FROM kv"), 1);
-    a.session_start().unwrap();
+    a.session_start(JOURNAL).unwrap();
     assert_eq!(a.applied_lsn(), 101);
     apply_commit(&mut a, 2, tx(200, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("2"), Some("b")]])]));
     assert_eq!(db.count("SELECT count(*) FROM kv"), 2);
@@ -906,7 +906,7 @@ fn pg_session_start_reconnects_after_the_connection_died() {
     std::thread::sleep(Duration::from_millis(100));
     let err = a.apply(Seq(2), tx(200, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("2"), Some("b")]])]));
     assert!(matches!(err, Err(ApplyError::Io { .. })), "{err:?}");
-    a.session_start().unwrap();
+    a.session_start(JOURNAL).unwrap();
     assert_eq!(a.position(), Some(pos(1)));
     apply_commit(&mut a, 2, tx(200, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("2"), Some("b")]])]));
     assert_eq!(db.count("SELECT count(*) FROM kv"), 2);

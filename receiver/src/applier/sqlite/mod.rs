@@ -62,7 +62,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use lockstep_common::event::{Change, Seq};
+use lockstep_common::event::{Change, JournalId, Seq};
 use lockstep_common::proto::{self, SqliteFrames};
 use rusqlite::config::DbConfig;
 use rusqlite::Connection;
@@ -899,7 +899,7 @@ impl Applier for SqliteApplier {
         })))
     }
 
-    fn session_start(&mut self) -> Result<(), ApplyError> {
+    fn session_start(&mut self, _journal_id: JournalId) -> Result<(), ApplyError> {
         self.discard();
         if std::mem::take(&mut self.failed) {
             // Whatever broke may have left the connection unusable: start afresh.

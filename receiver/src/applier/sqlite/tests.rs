@@ -235,7 +235,7 @@ impl Harness {
 
 fn open_applier(dir: &Path) -> SqliteApplier {
     let mut a = SqliteApplier::open(dir.join("standby/db.sqlite"), dir.join("state/positions/src.pos")).unwrap();
-    a.session_start().unwrap();
+    a.session_start(JOURNAL).unwrap();
     a
 }
 
@@ -578,14 +578,14 @@ fn malformed_input_is_refused() {
     h.applier.begin_resync().unwrap();
     h.applier.apply(Seq::ZERO, sqlite(pieces[0].clone())).unwrap();
     assert!(matches!(h.applier.end_resync(), Err(ApplyError::Refused(m)) if m.contains("last piece")));
-    h.applier.session_start().unwrap();
+    h.applier.session_start(JOURNAL).unwrap();
     pieces[1].pages.pop();
     h.applier.begin_resync().unwrap();
     for p in pieces {
         h.applier.apply(Seq::ZERO, sqlite(p)).unwrap();
     }
     assert!(matches!(h.applier.end_resync(), Err(ApplyError::Refused(m)) if m.contains("lacks page")));
-    h.applier.session_start().unwrap();
+    h.applier.session_start(JOURNAL).unwrap();
     h.assert_in_sync();
 }
 
