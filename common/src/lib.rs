@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod event;
 pub mod frame;
+pub mod pgtls;
 pub mod proto;
 pub mod relpath;
 pub mod retry;

@@ -39,8 +39,16 @@ fn identity(tls: &TlsConfig) -> Result<(Certificate, Identity), TlsError> {
     Ok((Certificate::from_pem(ca), Identity::from_pem(cert, key)))
 }
 
+/// Makes ring the process's rustls crypto provider. tonic builds its rustls configurations
+/// with the process default, and rustls cannot pick one by itself once a dependency (the
+/// replication client's tokio-rustls) also compiles in aws-lc-rs. Idempotent.
+pub fn use_ring() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Server side: present our certificate and require a client certificate signed by the CA.
 pub fn server_config(tls: &TlsConfig) -> Result<ServerTlsConfig, TlsError> {
+    use_ring();
     let (ca, id) = identity(tls)?;
     Ok(ServerTlsConfig::new().identity(id).client_ca_root(ca).client_auth_optional(false))
 }
@@ -48,6 +56,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<ServerTlsConfig, TlsError> {
 /// Client side: present our certificate and accept only a server certificate signed by the CA
 /// and naming `server_name`.
 pub fn client_config(tls: &TlsConfig, server_name: &str) -> Result<ClientTlsConfig, TlsError> {
+    use_ring();
     let (ca, id) = identity(tls)?;
     Ok(ClientTlsConfig::new().ca_certificate(ca).identity(id).domain_name(server_name.to_string()))
 }

@@ -182,6 +182,32 @@ impl PgCluster {
         }
     }
 
+    /// Turns TLS on with the given server certificate and key (PEM) and restarts the server
+    /// with TCP connections admitted only over TLS (`hostssl`); the unix socket stays open
+    /// for the harness's own tools.
+    pub fn require_tls(&mut self, cert_pem: &str, key_pem: &str) -> Result<()> {
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = self.data.join(name);
+            std::fs::write(&path, pem)?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            if let Some(u) = self.run_as {
+                std::os::unix::fs::chown(&path, Some(u.uid), Some(u.gid))?;
+            }
+        }
+        let mut conf = OpenOptions::new().append(true).open(self.data.join("postgresql.conf"))?;
+        writeln!(conf, "ssl = on")?;
+        std::fs::write(
+            self.data.join("pg_hba.conf"),
+            "# lockstep test harness: TLS required over TCP\n\
+             local all all trust\n\
+             local replication all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostssl replication all 127.0.0.1/32 trust\n",
+        )?;
+        self.stop();
+        self.launch().context("restart with TLS")
+    }
+
     /// Stops the server cleanly (fast shutdown: sessions terminated, checkpoint written).
     /// Drop does this too, with an immediate shutdown instead.
     pub fn stop(&mut self) {

@@ -12,18 +12,23 @@ use lockstep_tests::Setup;
 /// An agent + receiver pair replicating database `shop` to `shop_standby` in the same cluster
 /// (the fs source of the default setup stays too; it idles on an empty tree).
 fn pg_setup(pg: &PgCluster) -> Result<Setup> {
+    pg_setup_with(pg, "")
+}
+
+/// [`pg_setup`] with `dsn_extra` appended to both connection strings (e.g. TLS settings).
+fn pg_setup_with(pg: &PgCluster, dsn_extra: &str) -> Result<Setup> {
     pg.create_db("shop")?;
     pg.create_db("shop_standby")?;
     let s = Setup::new()?;
     let mut a = std::fs::read_to_string(&s.agent_cfg)?;
     a.push_str(&format!(
-        "\n[[sources]]\nname = \"shop\"\nkind = \"postgres\"\ndsn = \"{}\"\npublication = \"lockstep\"\nslot = \"lockstep_test\"\n",
+        "\n[[sources]]\nname = \"shop\"\nkind = \"postgres\"\ndsn = \"{}{dsn_extra}\"\npublication = \"lockstep\"\nslot = \"lockstep_test\"\n",
         pg.dsn("shop")
     ));
     std::fs::write(&s.agent_cfg, a)?;
     let mut r = std::fs::read_to_string(&s.receiver_cfg)?;
     r.push_str(&format!(
-        "\n[[targets]]\nagent = \"web-1\"\nsource = \"shop\"\nkind = \"postgres\"\ndsn = \"{}\"\n",
+        "\n[[targets]]\nagent = \"web-1\"\nsource = \"shop\"\nkind = \"postgres\"\ndsn = \"{}{dsn_extra}\"\n",
         pg.dsn("shop_standby")
     ));
     std::fs::write(&s.receiver_cfg, r)?;
@@ -231,6 +236,48 @@ fn pg_kill9_under_load() -> Result<()> {
         kills.and(loaded)
     })?;
     wait_equal(&mut s, &pg, Duration::from_secs(120))?;
+    Ok(())
+}
+
+/// A server that admits TCP clients only over TLS: both sides connect with
+/// `sslmode=verify-full`, the replication stream included, and the copy is exact. The
+/// connection settings refuse a server signed by another CA, and plaintext is refused.
+#[test]
+fn pg_over_tls_with_verify_full() -> Result<()> {
+    let certs = tempfile::tempdir()?;
+    let ours = certs.path().join("ours");
+    let other = certs.path().join("other");
+    lockstep_agent::certs::generate(&ours, &["db".into()], &["127.0.0.1".into()]).map_err(anyhow::Error::msg)?;
+    lockstep_agent::certs::generate(&other, &["db".into()], &["127.0.0.1".into()]).map_err(anyhow::Error::msg)?;
+    let mut pg = PgCluster::start()?;
+    pg.require_tls(&std::fs::read_to_string(ours.join("db.pem"))?, &std::fs::read_to_string(ours.join("db.key"))?)?;
+    let tls = format!(" sslmode=verify-full sslrootcert={}", ours.join("ca.pem").display());
+    let mut s = pg_setup_with(&pg, &tls)?;
+    pg.psql("shop", SCHEMA)?;
+    pg.psql("shop", &typed_rows(1, 200))?;
+    s.start()?;
+    pg.psql("shop", &typed_rows(201, 400))?;
+    wait_equal(&mut s, &pg, Duration::from_secs(60))?;
+    // Both of lockstep's kinds of connection really are encrypted.
+    let rows = pg.query(
+        "postgres",
+        "SELECT count(*) FILTER (WHERE a.backend_type = 'walsender'), count(*) FILTER (WHERE a.backend_type = 'client backend') \
+         FROM pg_stat_activity a JOIN pg_stat_ssl t USING (pid) WHERE t.ssl AND a.application_name LIKE 'lockstep%'",
+    )?;
+    let (walsenders, clients) = (rows[0][0].clone().unwrap_or_default(), rows[0][1].clone().unwrap_or_default());
+    assert!(walsenders != "0" && clients != "0", "TLS walsenders {walsenders}, TLS clients {clients}");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let try_connect = |extra: &str| {
+        let conn =
+            lockstep_common::pgtls::PgConn::parse(&format!("{}{extra}", pg.dsn("shop"))).map_err(anyhow::Error::msg)?;
+        rt.block_on(conn.connect()).map(|_| ()).map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    try_connect(&tls)?;
+    let wrong_ca = try_connect(&format!(" sslmode=verify-full sslrootcert={}", other.join("ca.pem").display()));
+    assert!(format!("{wrong_ca:?}").contains("InvalidCertificate"), "{wrong_ca:?}");
+    let plain = try_connect(" sslmode=disable");
+    assert!(format!("{plain:?}").contains("no encryption"), "{plain:?}");
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use lockstep_common::proto;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::pgoutput;
 use super::{ident, Shared};
@@ -21,9 +21,9 @@ pub(crate) enum Refusal {
     SlotBusy(SourceError),
 }
 
-/// Opens a plain SQL connection; the connection task runs until the client is dropped.
+/// Opens a SQL connection (TLS per the dsn's `sslmode`); the connection task runs until the client is dropped.
 pub(crate) async fn connect(shared: &Shared) -> Result<Client, SourceError> {
-    let (client, conn) = shared.conn.pg.connect(NoTls).await.map_err(|e| {
+    let (client, conn) = shared.conn.pg.connect().await.map_err(|e| {
         shared.err(format!("cannot connect to PostgreSQL at {} as {}: {e}", shared.conn.server(), shared.conn.user))
     })?;
     let name = shared.name.clone();

@@ -14,8 +14,8 @@
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use lockstep_common::pgtls::PgConn;
 use tokio::sync::oneshot;
-use tokio_postgres::NoTls;
 use tracing::debug;
 
 use super::{describe, target_err};
@@ -30,11 +30,11 @@ pub(super) struct Flusher {
 }
 
 impl Flusher {
-    pub(super) fn new(config: tokio_postgres::Config) -> Result<Flusher, ApplyError> {
+    pub(super) fn new(conn: PgConn) -> Result<Flusher, ApplyError> {
         let (tx, rx) = mpsc::channel::<Reply>();
         let thread = std::thread::Builder::new()
             .name("pg-flush".into())
-            .spawn(move || run(config, rx))
+            .spawn(move || run(conn, rx))
             .map_err(|e| ApplyError::Io { context: "start the standby flush thread".into(), error: e })?;
         Ok(Flusher { tx: Some(tx), thread: Some(thread) })
     }
@@ -65,7 +65,7 @@ impl Drop for Flusher {
     }
 }
 
-fn run(config: tokio_postgres::Config, rx: mpsc::Receiver<Reply>) {
+fn run(conn: PgConn, rx: mpsc::Receiver<Reply>) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
     let mut client: Option<tokio_postgres::Client> = None;
     while let Ok(reply) = rx.recv() {
@@ -73,7 +73,7 @@ fn run(config: tokio_postgres::Config, rx: mpsc::Receiver<Reply>) {
             // One reconnect per request: a broken connection shows up as the barrier failing.
             for attempt in 0..2 {
                 if client.is_none() {
-                    match config.connect(NoTls).await {
+                    match conn.connect().await {
                         Ok((c, conn)) => {
                             tokio::spawn(async move {
                                 if let Err(e) = conn.await {

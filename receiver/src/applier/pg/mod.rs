@@ -60,9 +60,10 @@ use bytes::Bytes;
 use futures::SinkExt;
 use lockstep_common::config::TargetConfig;
 use lockstep_common::event::{Change, JournalId, Seq};
+use lockstep_common::pgtls::PgConn;
 use lockstep_common::proto::{self, pg_op, pg_value, PgRelation, PgTransaction, PgTuple, PgValue};
 use tokio::runtime::Runtime;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 use tracing::{debug, info, warn};
 
 use self::sql::Match;
@@ -148,7 +149,8 @@ pub struct LastMessage {
 
 /// Everything but the runtime, so methods can borrow it while the runtime blocks on them.
 struct State {
-    config: tokio_postgres::Config,
+    /// The standby's connection string, with its TLS settings.
+    conn: PgConn,
     /// `None` after the connection was found dead; the next session reconnects.
     client: Option<Client>,
     agent: String,
@@ -358,8 +360,8 @@ impl PgApplier {
     pub fn open(cfg: &TargetConfig) -> Result<PgApplier, ApplyError> {
         let ctx = || format!("open PostgreSQL target for {}/{}", cfg.agent, cfg.source);
         let dsn = cfg.dsn.as_deref().ok_or_else(|| target_err(ctx(), "the target has no dsn"))?;
-        let mut config: tokio_postgres::Config =
-            dsn.parse().map_err(|e| target_err(ctx(), format!("invalid dsn: {e}")))?;
+        let mut conn = PgConn::parse(dsn).map_err(|e| target_err(ctx(), format!("invalid dsn: {e}")))?;
+        let config = &mut conn.config;
         if config.get_application_name().is_none() {
             config.application_name("lockstep-receiver");
         }
@@ -378,7 +380,7 @@ impl PgApplier {
             .build()
             .map_err(|e| ApplyError::Io { context: ctx(), error: e })?;
         let mut st = State {
-            config: config.clone(),
+            conn: conn.clone(),
             client: None,
             agent: cfg.agent.clone(),
             source: cfg.source.clone(),
@@ -398,7 +400,7 @@ impl PgApplier {
             last_message: None,
             types: HashSet::new(),
             enum_labels: HashMap::new(),
-            flusher: flush::Flusher::new(config.clone())?,
+            flusher: flush::Flusher::new(conn.clone())?,
             missing: 0,
             first_missing: None,
             skipped: None,
@@ -440,6 +442,7 @@ impl State {
 
     fn where_(&self) -> String {
         let hosts: Vec<String> = self
+            .conn
             .config
             .get_hosts()
             .iter()
@@ -448,12 +451,12 @@ impl State {
                 tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
             })
             .collect();
-        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let port = self.conn.config.get_ports().first().copied().unwrap_or(5432);
         format!(
             "PostgreSQL {}:{port}/{} as {}",
             hosts.join(","),
-            self.config.get_dbname().unwrap_or("(default)"),
-            self.config.get_user().unwrap_or("(default)")
+            self.conn.config.get_dbname().unwrap_or("(default)"),
+            self.conn.config.get_user().unwrap_or("(default)")
         )
     }
 
@@ -496,7 +499,7 @@ impl State {
 
     async fn connect_once(&self) -> Result<Client, ApplyError> {
         let ctx = || format!("connect to {}", self.where_());
-        let (client, connection) = self.config.connect(NoTls).await.map_err(db_err(ctx()))?;
+        let (client, connection) = self.conn.connect().await.map_err(db_err(ctx()))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(error = %e, "standby connection ended");
@@ -1059,7 +1062,7 @@ impl State {
             return Ok(());
         }
         let ctx = || format!("add labels to {q} on {}", self.where_());
-        let (client, connection) = self.config.connect(NoTls).await.map_err(db_err(ctx()))?;
+        let (client, connection) = self.conn.connect().await.map_err(db_err(ctx()))?;
         let conn = tokio::spawn(connection);
         for stmt in &stmts {
             client.batch_execute(stmt).await.map_err(db_err(ctx()))?;
