@@ -23,6 +23,8 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::Socket;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// How much TLS a connection insists on (libpq's `sslmode`).
@@ -114,6 +116,11 @@ pub fn parse_dsn(dsn: &str) -> Result<(tokio_postgres::Config, PgTls), String> {
         ));
     }
     let mut config: tokio_postgres::Config = rest.parse().map_err(|e| format!("{e}"))?;
+    let hosts = config.get_hosts();
+    if !hosts.is_empty() && hosts.iter().all(|h| matches!(h, tokio_postgres::config::Host::Unix(_))) {
+        // As libpq: TLS is never used over a unix-domain socket, whatever sslmode says.
+        tls.mode = SslMode::Disable;
+    }
     config.ssl_mode(match tls.mode {
         SslMode::Disable => tokio_postgres::config::SslMode::Disable,
         SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -123,10 +130,24 @@ pub fn parse_dsn(dsn: &str) -> Result<(tokio_postgres::Config, PgTls), String> {
 }
 
 /// A tokio-postgres connection over [`PgConn`]'s transport (TLS or plain, per `sslmode`).
-pub type PgConnection = tokio_postgres::Connection<
-    tokio_postgres::Socket,
-    <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream,
->;
+pub type PgConnection = tokio_postgres::Connection<tokio_postgres::Socket, <Make as MakeTlsConnect<Socket>>::Stream>;
+
+/// The rustls connector, also for unix-domain sockets: tokio-postgres asks for a connector
+/// even where it will not use it (their `sslmode` is forced to `disable`), with an empty
+/// host name that is no valid server name.
+#[derive(Clone)]
+pub struct Make(MakeRustlsConnect);
+
+impl MakeTlsConnect<Socket> for Make {
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as MakeTlsConnect<Socket>>::TlsConnect;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Error;
+
+    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
+        let name = if hostname.is_empty() { "localhost" } else { hostname };
+        <MakeRustlsConnect as MakeTlsConnect<Socket>>::make_tls_connect(&mut self.0, name)
+    }
+}
 
 /// A parsed connection string, ready to connect with its TLS settings.
 #[derive(Clone)]
@@ -134,14 +155,14 @@ pub struct PgConn {
     /// Everything but TLS (callers may adjust timeouts, application name...).
     pub config: tokio_postgres::Config,
     pub tls: PgTls,
-    make: MakeRustlsConnect,
+    make: Make,
 }
 
 impl PgConn {
     /// Parses `dsn` and loads the certificate files it names.
     pub fn parse(dsn: &str) -> Result<PgConn, String> {
         let (config, tls) = parse_dsn(dsn)?;
-        let make = MakeRustlsConnect::new(tls.client_config()?);
+        let make = Make(MakeRustlsConnect::new(tls.client_config()?));
         Ok(PgConn { config, tls, make })
     }
 
@@ -393,6 +414,13 @@ mod tests {
         assert_eq!(cfg.get_application_name(), Some("x"));
         let (_, tls) = parse_dsn("postgresql://me@h/db").unwrap();
         assert_eq!(tls.mode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn unix_sockets_never_use_tls() {
+        let (cfg, tls) = parse_dsn("host=/run/postgresql user=me sslmode=require").unwrap();
+        assert_eq!(tls.mode, SslMode::Disable);
+        assert_eq!(cfg.get_ssl_mode(), tokio_postgres::config::SslMode::Disable);
     }
 
     #[test]

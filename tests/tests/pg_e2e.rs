@@ -278,6 +278,10 @@ fn pg_over_tls_with_verify_full() -> Result<()> {
     assert!(format!("{wrong_ca:?}").contains("InvalidCertificate"), "{wrong_ca:?}");
     let plain = try_connect(" sslmode=disable");
     assert!(format!("{plain:?}").contains("no encryption"), "{plain:?}");
+    // As libpq, a unix-domain socket is used without TLS whatever sslmode says.
+    let local = format!("host={} port={} user=postgres dbname=shop sslmode=require", pg.dir().display(), pg.port());
+    let local = lockstep_common::pgtls::PgConn::parse(&local).map_err(anyhow::Error::msg)?;
+    rt.block_on(local.connect())?;
     Ok(())
 }
 
