@@ -281,7 +281,11 @@ fn pg_over_tls_with_verify_full() -> Result<()> {
     // As libpq, a unix-domain socket is used without TLS whatever sslmode says.
     let local = format!("host={} port={} user=postgres dbname=shop sslmode=require", pg.dir().display(), pg.port());
     let local = lockstep_common::pgtls::PgConn::parse(&local).map_err(anyhow::Error::msg)?;
-    rt.block_on(local.connect())?;
+    rt.block_on(async {
+        let (client, conn) = local.connect().await?;
+        tokio::spawn(conn);
+        client.simple_query("SELECT 1").await.map(|_| ())
+    })?;
     Ok(())
 }
 
