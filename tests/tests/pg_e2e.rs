@@ -163,6 +163,12 @@ fn pg_snapshot_stream_types_toast_truncate_ddl() -> Result<()> {
     wait_equal(&mut s, &pg, Duration::from_secs(60))?;
     let labels = "SELECT enumlabel::text FROM pg_enum WHERE enumtypid = 'mood'::regtype ORDER BY enumsortorder";
     assert_eq!(pg.query("shop_standby", labels)?, pg.query("shop", labels)?);
+    // A label renamed on the source renames every row holding it; the standby's label is
+    // renamed too once a row carries the new name.
+    pg.psql("shop", "ALTER TYPE mood RENAME VALUE 'happy' TO 'glad';")?;
+    pg.psql("shop", "INSERT INTO typed (id, m) VALUES (900003, 'glad');")?;
+    wait_equal(&mut s, &pg, Duration::from_secs(60))?;
+    assert_eq!(pg.query("shop_standby", labels)?, pg.query("shop", labels)?);
 
     // One large transaction: travels in chunks, applied atomically.
     pg.psql("shop", "CREATE TABLE bulk (id bigint PRIMARY KEY, payload text);")?;

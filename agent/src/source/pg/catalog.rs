@@ -373,7 +373,7 @@ async fn type_def_inner(
         // needs them installed (the receiver reports the missing type by name).
         _ => return Ok(()),
     };
-    out.push(proto::PgTypeDef { schema, name, create_sql, enum_labels });
+    out.push(proto::PgTypeDef { schema, name, create_sql, enum_labels, labels_current: false });
     Ok(())
 }
 

@@ -440,6 +440,13 @@ impl Streamer<'_> {
             return Ok(());
         }
         for d in added {
+            // Relations described earlier carry the type's old labels: later transactions
+            // send the new ones with them.
+            for (types, _) in self.relations.values_mut() {
+                for old in types.iter_mut().filter(|o| o.schema == d.schema && o.name == d.name) {
+                    *old = proto::PgTypeDef { labels_current: false, ..d.clone() };
+                }
+            }
             t.bytes += 128;
             t.push(proto::PgOp { op: Some(Op::TypeDef(d)) });
         }
@@ -584,8 +591,9 @@ fn tuple_bytes(t: &proto::PgTuple) -> usize {
         .sum()
 }
 
-/// The enum labels known per enum type, to notice rows carrying labels added on the source
-/// after the type was described (`ALTER TYPE ... ADD VALUE` sends no relation message).
+/// The enum labels known per enum type, to notice rows carrying labels added or renamed on the
+/// source after the type was described (`ALTER TYPE ... ADD VALUE | RENAME VALUE` sends no
+/// relation message).
 #[derive(Default)]
 struct Enums {
     /// Per column type OID: `Some((enum OID, is_array))` for enums and arrays of them.
@@ -654,9 +662,12 @@ impl Enums {
             if self.labels.get(&oid) == Some(&now) {
                 continue;
             }
-            info!(source = %shared.name, type_oid = oid, labels = now.len(), "enum labels added on the source; passing them on");
+            info!(source = %shared.name, type_oid = oid, labels = now.len(), "enum labels added or renamed on the source; passing them on");
             self.labels.insert(oid, now);
-            defs.extend(catalog::type_defs(shared, client, vec![oid], &mut Default::default()).await?);
+            for mut d in catalog::type_defs(shared, client, vec![oid], &mut Default::default()).await? {
+                d.labels_current = true;
+                defs.push(d);
+            }
         }
         Ok(defs)
     }

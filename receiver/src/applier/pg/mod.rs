@@ -1038,8 +1038,9 @@ impl State {
         Ok(())
     }
 
-    /// Adds the labels of the source's enum `t` that the standby's type lacks, each next to
-    /// its neighbour in the source's order (`ALTER TYPE ... ADD VALUE ... AFTER`). A label
+    /// Gives the standby's enum the labels of the source's enum `t`: new ones added next to
+    /// their neighbour in the source's order, and, when `t` says its labels are current at
+    /// this point of the stream, renamed ones renamed (see [`sql::sync_enum_labels`]). A label
     /// added inside a transaction cannot be used before that transaction commits, so they are
     /// added on a connection of their own, committed at once: the round's open transaction
     /// can then insert rows carrying them.
@@ -1057,7 +1058,11 @@ impl State {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let stmts = sql::add_enum_labels(q, &have, &t.enum_labels);
+        let stmts = if t.labels_current {
+            sql::sync_enum_labels(q, &have, &t.enum_labels)
+        } else {
+            sql::add_enum_labels(q, &have, &t.enum_labels)
+        };
         if stmts.is_empty() {
             return Ok(());
         }
@@ -1069,7 +1074,7 @@ impl State {
         }
         drop(client);
         let _ = conn.await;
-        info!(type_name = %q, added = stmts.len(), "enum labels added on the standby");
+        info!(type_name = %q, changes = ?stmts, "enum labels renamed or added on the standby");
         Ok(())
     }
 

@@ -610,6 +610,46 @@ pub fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// Statements that make enum `q`, having labels `have` (in sort order), carry the source's
+/// labels `want` (in order).
+///
+/// PostgreSQL never drops or reorders enum labels, so a standby label the source no longer has
+/// was renamed there (`ALTER TYPE ... RENAME VALUE`, which renames the value of every row
+/// holding it): it is renamed to the label the source has in its place — between the same
+/// neighbours common to both, pairing them in order. The source's other new labels are then
+/// added, each after its predecessor in `want` (or before its successor when it is first).
+/// Empty when the labels already agree.
+pub fn sync_enum_labels(q: &str, have: &[String], want: &[String]) -> Vec<String> {
+    let mut have = have.to_vec();
+    let mut out = Vec::new();
+    // Labels both sides have, in an order both agree on: the fixed points between which
+    // renames are looked for.
+    let mut anchors: Vec<(usize, usize)> = Vec::new();
+    for (w, label) in want.iter().enumerate() {
+        if let Some(h) = have.iter().position(|l| l == label) {
+            if anchors.last().is_none_or(|&(_, last)| h > last) {
+                anchors.push((w, h));
+            }
+        }
+    }
+    let mut bounds = vec![(0, 0)];
+    bounds.extend(anchors.iter().map(|&(w, h)| (w + 1, h + 1)));
+    let mut ends: Vec<(usize, usize)> = anchors.clone();
+    ends.push((want.len(), have.len()));
+    for (&(w0, h0), &(w1, h1)) in bounds.iter().zip(&ends) {
+        let gone: Vec<usize> = (h0..h1.max(h0)).filter(|&h| !want.contains(&have[h])).collect();
+        let new: Vec<&String> = want[w0..w1.max(w0)].iter().filter(|l| !have.contains(l)).collect();
+        for (&h, &label) in gone.iter().zip(&new) {
+            out.push(format!("ALTER TYPE {q} RENAME VALUE {} TO {}", literal(&have[h]), literal(label)));
+        }
+        for (&h, &label) in gone.iter().zip(&new) {
+            have[h] = label.clone();
+        }
+    }
+    out.extend(add_enum_labels(q, &have, want));
+    out
+}
+
 /// `ALTER TYPE q ADD VALUE` statements that give enum `q`, having labels `have`, every label
 /// of `want` (the source's labels in order), each placed after its predecessor in `want` (or
 /// before its successor when it is first). Labels `have` holds beyond `want` stay where they
@@ -735,7 +775,7 @@ mod type_defs {
 
 #[cfg(test)]
 mod tests {
-    use super::add_enum_labels;
+    use super::{add_enum_labels, sync_enum_labels};
 
     fn v(l: &[&str]) -> Vec<String> {
         l.iter().map(|s| s.to_string()).collect()
@@ -753,10 +793,37 @@ mod tests {
                 r#"ALTER TYPE "public"."mood" ADD VALUE IF NOT EXISTS 'it''s' AFTER 'd'"#,
             ]
         );
-        // A standby label the source lacks stays; nothing to place against: appended.
+        // Nothing to place against: appended.
         assert_eq!(
-            add_enum_labels(q, &v(&["x"]), &v(&["y"])),
+            add_enum_labels(q, &v(&[]), &v(&["y"])),
             [r#"ALTER TYPE "public"."mood" ADD VALUE IF NOT EXISTS 'y'"#]
+        );
+    }
+
+    #[test]
+    fn renamed_labels_are_renamed_not_added() {
+        let q = r#""public"."mood""#;
+        assert!(sync_enum_labels(q, &v(&["a", "b"]), &v(&["a", "b"])).is_empty());
+        assert_eq!(
+            sync_enum_labels(q, &v(&["sad", "ok", "happy"]), &v(&["sad", "fine", "happy"])),
+            [r#"ALTER TYPE "public"."mood" RENAME VALUE 'ok' TO 'fine'"#]
+        );
+        // A rename at each end, and a label added next to a renamed one.
+        assert_eq!(
+            sync_enum_labels(q, &v(&["a", "b", "c"]), &v(&["A", "b", "C", "d"])),
+            [
+                r#"ALTER TYPE "public"."mood" RENAME VALUE 'a' TO 'A'"#,
+                r#"ALTER TYPE "public"."mood" RENAME VALUE 'c' TO 'C'"#,
+                r#"ALTER TYPE "public"."mood" ADD VALUE IF NOT EXISTS 'd' AFTER 'C'"#,
+            ]
+        );
+        // Renamed and added between the same neighbours: paired in order.
+        assert_eq!(
+            sync_enum_labels(q, &v(&["a", "x", "z"]), &v(&["a", "y", "n", "z"])),
+            [
+                r#"ALTER TYPE "public"."mood" RENAME VALUE 'x' TO 'y'"#,
+                r#"ALTER TYPE "public"."mood" ADD VALUE IF NOT EXISTS 'n' AFTER 'y'"#,
+            ]
         );
     }
 }

@@ -1008,6 +1008,7 @@ fn pg_user_defined_types_are_created_when_missing() {
             name: name.into(),
             create_sql: sql.into(),
             enum_labels: Vec::new(),
+            labels_current: false,
         })),
     };
     let mood = type_def("app", "mood", r#"CREATE TYPE "app"."mood" AS ENUM ('sad', 'it''s ok', 'happy')"#);
@@ -1061,6 +1062,7 @@ fn pg_enum_labels_added_on_the_source_reach_the_standby_type() {
             name: "mood".into(),
             create_sql: r#"CREATE TYPE "public"."mood" AS ENUM ('sad', 'happy')"#.into(),
             enum_labels: labels.iter().map(|l| l.to_string()).collect(),
+            labels_current: true,
         })),
     };
     let rel = || {
@@ -1100,4 +1102,12 @@ fn pg_enum_labels_added_on_the_source_reach_the_standby_type() {
     // The same definition again: nothing to do.
     apply_commit(&mut a, 4, tx(400, vec![mood(&labels), insert(1, &[vec![Some("4"), Some("ecstatic"), None]])]));
     assert_eq!(db.count("SELECT count(*) FROM feel"), 4);
+    // A label renamed on the source: the standby's rows holding it read the new name too.
+    let renamed = ["bleak", "sad", "it's ok", "glad", "ecstatic"];
+    apply_commit(&mut a, 5, tx(500, vec![mood(&renamed), insert(1, &[vec![Some("5"), Some("glad"), Some("{glad}")]])]));
+    assert_eq!(
+        db.rows("SELECT enumlabel::text FROM pg_enum WHERE enumtypid = 'mood'::regtype ORDER BY enumsortorder"),
+        renamed.iter().map(|l| vec![Some(l.to_string())]).collect::<Vec<_>>()
+    );
+    assert_eq!(db.count("SELECT count(*) FROM feel WHERE m = 'glad'"), 2);
 }
