@@ -280,6 +280,20 @@ path = "standby"
         self.start_agent()
     }
 
+    /// CPU seconds (user, system) the running agent and receiver have used so far, from
+    /// `/proc` (all their threads); `None` for one not running.
+    pub fn daemon_cpu(&self) -> [Option<(f64, f64)>; 2] {
+        let cpu = |c: &Option<Child>| {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.as_ref()?.id())).ok()?;
+            // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split(' ').collect();
+            let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+            Some((f.get(11)?.parse::<f64>().ok()? / tick, f.get(12)?.parse::<f64>().ok()? / tick))
+        };
+        [cpu(&self.agent), cpu(&self.receiver)]
+    }
+
     fn kill(child: &mut Option<Child>) {
         if let Some(mut c) = child.take() {
             let _ = c.kill(); // SIGKILL

@@ -239,6 +239,9 @@ fn lockstep_initial(tree_mib: u64) -> Result<(f64, f64, f64, u64)> {
             std::thread::sleep(Duration::from_millis(20));
         }
         ours.push(t0.elapsed().as_secs_f64());
+        let [agent_cpu, receiver_cpu] = s.daemon_cpu();
+        let show = |c: Option<(f64, f64)>| c.map_or("?".into(), |(u, k)| format!("{u:.2} s user + {k:.2} s system"));
+        eprintln!("  round {round}: CPU used by the agent {}, by the receiver {}", show(agent_cpu), show(receiver_cpu));
         // Not timed: confirm the standby really is byte-identical.
         let diff = lockstep_tests::tree::diff(&s.src, &standby)?;
         if !diff.is_empty() {
