@@ -434,7 +434,13 @@ async fn read_acks(
                 match repairs.get(&r.source) {
                     Some(tx) => {
                         debug!(source = %r.source, path = %path, reason = %r.reason, "repair requested");
-                        let _ = tx.try_send(RepairRequest { path, reason: r.reason });
+                        // Waits for room rather than dropping it: a lost repair leaves the
+                        // standby different for good. Acknowledgements wait meanwhile.
+                        let req = RepairRequest { path: path.clone(), reason: r.reason };
+                        if !matches!(tokio::time::timeout(Duration::from_secs(60), tx.send(req)).await, Ok(Ok(()))) {
+                            warn!(source = %r.source, path = %path, "repair request could not be queued (the source is not taking them); reconnecting");
+                            return Err(ShipError::Stream("repair request not queued".into()));
+                        }
                     }
                     None => warn!(source = %r.source, "repair for a source this receiver does not get; ignored"),
                 }
