@@ -189,6 +189,28 @@ impl FsOp {
     }
 }
 
+/// One line naming the change, without its data (for logs).
+impl std::fmt::Display for FsOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsOp::Write(w) => write!(
+                f,
+                "write {}{}{}{} size {}",
+                w.path,
+                if w.delta { " (delta)" } else { "" },
+                if w.first { " first" } else { "" },
+                if w.last { " last" } else { "" },
+                w.size
+            ),
+            FsOp::Mkdir { path, mode } => write!(f, "mkdir {path} {mode:o}"),
+            FsOp::Remove { path } => write!(f, "remove {path}"),
+            FsOp::Rename { from, to } => write!(f, "rename {from} -> {to}"),
+            FsOp::Chmod { path, mode } => write!(f, "chmod {path} {mode:o}"),
+            FsOp::Symlink { path, .. } => write!(f, "symlink {path}"),
+        }
+    }
+}
+
 /// A change event in domain form.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {

@@ -155,6 +155,7 @@ impl Engine {
                 self.markers.push(p.clone());
             }
         }
+        tracing::trace!(op = %op, "journal");
         let payload = Change::Fs(op).encode();
         self.pending_bytes += payload.len();
         self.pending.push(NewRecord { source: self.name.clone(), captured_at_us: lockstep_common::now_us(), payload });

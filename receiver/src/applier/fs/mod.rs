@@ -384,6 +384,9 @@ impl Applier for FsApplier {
     }
 
     fn apply(&mut self, seq: Seq, change: Change) -> Result<ApplyOutcome, ApplyError> {
+        if let Change::Fs(op) = &change {
+            tracing::trace!(seq = seq.0, op = %op, "apply");
+        }
         let outcome = self.apply_change(change)?;
         if let Some(journal_id) = self.journal.filter(|_| seq > Seq::ZERO) {
             self.mark.repairs.extend(outcome.repairs.iter().cloned());
