@@ -149,7 +149,17 @@ impl Snapshotter for SqliteSnapshotter {
     }
 }
 
+/// Compressed snapshot bytes held in memory so that the snapshot's read transaction can end
+/// before they are sent (see [`send_pages`]).
+const SPOOL_BYTES: usize = 256 << 20;
+
 /// Reads every page inside the snapshot's read transaction and sends it in pieces.
+///
+/// Sending waits for the receiver (flow control), and an application checkpoint that resets
+/// the log (RESTART, TRUNCATE) waits for every reader — this read transaction too, which,
+/// unlike the follower's pin, cannot step aside. So the pages are read into memory first
+/// (compressed, up to [`SPOOL_BYTES`]) and the transaction ends before anything is sent. A
+/// larger database is streamed from inside the transaction once the spool is full.
 fn send_pages(start: SnapStart, tx: &mpsc::Sender<Change>) -> rusqlite::Result<()> {
     let piece = |pages: Vec<proto::SqlitePage>, chunk: u32, last: bool| {
         Change::Other(proto::change_event::Change::Sqlite(proto::SqliteFrames {
@@ -164,20 +174,46 @@ fn send_pages(start: SnapStart, tx: &mpsc::Sender<Change>) -> rusqlite::Result<(
             zstd: true,
         }))
     };
-    let mut stmt = start.conn.prepare("SELECT pgno, data FROM sqlite_dbpage WHERE pgno <= ?1 ORDER BY pgno")?;
-    let mut rows = stmt.query([start.db_pages])?;
-    let mut pages = Piece::default();
-    let mut chunk = 0u32;
-    while let Some(row) = rows.next()? {
-        let data: Vec<u8> = row.get(1)?;
-        pages.add(row.get(0)?, &data).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        if pages.is_full() {
-            if tx.blocking_send(piece(pages.take(), chunk, false)).is_err() {
-                return Ok(());
+    let mut spool: Vec<Change> = Vec::new();
+    let mut spooled = 0usize;
+    let mut streaming = false;
+    // Queues or sends one piece; false once the receiving side has gone.
+    let mut out = |c: Change, bytes: usize| -> bool {
+        if !streaming && spooled + bytes <= SPOOL_BYTES {
+            spooled += bytes;
+            spool.push(c);
+            return true;
+        }
+        streaming = true;
+        spool.drain(..).chain(std::iter::once(c)).all(|c| tx.blocking_send(c).is_ok())
+    };
+    {
+        let mut stmt = start.conn.prepare("SELECT pgno, data FROM sqlite_dbpage WHERE pgno <= ?1 ORDER BY pgno")?;
+        let mut rows = stmt.query([start.db_pages])?;
+        let mut pages = Piece::default();
+        let mut chunk = 0u32;
+        while let Some(row) = rows.next()? {
+            let data: Vec<u8> = row.get(1)?;
+            pages.add(row.get(0)?, &data).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            if pages.is_full() {
+                let bytes = pages.bytes;
+                if !out(piece(pages.take(), chunk, false), bytes) {
+                    return Ok(());
+                }
+                chunk += 1;
             }
-            chunk += 1;
+        }
+        let bytes = pages.bytes;
+        if !out(piece(pages.take(), chunk, true), bytes) {
+            return Ok(());
         }
     }
-    let _ = tx.blocking_send(piece(pages.take(), chunk, true));
+    // Everything is read (or already sent): let checkpoints through before sending the rest.
+    start.conn.execute_batch("ROLLBACK")?;
+    for c in spool {
+        if tx.blocking_send(c).is_err() {
+            return Ok(());
+        }
+    }
     Ok(())
 }
