@@ -80,23 +80,25 @@ pub fn parse_dsn(dsn: &str) -> Result<(tokio_postgres::Config, PgTls), String> {
         }
         Ok(true)
     };
-    let rest = if let Some((base, query)) =
-        dsn.split_once('?').filter(|_| dsn.starts_with("postgres://") || dsn.starts_with("postgresql://"))
-    {
-        let mut kept = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if !take(k, &percent_decode(v))? {
-                kept.push(pair);
+    let is_url = dsn.starts_with("postgres://") || dsn.starts_with("postgresql://");
+    let rest = if is_url {
+        match dsn.split_once('?') {
+            None => dsn.to_string(),
+            Some((base, query)) => {
+                let mut kept = Vec::new();
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    if !take(k, &percent_decode(v))? {
+                        kept.push(pair);
+                    }
+                }
+                if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
             }
         }
-        if kept.is_empty() {
-            base.to_string()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        }
-    } else if dsn.starts_with("postgres://") || dsn.starts_with("postgresql://") {
-        dsn.to_string()
     } else {
         let mut kept = Vec::new();
         for (k, v) in split_key_values(dsn)? {

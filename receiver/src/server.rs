@@ -14,6 +14,7 @@ use lockstep_common::proto::agent_message::Msg as AMsg;
 use lockstep_common::proto::receiver_message::Msg as RMsg;
 use lockstep_common::proto::replication_server::Replication;
 use lockstep_common::proto::{self, AgentMessage, ReceiverMessage};
+use lockstep_common::relpath::RelPath;
 use lockstep_common::{now_us, tls, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_stream::wrappers::ReceiverStream;
@@ -136,9 +137,7 @@ impl Session {
                     self.last_seq = seq;
                 }
                 t.dirty = true;
-                for (path, reason) in outcome.repairs {
-                    repairs.push(proto::Repair { source: source.clone(), path: path.into_bytes().into(), reason });
-                }
+                repairs.extend(outcome.repairs.into_iter().map(|r| repair_msg(&source, r)));
                 {
                     let mut st = t.target.status();
                     st.events_applied += 1;
@@ -201,9 +200,7 @@ impl Session {
                 }
                 t.applier().end_resync().map_err(|e| Status::internal(e.to_string()))?;
                 let late = t.applier().take_deferred();
-                for (path, reason) in late.repairs {
-                    repairs.push(proto::Repair { source: r.source.clone(), path: path.into_bytes().into(), reason });
-                }
+                repairs.extend(late.repairs.into_iter().map(|p| repair_msg(&r.source, p)));
                 if let Some(why) = late.skipped {
                     warn!(source = %r.source, reason = %why, "change skipped");
                 }
@@ -307,6 +304,11 @@ impl Session {
             Err(e) => Round { repairs, result: result.and(Err(e)), commit: None },
         }
     }
+}
+
+/// The request asking the agent to re-send `path` of `source` whole.
+fn repair_msg(source: &str, (path, reason): (RelPath, String)) -> proto::Repair {
+    proto::Repair { source: source.to_string(), path: path.into_bytes().into(), reason }
 }
 
 /// Rounds slower than this are logged at debug level.
@@ -441,9 +443,7 @@ impl ReplicationService {
                 }
             };
             // Repairs asked for before a restart, which may not have reached the agent.
-            for (path, reason) in recovered.repairs {
-                repairs.push(proto::Repair { source: name.clone(), path: path.into_bytes().into(), reason });
-            }
+            repairs.extend(recovered.repairs.into_iter().map(|r| repair_msg(&name, r)));
             *guard = Some(applier);
             let pos = guard.as_ref().and_then(|a| a.position()).filter(|p| p.journal_id == journal_id).map(|p| p.seq);
             {
@@ -666,7 +666,6 @@ impl Replication for ReplicationService {
         };
         info!(agent = %session.agent, peer = ?peer, sources = session.targets.len(), "session started");
         let _ = tx.send(Ok(ReceiverMessage { msg: Some(RMsg::Welcome(welcome)) })).await;
-
         let span = tracing::info_span!("session", agent = %session.agent);
         tokio::spawn(run_session(session, inbound, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -332,24 +332,21 @@ impl FsApplier {
     }
 
     /// Removes, below `dir`, every entry the snapshot did not mention and every staging file
-    /// not belonging to a write in progress. Never follows symlinks: only real directories are
-    /// descended into.
+    /// not belonging to a write in progress, sparing the applier's `own` files. Never follows
+    /// symlinks: only real directories are descended into.
     fn prune(
         &self,
         dir: &Path,
         prefix: Option<&RelPath>,
         keep: &HashSet<RelPath>,
         live: &HashSet<&Path>,
+        own: &[PathBuf],
     ) -> Result<(), ApplyError> {
         let entries = fs::read_dir(dir).map_err(io_err(format!("list {}", dir.display())))?;
         for entry in entries {
             let entry = entry.map_err(io_err(format!("list {}", dir.display())))?;
             let path = entry.path();
-            if path == self.position_file
-                || path == self.position_file.with_extension("tmp")
-                || path == mark_path(&self.position_file)
-            {
-                // The position file may live inside the root; it is not part of the copy.
+            if own.contains(&path) {
                 continue;
             }
             let name = entry.file_name();
@@ -371,7 +368,7 @@ impl FsApplier {
             };
             let ft = entry.file_type().map_err(io_err(format!("inspect {}", path.display())))?;
             if ft.is_dir() {
-                self.prune(&path, Some(&rel), keep, live)?;
+                self.prune(&path, Some(&rel), keep, live, own)?;
             }
         }
         Ok(())
@@ -403,12 +400,7 @@ impl Applier for FsApplier {
         // A resync cut short leaves a tree that is neither the old position's nor the new
         // one's: without a position, the agent starts the resync over. Commits still running
         // for the old position must not bring it back.
-        {
-            let mut c = self.committed.lock().unwrap_or_else(|e| e.into_inner());
-            c.epoch += 1;
-            c.pos = None;
-            remove_position_file(&self.position_file)?;
-        }
+        self.drop_position()?;
         self.resync = Some(HashSet::new());
         if self.pool.is_none() {
             self.pool = Some(Pool::new(self.root.clone(), apply_threads()));
@@ -425,7 +417,11 @@ impl Applier for FsApplier {
         self.pool = None;
         let keep = self.resync.take().ok_or_else(|| ApplyError::Refused("end of resync without a beginning".into()))?;
         let live: HashSet<&Path> = self.writer.staging.values().map(|s| s.tmp.as_path()).collect();
-        self.prune(&self.root, None, &keep, &live)
+        // The position file, its temp file and the applied mark may live inside the root; they
+        // are not part of the copy.
+        let own =
+            [self.position_file.clone(), self.position_file.with_extension("tmp"), mark_path(&self.position_file)];
+        self.prune(&self.root, None, &keep, &live, &own)
     }
 
     fn take_deferred(&mut self) -> ApplyOutcome {
@@ -488,14 +484,20 @@ impl FsApplier {
                 "the machine restarted while changes past the committed position were being applied; \
                  the tree may hold any part of them, so the target is resynced"
             );
-            let mut c = self.committed.lock().unwrap_or_else(|e| e.into_inner());
-            c.epoch += 1;
-            c.pos = None;
-            remove_position_file(&self.position_file)?;
+            self.drop_position()?;
         }
         // From here on the mark describes this process's work.
         self.mark.this_boot = true;
         Ok(())
+    }
+
+    /// Forgets the committed position, durably, so that the agent resyncs the target; commits
+    /// prepared before cannot bring it back.
+    fn drop_position(&mut self) -> Result<(), ApplyError> {
+        let mut c = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        c.epoch += 1;
+        c.pos = None;
+        remove_position_file(&self.position_file)
     }
 }
 
