@@ -28,6 +28,9 @@ use crate::metrics as m;
 use crate::source::{RepairRequest, SourceHandle};
 
 /// Most payload bytes in one `EventBatch`.
+/// Records this close to the durable end are read on the async thread (see `send_all`).
+const LIVE_TAIL: u64 = 16;
+const LIVE_TAIL_BYTES: usize = 1 << 20;
 const BATCH_BYTES: usize = 4 << 20;
 const BATCH_EVENTS: usize = 1024;
 
@@ -342,11 +345,17 @@ impl Shipper {
             }
             let durable_end = *durable.borrow_and_update();
             if next <= durable_end {
-                let store = self.store.clone();
                 let from = next;
-                let events = tokio::task::spawn_blocking(move || store.read_from(from, BATCH_EVENTS, BATCH_BYTES))
-                    .await
-                    .map_err(|e| ShipError::Stream(e.to_string()))??;
+                let events = if durable_end.0 - next.0 < LIVE_TAIL {
+                    // Just journaled, so in the journal's cache: read in place, without a
+                    // thread hand-off on every small transaction's way out.
+                    self.store.read_from(from, LIVE_TAIL as usize, LIVE_TAIL_BYTES)?
+                } else {
+                    let store = self.store.clone();
+                    tokio::task::spawn_blocking(move || store.read_from(from, BATCH_EVENTS, BATCH_BYTES))
+                        .await
+                        .map_err(|e| ShipError::Stream(e.to_string()))??
+                };
                 let events: Vec<proto::Event> = events.into_iter().filter(|e| e.seq <= durable_end.0).collect();
                 let Some(first) = events.first() else {
                     return Err(ShipError::Protocol(format!(
@@ -373,6 +382,7 @@ impl Shipper {
                     }
                 }
                 next = Seq(events.last().expect("non-empty").seq + 1);
+                tracing::trace!(first = first.seq, last = next.0 - 1, "sending batch");
                 send_batch(events).await?;
                 last_sent = Instant::now();
                 continue;

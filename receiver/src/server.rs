@@ -282,6 +282,7 @@ impl Session {
         let mut result = Ok(());
         let t0 = Instant::now();
         let n = msgs.len();
+        tracing::trace!(messages = n, "round begins");
         for msg in msgs {
             if let Err(s) = self.handle(msg, &mut repairs) {
                 result = Err(s);
@@ -291,6 +292,7 @@ impl Session {
         let applied = t0.elapsed();
         // Commit what was applied even when the round failed part-way: it is all valid.
         let prepared = self.prepare_commits();
+        tracing::trace!(last_seq = self.last_seq.0, "round applied and visible");
         if t0.elapsed() > SLOW_ROUND {
             debug!(
                 messages = n,

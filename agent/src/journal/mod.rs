@@ -164,9 +164,23 @@ impl JournalWriter {
     }
 
     /// Runs until every handle is dropped. A storage error is fatal.
-    pub async fn run(mut self) -> Result<(), JournalError> {
+    ///
+    /// The loop runs on a thread of its own: a flush blocks, and handing each group to the
+    /// blocking pool would add two thread wake-ups to every small transaction's latency.
+    pub async fn run(self) -> Result<(), JournalError> {
+        let (done, finished) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("journal".into())
+            .spawn(move || {
+                let _ = done.send(self.run_blocking());
+            })
+            .map_err(|e| JournalError::Storage { path: "journal writer thread".into(), source: sled::Error::Io(e) })?;
+        finished.await.unwrap_or(Err(JournalError::Closed))
+    }
+
+    fn run_blocking(mut self) -> Result<(), JournalError> {
         const MAX_GROUP_BYTES: usize = 16 << 20;
-        while let Some(first) = self.rx.recv().await {
+        while let Some(first) = self.rx.blocking_recv() {
             let mut group = vec![first];
             let mut bytes: usize = group[0].records.iter().map(|r| r.payload.len()).sum();
             while bytes < MAX_GROUP_BYTES {
@@ -178,16 +192,14 @@ impl JournalWriter {
                     Err(_) => break,
                 }
             }
-            let store = self.store.clone();
-            let recs: Vec<Vec<NewRecord>> = group.iter_mut().map(|r| std::mem::take(&mut r.records)).collect();
-            let result = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<RecordMeta>>, JournalError> {
-                let t = std::time::Instant::now();
-                let mut metas = Vec::with_capacity(recs.len());
-                for r in &recs {
-                    metas.push(store.append(r)?);
+            let t = std::time::Instant::now();
+            let result = (|| -> Result<Vec<Vec<RecordMeta>>, JournalError> {
+                let mut metas = Vec::with_capacity(group.len());
+                for r in &group {
+                    metas.push(self.store.append(&r.records)?);
                 }
                 let appended = t.elapsed();
-                store.flush()?;
+                self.store.flush()?;
                 if t.elapsed() > std::time::Duration::from_millis(20) {
                     tracing::debug!(
                         append_ms = appended.as_millis() as u64,
@@ -196,9 +208,7 @@ impl JournalWriter {
                     );
                 }
                 Ok(metas)
-            })
-            .await
-            .map_err(|_| JournalError::Closed)?;
+            })();
             match result {
                 Ok(metas) => {
                     let last = metas.iter().rev().find_map(|m| m.last().map(|x| x.seq));
@@ -207,6 +217,7 @@ impl JournalWriter {
                         let _ = req.reply.send(Ok(m));
                     }
                     if let Some(last) = last {
+                        tracing::trace!(seq = last.0, "journal durable");
                         self.durable_tx.send_replace(last);
                     }
                 }

@@ -15,7 +15,8 @@
 //!
 //! Run: `cargo run --release -p lockstep-tests --bin bench_pg` (as root is fine: the clusters
 //! run as an unprivileged user). `BENCH_PG_SECS` sets each latency run's length (default 10),
-//! `BENCH_PG_ROUNDS` the number of alternating rounds (default 3; medians are reported).
+//! `BENCH_PG_ROUNDS` the number of alternating rounds (default 3; medians are reported);
+//! `BENCH_PG_SAMPLES=<path>` writes each latency run's per-row times to `<path>.<standby db>`.
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,7 @@ ALTER TABLE lat ENABLE ALWAYS TRIGGER lat_applied;
 
 /// Inserts single rows at `RATE`/s into the source for `secs` and measures, per row, the time
 /// from its commit acknowledgement to the standby's NOTIFY. Returns (p50, p99) in ms.
-async fn latency(src_dsn: &str, standby_dsn: &str, secs: u64, first_id: i64) -> Result<(f64, f64, usize)> {
+async fn latency(src_dsn: &str, standby_dsn: &str, secs: u64, first_id: i64, label: &str) -> Result<(f64, f64, usize)> {
     let (listener, mut conn) = standby_dsn.parse::<tokio_postgres::Config>()?.connect(NoTls).await?;
     let (ntx, mut nrx) = tokio::sync::mpsc::unbounded_channel::<(Instant, i64)>();
     tokio::spawn(async move {
@@ -81,6 +82,25 @@ async fn latency(src_dsn: &str, standby_dsn: &str, secs: u64, first_id: i64) -> 
             }
             _ => bail!("only {} of {n} inserts became visible on the standby", visible.len()),
         }
+    }
+    if let Some(path) = std::env::var_os("BENCH_PG_SAMPLES") {
+        // Per row: id, commit acknowledged and visible, as Unix µs (to line up with daemon logs).
+        let (now_i, now_s) = (Instant::now(), std::time::SystemTime::now());
+        let unix_us = |t: Instant| {
+            (now_s - now_i.saturating_duration_since(t))
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros()
+        };
+        let mut out = String::new();
+        let mut ids: Vec<_> = committed.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            out += &format!("{id} {} {}\n", unix_us(committed[&id]), unix_us(visible[&id]));
+        }
+        let mut path = std::path::PathBuf::from(path);
+        path.as_mut_os_string().push(format!(".{label}"));
+        std::fs::write(&path, out)?;
     }
     let mut ms: Vec<f64> =
         committed.iter().map(|(id, c)| visible[id].saturating_duration_since(*c).as_secs_f64() * 1000.0).collect();
@@ -196,7 +216,7 @@ fn wait_until(what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()>
 
 /// The latency run, then the bulk insert, into standby database `db`.
 fn measure(rt: &tokio::runtime::Runtime, src: &PgCluster, dst: &PgCluster, db: &str, secs: u64) -> Result<Round> {
-    let (p50, p99, _) = rt.block_on(latency(&src.dsn("src"), &dst.dsn(db), secs, 1))?;
+    let (p50, p99, _) = rt.block_on(latency(&src.dsn("src"), &dst.dsn(db), secs, 1, db))?;
     let (bulk_s, commit_s) = rt.block_on(bulk(&src.dsn("src"), &dst.dsn(db)))?;
     Ok(Round { p50, p99, bulk_s, after_commit_s: bulk_s - commit_s })
 }

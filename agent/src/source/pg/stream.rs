@@ -356,6 +356,7 @@ impl Streamer<'_> {
                 }
             }
             ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
+                tracing::trace!(source = %self.shared.name, lsn = %lsn, "commit received");
                 let Some(mut t) = self.txn.take() else {
                     return Err(Refusal::Retry(self.shared.err("protocol: Commit outside a transaction")));
                 };

@@ -53,6 +53,7 @@ mod tests;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -152,7 +153,10 @@ struct State {
     /// The standby's connection string, with its TLS settings.
     conn: PgConn,
     /// `None` after the connection was found dead; the next session reconnects.
-    client: Option<Client>,
+    client: Option<Arc<Client>>,
+    /// A transaction's last insert, sent but not yet answered: its answer is awaited with the
+    /// commit's, one round trip fewer per small transaction.
+    deferred: Option<Deferred>,
     agent: String,
     source: String,
     /// The committed position, as read or written.
@@ -188,6 +192,16 @@ struct State {
     first_missing: Option<String>,
     /// Something of the current event was skipped on purpose (reported as its outcome).
     skipped: Option<String>,
+}
+
+/// A statement sent to the standby whose answer is collected later.
+struct Deferred {
+    reply: Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>,
+    what: String,
+}
+
+fn connection_lost() -> ApplyError {
+    target_err("standby connection", "lost earlier; the next session reconnects")
 }
 
 /// An apply error for a failure of the standby (connection, SQL): the agent retries.
@@ -401,6 +415,7 @@ impl PgApplier {
             types: HashSet::new(),
             enum_labels: HashMap::new(),
             flusher: flush::Flusher::new(conn.clone())?,
+            deferred: None,
             missing: 0,
             first_missing: None,
             skipped: None,
@@ -435,9 +450,12 @@ impl Drop for PgApplier {
 
 impl State {
     fn client(&self) -> Result<&Client, ApplyError> {
-        self.client
-            .as_ref()
-            .ok_or_else(|| target_err("standby connection", "lost earlier; the next session reconnects".to_string()))
+        self.client.as_deref().ok_or_else(connection_lost)
+    }
+
+    /// The connection, for a request that outlives this borrow (see [`Deferred`]).
+    fn shared_client(&self) -> Result<Arc<Client>, ApplyError> {
+        self.client.clone().ok_or_else(connection_lost)
     }
 
     fn where_(&self) -> String {
@@ -491,7 +509,7 @@ impl State {
         if !self.can_emit {
             warn!(target_db = %self.where_(), "the standby role may not call pg_logical_emit_message; logical messages are not passed through");
         }
-        self.client = Some(client);
+        self.client = Some(Arc::new(client));
         self.read_position().await?;
         info!(target_db = %self.where_(), position = ?self.position, lsn = self.committed_lsn, "connected to the standby");
         Ok(())
@@ -588,6 +606,8 @@ impl State {
     /// table checks too: the rollback may have undone DDL). A connection that fails the
     /// rollback is dropped.
     async fn discard(&mut self) {
+        // Its answer, if any, is dropped with the transaction.
+        self.deferred = None;
         if let Some(c) = &self.client {
             if c.is_closed() || (self.in_tx && c.batch_execute("ROLLBACK").await.is_err()) {
                 self.client = None;
@@ -716,6 +736,7 @@ impl State {
     }
 
     async fn apply_inner(&mut self, seq: Seq, change: Change) -> Result<ApplyOutcome, ApplyError> {
+        self.settle().await?;
         let tx = match change {
             Change::Other(proto::change_event::Change::Pg(tx)) => tx,
             _ => return Err(refused("a PostgreSQL target accepts only PostgreSQL changes")),
@@ -750,7 +771,7 @@ impl State {
 
     async fn apply_ops<'a>(&mut self, tx: &'a PgTransaction) -> Result<(), ApplyError> {
         let mut queue: Vec<Queued<'a>> = Vec::new();
-        for op in &tx.ops {
+        for (n, op) in tx.ops.iter().enumerate() {
             let Some(op) = &op.op else {
                 return Err(refused("a PostgreSQL change op without content"));
             };
@@ -768,7 +789,11 @@ impl State {
                     self.flush(&mut queue).await?;
                     match other {
                         pg_op::Op::Relation(r) => self.relation(r).await?,
-                        pg_op::Op::Insert(i) => self.insert(i).await?,
+                        pg_op::Op::Insert(i) => {
+                            // The transaction's last statement may be answered with its commit.
+                            let last = tx.last && n + 1 == tx.ops.len() && self.resync.is_none();
+                            self.insert(i, last).await?
+                        }
                         pg_op::Op::Truncate(t) => self.truncate(t).await?,
                         pg_op::Op::Message(m) => self.message(m).await?,
                         pg_op::Op::TypeDef(t) => self.type_def(t).await?,
@@ -900,7 +925,9 @@ impl State {
     const INSERT_ROWS: u32 = 4;
 
     /// A few rows: one INSERT (one round trip); more: COPY (two, but cheaper per row).
-    async fn insert(&mut self, i: &proto::PgInsert) -> Result<(), ApplyError> {
+    /// Inserts the rows of `i`. With `defer`, a few rows are only sent: their answer is
+    /// collected by [`State::settle`] or with the commit.
+    async fn insert(&mut self, i: &proto::PgInsert, defer: bool) -> Result<(), ApplyError> {
         if (1..=Self::INSERT_ROWS).contains(&i.count) {
             let width = self.rel_ready(i.rel).await?.msg.columns.len();
             if let Some(rows) = sql::parse_copy_rows(&i.rows, width).filter(|r| r.len() == i.count as usize) {
@@ -911,15 +938,36 @@ impl State {
                     })
                     .await?;
                 let table = self.rels.get(&i.rel).map(|r| r.table.clone()).unwrap_or_default();
+                let what = format!("insert into {table}");
+                if defer {
+                    let client = self.shared_client()?;
+                    let params: Vec<Option<String>> = rows.into_iter().flatten().collect();
+                    let mut reply: Pin<Box<dyn Future<Output = _> + Send>> =
+                        Box::pin(async move { client.execute_raw(&stmt, params.iter().map(|v| v.as_deref())).await });
+                    // The first poll queues the request on the connection, ahead of anything
+                    // sent after it.
+                    match futures::poll!(reply.as_mut()) {
+                        Poll::Ready(r) => {
+                            r.map_err(db_err(what))?;
+                        }
+                        Poll::Pending => self.deferred = Some(Deferred { reply, what }),
+                    }
+                    return Ok(());
+                }
                 let params: Vec<Option<&str>> = rows.iter().flatten().map(|v| v.as_deref()).collect();
-                self.client()?
-                    .execute_raw(&stmt, params.iter())
-                    .await
-                    .map_err(db_err(format!("insert into {table}")))?;
+                self.client()?.execute_raw(&stmt, params.iter()).await.map_err(db_err(what))?;
                 return Ok(());
             }
         }
         self.copy(i.rel, &i.rows, Some(i.count), "insert into").await
+    }
+
+    /// Waits for the answer of a deferred statement.
+    async fn settle(&mut self) -> Result<(), ApplyError> {
+        match self.deferred.take() {
+            Some(d) => d.reply.await.map(drop).map_err(db_err(d.what)),
+            None => Ok(()),
+        }
     }
 
     async fn queue_update<'a>(&mut self, u: &'a proto::PgUpdate) -> Result<Option<Queued<'a>>, ApplyError> {
@@ -1115,6 +1163,9 @@ impl State {
 
     async fn end_resync(&mut self) -> Result<(), ApplyError> {
         self.check_usable()?;
+        if let Err(e) = self.settle().await {
+            return Err(self.fail(e).await);
+        }
         let Some(rs) = self.resync.take() else {
             return Err(self.fail(refused("end of resync without a beginning")).await);
         };
@@ -1169,6 +1220,7 @@ impl State {
                 s
             }
         };
+        let deferred = self.deferred.take();
         let client = self.client()?;
         let journal_id = pos.journal_id.to_string();
         let seq = pos.seq.0 as i64;
@@ -1182,11 +1234,26 @@ impl State {
             // flush barrier (see `flush`).
             // The next round's transaction opens in the same round trip (BEGIN alone takes no
             // snapshot and no transaction id, so an idle one holds nothing back).
-            let (written, committed) =
-                futures::join!(upsert, client.batch_execute("SET LOCAL synchronous_commit TO off; COMMIT; BEGIN"));
+            // A deferred insert's answer comes first: when it failed, the transaction was
+            // aborted and the COMMIT rolls it back.
+            let last = async {
+                match deferred {
+                    Some(d) => d.reply.await.map(drop).map_err(db_err(d.what)),
+                    None => Ok(()),
+                }
+            };
+            let (inserted, written, committed) = futures::join!(
+                last,
+                upsert,
+                client.batch_execute("SET LOCAL synchronous_commit TO off; COMMIT; BEGIN")
+            );
+            inserted?;
             written.map_err(db_err("record the applied position"))?;
             committed.map_err(db_err("commit on the standby"))?;
         } else {
+            if let Some(d) = deferred {
+                d.reply.await.map_err(db_err(d.what))?;
+            }
             upsert.await.map_err(db_err("record the applied position"))?;
         }
         Ok(())

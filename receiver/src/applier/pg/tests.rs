@@ -321,6 +321,18 @@ fn apply_commit(a: &mut PgApplier, seq: u64, change: Change) {
     assert!(a.commit(pos(seq)).unwrap(), "commit at {seq} declined");
 }
 
+/// Applies `change` and prepares the commit of `seq`, expecting one of the two to fail: a
+/// transaction's last insert is answered with the commit, so its error may surface there.
+fn apply_commit_err(a: &mut PgApplier, seq: u64, change: Change) -> ApplyError {
+    match a.apply(Seq(seq), change) {
+        Err(e) => e,
+        Ok(_) => match a.prepare_commit(pos(seq)) {
+            Err(e) => e,
+            Ok(_) => panic!("seq {seq} applied and committed"),
+        },
+    }
+}
+
 fn kv_relation(id: u32, name: &str) -> PgOp {
     relation(id, name, "d", vec![col("id", "integer", true), col("v", "text", false)])
 }
@@ -883,7 +895,7 @@ fn pg_sql_errors_roll_back_and_name_the_table() {
     apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
     a.apply(Seq(2), tx(200, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("2"), Some("b")]])])).unwrap();
     let err =
-        a.apply(Seq(3), tx(300, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("dup")]])])).unwrap_err();
+        apply_commit_err(&mut a, 3, tx(300, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("dup")]])]));
     let msg = err.to_string();
     assert!(matches!(err, ApplyError::Io { .. }), "{msg}");
     assert!(msg.contains("\"public\".\"kv\"") && msg.contains("duplicate key"), "{msg}");
@@ -904,8 +916,9 @@ fn pg_session_start_reconnects_after_the_connection_died() {
     apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
     db.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'lockstep-receiver'");
     std::thread::sleep(Duration::from_millis(100));
-    let err = a.apply(Seq(2), tx(200, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("2"), Some("b")]])]));
-    assert!(matches!(err, Err(ApplyError::Io { .. })), "{err:?}");
+    let err =
+        apply_commit_err(&mut a, 2, tx(200, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("2"), Some("b")]])]));
+    assert!(matches!(err, ApplyError::Io { .. }), "{err:?}");
     a.session_start(JOURNAL).unwrap();
     assert_eq!(a.position(), Some(pos(1)));
     apply_commit(&mut a, 2, tx(200, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("2"), Some("b")]])]));
