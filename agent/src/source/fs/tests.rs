@@ -679,3 +679,47 @@ async fn crash_between_a_rename_and_its_index_move_leaves_nothing_behind() {
     assert_eq!(standby.nodes, Model::from_disk(&h.root, &[]).nodes);
     h.stop().await;
 }
+
+/// Changes made inside a directory right after it was renamed (before the watcher has caught
+/// up with the move) must all reach the journal under the new path: deletes, creates and
+/// nested renames, repeated with directories moved deeper and back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changes_right_after_a_directory_rename_are_not_lost() {
+    let mut h = Harness::new(&[]);
+    std::fs::create_dir_all(h.p("a/sub/deep")).unwrap();
+    std::fs::create_dir_all(h.p("x/y")).unwrap();
+    for i in 0..20 {
+        std::fs::write(h.p(&format!("a/f{i}")), format!("f{i}")).unwrap();
+        std::fs::write(h.p(&format!("a/sub/g{i}")), format!("g{i}")).unwrap();
+        std::fs::write(h.p(&format!("a/sub/deep/h{i}")), format!("h{i}")).unwrap();
+    }
+    h.start().await;
+    let mut model = Model::from_disk(&h.root, &[]);
+    let mut at = "a".to_string();
+    for round in 0..40 {
+        let to = match round % 3 {
+            0 => format!("x/y/m{round}"),
+            1 => format!("x/m{round}"),
+            _ => format!("m{round}"),
+        };
+        std::fs::rename(h.p(&at), h.p(&to)).unwrap();
+        // No pause: these race the watcher's handling of the move.
+        let i = round % 20;
+        let _ = std::fs::remove_file(h.p(&format!("{to}/f{i}")));
+        let _ = std::fs::remove_file(h.p(&format!("{to}/sub/g{i}")));
+        let _ = std::fs::remove_file(h.p(&format!("{to}/sub/deep/h{i}")));
+        std::fs::write(h.p(&format!("{to}/sub/deep/new{round}")), format!("n{round}")).unwrap();
+        if round % 4 == 0 {
+            std::fs::rename(h.p(&format!("{to}/sub/deep")), h.p(&format!("{to}/deep{round}"))).unwrap();
+            std::fs::rename(h.p(&format!("{to}/deep{round}")), h.p(&format!("{to}/sub/deep"))).unwrap();
+        }
+        at = to;
+        if round % 5 == 4 {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+    let ops = h.settle().await;
+    model.apply_all(&ops);
+    assert_eq!(model.nodes, Model::from_disk(&h.root, &[]).nodes);
+    h.stop().await;
+}
