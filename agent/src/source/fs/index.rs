@@ -246,11 +246,17 @@ impl Index {
     }
 
     /// Applies staged updates; call only after the journal made the matching ops durable.
+    ///
+    /// One sled batch, so a crash keeps all of it or none. Never two: sled writes out what
+    /// precedes a batch as the batch begins, so a kill between two batches would keep the
+    /// first (say, a subtree removal that also clears a stale marker) and lose the second
+    /// (the entries put back), and the next scan would not know what receivers hold there.
     pub(crate) fn commit(&mut self) -> sled::Result<()> {
-        for p in std::mem::take(&mut self.staged_prefixes) {
-            self.remove_subtree_now(&p)?;
-        }
         let mut batch = sled::Batch::default();
+        for p in std::mem::take(&mut self.staged_prefixes) {
+            self.remove_subtree_into(&p, &mut batch)?;
+        }
+        // After the removals: a path removed and put again ends up put.
         for (k, v) in self.staged.drain() {
             match v {
                 Some(e) => batch.insert(k.as_bytes(), e.encode()),
@@ -260,22 +266,23 @@ impl Index {
         self.tree.apply_batch(batch)
     }
 
-    fn remove_subtree_now(&self, rel: &RelPath) -> sled::Result<()> {
-        let mut batch = sled::Batch::default();
+    /// Adds the removal of `rel` and everything below it to `batch`.
+    fn remove_subtree_into(&self, rel: &RelPath, batch: &mut sled::Batch) -> sled::Result<()> {
         batch.remove(rel.as_bytes());
         for kv in self.tree.scan_prefix(child_prefix(rel)) {
             let (k, _) = kv?;
             batch.remove(k);
         }
-        self.tree.apply_batch(batch)
+        Ok(())
     }
 
-    /// Moves `from` and its subtree to `to`, replacing whatever `to` held. Requires no staged
-    /// updates (the engine commits before a rename).
+    /// Moves `from` and its subtree to `to`, replacing whatever `to` held (a stale marker
+    /// included), in one batch (see [`Index::commit`]). Requires no staged updates (the engine
+    /// commits before a rename).
     pub(crate) fn move_subtree_now(&self, from: &RelPath, to: &RelPath) -> sled::Result<()> {
         debug_assert!(!self.has_staged());
-        self.remove_subtree_now(to)?;
         let mut batch = sled::Batch::default();
+        self.remove_subtree_into(to, &mut batch)?;
         if let Some(v) = self.tree.get(from.as_bytes())? {
             batch.remove(from.as_bytes());
             batch.insert(to.as_bytes(), v);
@@ -370,5 +377,61 @@ mod tests {
         ix.commit().unwrap();
         assert_eq!(ix.keys(None).unwrap(), vec![rp("ab"), rp("z")]);
         assert_eq!(ix.get(&rp("z")).unwrap().unwrap().kind, Kind::Symlink);
+    }
+
+    const CRASH_DIR: &str = "LOCKSTEP_INDEX_CRASH_DIR";
+
+    /// Run in a child process: indexes `old` (with a file) and a stale marker at `new`, makes
+    /// that durable, moves `old` to `new` (and, in the same way, replaces `old2` by a
+    /// directory through a staged subtree removal) and dies by SIGKILL without any flush.
+    fn crash_child(dir: &str) {
+        let db = sled::open(dir).unwrap();
+        let mut ix = Index::open(&db, "t").unwrap();
+        ix.stage_put(&rp("old"), Entry::dir(0o755));
+        ix.stage_put(&rp("old/f"), Entry::symlink(b"t".to_vec()));
+        ix.stage_put(&rp("old2"), Entry::dir(0o755));
+        ix.stage_put(&rp("old2/g"), Entry::symlink(b"t".to_vec()));
+        ix.commit().unwrap();
+        ix.put_stale_markers(&[rp("new"), rp("old2")]).unwrap();
+        db.flush().unwrap();
+        ix.move_subtree_now(&rp("old"), &rp("new")).unwrap();
+        ix.stage_remove(&rp("old2"), Kind::Dir);
+        ix.stage_put(&rp("old2"), Entry::dir(0o700));
+        ix.commit().unwrap();
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+
+    /// A process killed right after a subtree move (or a commit replacing a subtree) must
+    /// leave either the state before it, stale markers included, or the state after it —
+    /// never the marker removed and the move lost. The engine's restart relies on the marker
+    /// to clear what a receiver may hold under the new path.
+    #[test]
+    fn a_kill_never_keeps_half_of_a_subtree_move() {
+        if let Ok(dir) = std::env::var(CRASH_DIR) {
+            crash_child(&dir);
+            return;
+        }
+        for attempt in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "source::fs::index::tests::a_kill_never_keeps_half_of_a_subtree_move"])
+                .env(CRASH_DIR, dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(!status.success(), "the child must die by SIGKILL");
+            let db = sled::open(dir.path()).unwrap();
+            let ix = Index::open(&db, "t").unwrap();
+            let keys = ix.keys(None).unwrap();
+            let stale = |p: &str| ix.get(&rp(p)).unwrap().is_some_and(|e| e.is_stale());
+            let moved = keys.contains(&rp("new/f")) && !keys.contains(&rp("old"));
+            let before = stale("new") && keys.contains(&rp("old/f"));
+            assert!(moved || before, "attempt {attempt}: half a move survived: {keys:?}");
+            let replaced =
+                ix.get(&rp("old2")).unwrap().is_some_and(|e| e.mode == 0o700) && !keys.contains(&rp("old2/g"));
+            let kept = stale("old2") && keys.contains(&rp("old2/g"));
+            assert!(replaced || kept, "attempt {attempt}: half a commit survived: {keys:?}");
+        }
     }
 }
