@@ -73,7 +73,16 @@ pub(crate) struct Engine {
     /// Paths already compared in the current batch: later hints for them are redundant
     /// (anything that changed after the comparison produces a new event).
     done: HashSet<RelPath>,
+    /// Snapshots started, as last seen (see `in_snapshot_shadow`).
+    snapshots_seen: u64,
+    /// Until then, a path gone from disk that the index does not know is removed anyway.
+    shadow_until: Instant,
 }
+
+/// How long after the engine last saw a snapshot running (or learnt that one ran) it still
+/// treats vanished unknown paths as possibly sent by it; covers the watcher's events of
+/// changes made during the snapshot that are still on their way.
+const SNAPSHOT_SHADOW: Duration = Duration::from_secs(5);
 
 /// Makes the calling thread idle-priority (nice 19). Best effort: failure changes only speed.
 fn lower_thread_priority() {
@@ -120,7 +129,24 @@ impl Engine {
             pending_bytes: 0,
             markers: Vec::new(),
             done: HashSet::new(),
+            snapshots_seen: 0,
+            shadow_until: Instant::now(),
         }
+    }
+
+    /// Whether a snapshot may have sent a path that the index never knew. A snapshot reads the
+    /// disk on its own, concurrently: a file created and deleted while it runs (before the
+    /// engine looked at it, or before the first index was built) can be in the snapshot
+    /// without ever being indexed, and its deletion would otherwise journal nothing, leaving
+    /// it on the standby.
+    fn in_snapshot_shadow(&mut self) -> bool {
+        let (active, started) = self.status.snapshots();
+        let now = Instant::now();
+        if active > 0 || started != self.snapshots_seen {
+            self.snapshots_seen = started;
+            self.shadow_until = now + SNAPSHOT_SHADOW;
+        }
+        now < self.shadow_until
     }
 
     fn ix<T>(&self, r: sled::Result<T>) -> R<T> {
@@ -434,8 +460,14 @@ impl Engine {
             Ok(m) => m,
             Err(e) if gone(&e) => {
                 let old = self.index.get(rel);
-                if let Some(old) = self.ix(old)? {
-                    self.remove(rel, old.kind)?;
+                match self.ix(old)? {
+                    Some(old) => self.remove(rel, old.kind)?,
+                    // Removing what a receiver may not have is harmless.
+                    None if self.in_snapshot_shadow() => {
+                        self.emit(FsOp::Remove { path: rel.clone() })?;
+                        self.done.insert(rel.clone());
+                    }
+                    None => {}
                 }
                 return Ok(());
             }

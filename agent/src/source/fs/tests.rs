@@ -723,3 +723,35 @@ async fn changes_right_after_a_directory_rename_are_not_lost() {
     assert_eq!(model.nodes, Model::from_disk(&h.root, &[]).nodes);
     h.stop().await;
 }
+
+/// A snapshot reads the disk on its own: a file created and deleted while one runs can be in
+/// it without the index ever knowing the file. Its deletion must still reach the journal, or
+/// the receiver seeded by that snapshot keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_path_a_running_snapshot_may_have_sent_is_removed_when_it_vanishes() {
+    let mut h = Harness::new(&[]);
+    std::fs::create_dir(h.p("d")).unwrap();
+    h.start().await;
+    h.settle().await;
+    let status = h.running.as_ref().unwrap().status.clone();
+    let ops = {
+        let _snapshot = status.snapshot_started();
+        for i in 0..20 {
+            // Created and gone before the engine looks: the index never has them.
+            std::fs::write(h.p(&format!("t{i}")), b"x").unwrap();
+            std::fs::write(h.p(&format!("d/u{i}")), b"y").unwrap();
+            std::fs::remove_file(h.p(&format!("t{i}"))).unwrap();
+            std::fs::remove_file(h.p(&format!("d/u{i}"))).unwrap();
+        }
+        h.settle().await
+    };
+    h.stop().await;
+    for i in 0..20 {
+        for p in [format!("t{i}"), format!("d/u{i}")] {
+            assert!(
+                ops.iter().any(|op| matches!(op, FsOp::Remove { path } if *path == rp(&p))),
+                "no removal of {p}: {ops:#?}"
+            );
+        }
+    }
+}

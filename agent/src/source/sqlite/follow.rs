@@ -82,6 +82,29 @@ const WRITE_LOCK_PATIENCE: Duration = Duration::from_secs(30);
 
 const POS_KEY: &[u8] = b"pos";
 
+/// Logs a call on the follower's thread that took long: that thread is what lets waiting
+/// checkpoints through, so a stall there shows up as an application checkpoint held up.
+struct SlowCall(&'static str, Instant);
+
+impl SlowCall {
+    fn start(what: &'static str) -> SlowCall {
+        SlowCall(what, Instant::now())
+    }
+}
+
+impl Drop for SlowCall {
+    fn drop(&mut self) {
+        let took = self.1.elapsed();
+        if took > Duration::from_millis(500) {
+            warn!(
+                call = self.0,
+                took_ms = took.as_millis() as u64,
+                "a SQLite call on the WAL follower's thread was slow"
+            );
+        }
+    }
+}
+
 pub(crate) async fn run(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), SourceError> {
     let rt = Handle::current();
     let snaps = shared
@@ -559,6 +582,7 @@ impl Follower {
     /// Takes a read transaction at the newest state on the idle pin connection, then lets go
     /// of the previous one. Returns whether the log is now pinned.
     fn pin(&mut self) -> R<bool> {
+        let _slow = SlowCall::start("pin");
         self.last_roll = Instant::now();
         let pos_salt = self.pos.salt;
         let db = self.db.as_mut().expect("database open");
@@ -587,6 +611,7 @@ impl Follower {
     }
 
     fn unpin(&mut self) {
+        let _slow = SlowCall::start("unpin");
         self.pinned_at = 0;
         let db = self.db();
         if let Some(a) = db.active.take() {
@@ -617,6 +642,11 @@ impl Follower {
             // than its snapshot. Take the pin again (on a fresh slot) and free the old one.
             if self.last_roll.elapsed() >= ROLL_EVERY {
                 self.pin()?;
+            }
+            if log_hold {
+                self.last_hold_log = Instant::now();
+                debug!(source = %self.shared.name, ?st, read = pos.frame, pinned_at = self.pinned_at, ?locks,
+                    "another process holds the write lock and copies back; moved the WAL pin up");
             }
             return Ok(());
         }
@@ -690,6 +720,7 @@ impl Follower {
     /// PASSIVE checkpoint on an idle pin connection; returns whether every frame is copied
     /// back.
     fn checkpoint_passive(&mut self, must: bool) -> R<bool> {
+        let _slow = SlowCall::start("checkpoint_passive");
         let db = self.db.as_mut().expect("database open");
         let idle = db.active.map_or(0, |a| 1 - a);
         let r = db.pins[idle].query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -821,6 +852,7 @@ impl Follower {
     /// Tries to take the database's write lock, waiting at most `patience`; false if it
     /// stayed busy.
     fn try_write_lock(&mut self, patience: Duration) -> R<bool> {
+        let _slow = (patience <= LOCK_TRY).then(|| SlowCall::start("try_write_lock"));
         let w = &self.db().writer;
         let _ = w.busy_timeout(patience);
         let r = w.execute_batch("BEGIN IMMEDIATE");
@@ -833,6 +865,7 @@ impl Follower {
     }
 
     fn snapshot_locked(&mut self) -> R<SnapStart> {
+        let _slow = SlowCall::start("snapshot_locked");
         while self.poll()? > 0 {}
         let conn = Connection::open_with_flags(
             &self.shared.path,

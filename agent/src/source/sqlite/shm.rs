@@ -24,6 +24,8 @@ pub struct IndexState {
     /// Frames already copied back into the database file.
     pub n_backfill: u32,
     pub salt: [u32; 2],
+    /// The read-mark slots 0..=4 (for diagnostics: which log state each reader slot is on).
+    pub read_marks: [u32; 5],
 }
 
 /// The descriptor is never closed: closing any descriptor of a file drops every POSIX lock
@@ -56,6 +58,7 @@ impl Shm {
             mx_frame: u32::from_ne_bytes(word(16)),
             salt: [u32::from_be_bytes(word(32)), u32::from_be_bytes(word(36))],
             n_backfill: u32::from_ne_bytes(word(96)),
+            read_marks: std::array::from_fn(|i| u32::from_ne_bytes(word(100 + 4 * i))),
         }))
     }
 
