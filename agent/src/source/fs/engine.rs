@@ -24,7 +24,7 @@ use super::index::{Entry, Index, Kind};
 use super::walk::{list_dir, Filter};
 use super::watch::{Batch, Hint, Msg};
 use crate::journal::{JournalHandle, NewRecord};
-use crate::source::{RepairRequest, SourceError, SourceState, SourceStatus};
+use crate::source::{RepairRequest, ResyncFloor, SourceError, SourceState, SourceStatus};
 
 /// How long to keep gathering watcher events after the first one before acting. Short: the
 /// write-to-visible budget is tens of milliseconds end to end.
@@ -73,6 +73,10 @@ pub(crate) struct Engine {
     /// Paths already compared in the current batch: later hints for them are redundant
     /// (anything that changed after the comparison produces a new event).
     done: HashSet<RelPath>,
+    pub(crate) resync_floor: Arc<ResyncFloor>,
+    /// A first index was begun by an earlier run and never finished: receivers seeded
+    /// meanwhile must be seeded again (see `prepare_baseline`).
+    reseed: bool,
     /// Snapshots started, as last seen (see `in_snapshot_shadow`).
     snapshots_seen: u64,
     /// Until then, a path gone from disk that the index does not know is removed anyway.
@@ -111,6 +115,7 @@ impl Engine {
         status: Arc<SourceStatus>,
         cancel: CancellationToken,
         rescan_interval: Duration,
+        resync_floor: Arc<ResyncFloor>,
     ) -> Engine {
         Engine {
             name,
@@ -131,7 +136,49 @@ impl Engine {
             done: HashSet::new(),
             snapshots_seen: 0,
             shadow_until: Instant::now(),
+            resync_floor,
+            reseed: false,
         }
+    }
+
+    /// Before any snapshot may read the tree: records durably that a first index is begun,
+    /// or learns that an earlier one was cut short. In that case a receiver may hold a
+    /// snapshot taken back then, and the changes made since (seen only by the lost run's
+    /// watcher) would never reach it: it is seeded again.
+    pub(crate) fn prepare_baseline(&mut self) -> R<()> {
+        let done = self.index.baseline_done();
+        if self.ix(done)? {
+            return Ok(());
+        }
+        let started = self.index.baseline_started();
+        if self.ix(started)? {
+            self.reseed = true;
+        } else {
+            let r = self.index.set_baseline_started(&self.db);
+            self.ix(r)?;
+        }
+        Ok(())
+    }
+
+    /// Raises the resync floor past everything journaled, journals a record above it (a
+    /// removal of a path that does not exist, a no-op on receivers) and has the shippers
+    /// re-decide: every receiver is seeded from a new snapshot.
+    fn reseed_receivers(&mut self) -> R<()> {
+        let floor = self.resync_floor.raise(&self.name).map_err(|e| SourceError::Journal(e, self.name.to_string()))?;
+        let mut marker = RelPath::new(b".lockstep-reseed".to_vec()).expect("a valid path");
+        let mut n = 0u32;
+        while std::fs::symlink_metadata(marker.under(&self.root)).is_ok() {
+            n += 1;
+            marker = RelPath::new(format!(".lockstep-reseed-{n}").into_bytes()).expect("a valid path");
+        }
+        self.emit(FsOp::Remove { path: marker })?;
+        self.flush()?;
+        self.resync_floor.kick();
+        tracing::warn!(
+            floor = floor.0,
+            "the first index was cut short by a stop of the agent; every receiver is seeded again"
+        );
+        Ok(())
     }
 
     /// Whether a snapshot may have sent a path that the index never knew. A snapshot reads the
@@ -254,6 +301,9 @@ impl Engine {
         let baseline = self.index.baseline_done();
         if !self.ix(baseline)? {
             self.status.set_state(SourceState::Snapshot, None);
+            if std::mem::take(&mut self.reseed) {
+                self.reseed_receivers()?;
+            }
             self.wait_for_first_snapshots();
             let t = Instant::now();
             let cleared = self.index.clear();

@@ -164,6 +164,9 @@ pub(crate) struct Index {
 }
 
 const BASELINE_KEY: &[u8] = b"baseline_done";
+/// Set (durably) before any snapshot of the source may start: a restart that finds it without
+/// `BASELINE_KEY` knows a first index was cut short after receivers may have been seeded.
+const BASELINE_STARTED_KEY: &[u8] = b"baseline_started";
 
 impl Index {
     pub(crate) fn open(db: &sled::Db, source: &str) -> sled::Result<Index> {
@@ -177,6 +180,17 @@ impl Index {
 
     pub(crate) fn baseline_done(&self) -> sled::Result<bool> {
         Ok(self.meta.get(BASELINE_KEY)?.is_some())
+    }
+
+    /// Whether a first index was begun (see `BASELINE_STARTED_KEY`).
+    pub(crate) fn baseline_started(&self) -> sled::Result<bool> {
+        Ok(self.meta.get(BASELINE_STARTED_KEY)?.is_some())
+    }
+
+    pub(crate) fn set_baseline_started(&self, db: &sled::Db) -> sled::Result<()> {
+        self.meta.insert(BASELINE_STARTED_KEY, &[1u8][..])?;
+        db.flush()?;
+        Ok(())
     }
 
     /// Marks the baseline complete and flushes the database, so the index written by the

@@ -45,6 +45,9 @@ pub struct FsSource {
     root: PathBuf,
     filter: Arc<Filter>,
     rescan_interval: Duration,
+    /// Set once the tree is watched and the index knows whether a first index was begun: no
+    /// snapshot reads the tree before that.
+    ready: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl FsSource {
@@ -67,6 +70,7 @@ impl FsSource {
             root,
             filter: Arc::new(filter),
             rescan_interval: cfg.rescan_interval,
+            ready: Arc::new(tokio::sync::watch::channel(false).0),
         })
     }
 
@@ -76,6 +80,7 @@ impl FsSource {
             name: self.name.clone(),
             root: self.root.clone(),
             filter: self.filter.clone(),
+            ready: self.ready.subscribe(),
         })
     }
 }
@@ -85,7 +90,7 @@ impl Source for FsSource {
         let span = tracing::info_span!("source", source = %self.name, kind = "fs");
         Box::pin(
             async move {
-                let SourceContext { name: _, journal, db, status, mut repairs, cancel, resync_floor: _ } = ctx;
+                let SourceContext { name: _, journal, db, status, mut repairs, cancel, resync_floor } = ctx;
                 let name = self.name.clone();
                 let index = Index::open(&db, &name)
                     .map_err(|error| SourceError::Index { source_name: name.to_string(), error })?;
@@ -103,6 +108,7 @@ impl Source for FsSource {
                     status,
                     cancel.clone(),
                     self.rescan_interval,
+                    resync_floor,
                 );
                 match watch::start(&self.root, tx.clone()) {
                     Ok(w) => engine.watcher = Some(w),
@@ -120,6 +126,15 @@ impl Source for FsSource {
                 }
 
                 // Repairs and cancellation reach the engine thread through the same channel.
+                let (engine, prepared) = tokio::task::spawn_blocking(move || {
+                    let r = engine.prepare_baseline();
+                    (engine, r)
+                })
+                .await
+                .map_err(|e| SourceError::Other { source_name: name.to_string(), problem: format!("engine thread: {e}") })?;
+                prepared?;
+                self.ready.send_replace(true);
+
                 let fwd_tx = tx;
                 let fwd_cancel = cancel.clone();
                 let forwarder = tokio::spawn(async move {

@@ -22,6 +22,8 @@ pub(crate) struct FsSnapshotter {
     pub(crate) name: Arc<str>,
     pub(crate) root: PathBuf,
     pub(crate) filter: Arc<Filter>,
+    /// True once the source watches the tree (see `FsSource::ready`).
+    pub(crate) ready: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The receiving side hung up: stop quietly.
@@ -32,7 +34,13 @@ impl Snapshotter for FsSnapshotter {
         let name = self.name.clone();
         let root = self.root.clone();
         let filter = self.filter.clone();
+        let mut ready = self.ready.clone();
         Box::pin(async move {
+            // A snapshot read before the watcher runs could hold a path whose later deletion
+            // the source never sees.
+            if ready.wait_for(|r| *r).await.is_err() {
+                return Err(SourceError::Other { source_name: name.to_string(), problem: "source stopped".into() });
+            }
             let span = tracing::info_span!("snapshot", source = %name);
             let n = name.clone();
             tokio::task::spawn_blocking(move || {

@@ -307,6 +307,8 @@ impl Model {
 
 async fn snapshot_ops(src: &FsSource) -> Vec<FsOp> {
     let (tx, mut rx) = mpsc::channel(64);
+    // Not running here: nothing else would say the tree is watched.
+    src.ready.send_replace(true);
     let snap = src.snapshotter();
     let task = tokio::spawn(async move { snap.snapshot(tx).await });
     let mut ops = Vec::new();
@@ -754,4 +756,32 @@ async fn a_path_a_running_snapshot_may_have_sent_is_removed_when_it_vanishes() {
             );
         }
     }
+}
+
+/// An agent stopped while building its first index may already have seeded receivers from a
+/// snapshot; the changes its watcher saw since are lost with it. The next run must have every
+/// receiver seeded again: the resync floor rises past the journal, with a record above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_index_cut_short_has_receivers_seeded_again() {
+    let mut h = Harness::new(&[]);
+    std::fs::write(h.p("a"), b"a").unwrap();
+    let index = super::index::Index::open(&h.db, "www").unwrap();
+    index.set_baseline_started(&h.db).unwrap();
+    drop(index);
+    let floor = crate::source::ResyncFloor::new(h.store.clone());
+    assert_eq!(floor.get("www"), Seq::ZERO);
+    h.start().await;
+    let ops = h.settle().await;
+    h.stop().await;
+    assert!(floor.get("www") > Seq::ZERO, "the floor did not rise");
+    assert!(h.store.last_seq() >= floor.get("www"), "no record at or above the floor");
+    assert_eq!(ops, vec![FsOp::Remove { path: rp(".lockstep-reseed") }]);
+
+    // A first run that finishes its index asks for nothing of the kind.
+    let mut h = Harness::new(&[]);
+    std::fs::write(h.p("a"), b"a").unwrap();
+    h.start().await;
+    h.settle().await;
+    h.stop().await;
+    assert_eq!(crate::source::ResyncFloor::new(h.store.clone()).get("www"), Seq::ZERO);
 }

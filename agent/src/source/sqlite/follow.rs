@@ -610,6 +610,14 @@ impl Follower {
         Ok(pinned)
     }
 
+    /// Which of the follower's connections are inside a transaction (for diagnostics: the
+    /// lock probes cannot see this process's own locks).
+    fn own_transactions(&mut self) -> String {
+        let db = self.db();
+        let t = |c: &Connection| if c.is_autocommit() { '-' } else { 'T' };
+        format!("pins {}{} (active {:?}) writer {}", t(&db.pins[0]), t(&db.pins[1]), db.active, t(&db.writer))
+    }
+
     fn unpin(&mut self) {
         let _slow = SlowCall::start("unpin");
         self.pinned_at = 0;
@@ -645,7 +653,8 @@ impl Follower {
             }
             if log_hold {
                 self.last_hold_log = Instant::now();
-                debug!(source = %self.shared.name, ?st, read = pos.frame, pinned_at = self.pinned_at, ?locks,
+                let own = self.own_transactions();
+                debug!(source = %self.shared.name, ?st, read = pos.frame, pinned_at = self.pinned_at, ?locks, own,
                     "another process holds the write lock and copies back; moved the WAL pin up");
             }
             return Ok(());
@@ -653,7 +662,8 @@ impl Follower {
         if !caught_up || readers || st.n_backfill != st.mx_frame {
             if log_hold {
                 self.last_hold_log = Instant::now();
-                debug!(source = %self.shared.name, ?st, read = pos.frame, pinned_at = self.pinned_at, other_readers = readers, ?locks,
+                let own = self.own_transactions();
+                debug!(source = %self.shared.name, ?st, read = pos.frame, pinned_at = self.pinned_at, other_readers = readers, ?locks, own,
                     "another process holds the write lock; keeping the WAL pinned");
             }
             return Ok(());
