@@ -27,10 +27,11 @@ use crate::lag::Tracker;
 use crate::metrics as m;
 use crate::source::{RepairRequest, SourceHandle};
 
-/// Most payload bytes in one `EventBatch`.
-/// Records this close to the durable end are read on the async thread (see `send_all`).
+/// Records this close to the durable end are read on the async thread, up to
+/// `LIVE_TAIL_BYTES` at a time (see `send_all`).
 const LIVE_TAIL: u64 = 16;
 const LIVE_TAIL_BYTES: usize = 1 << 20;
+/// Most payload bytes in one `EventBatch`.
 const BATCH_BYTES: usize = 4 << 20;
 const BATCH_EVENTS: usize = 1024;
 

@@ -73,7 +73,7 @@ pub(crate) struct Engine {
     /// Paths already compared in the current batch: later hints for them are redundant
     /// (anything that changed after the comparison produces a new event).
     done: HashSet<RelPath>,
-    pub(crate) resync_floor: Arc<ResyncFloor>,
+    resync_floor: Arc<ResyncFloor>,
     /// A first index was begun by an earlier run and never finished: receivers seeded
     /// meanwhile must be seeded again (see `prepare_baseline`).
     reseed: bool,

@@ -200,6 +200,16 @@ struct Deferred {
     what: String,
 }
 
+impl Deferred {
+    /// Waits for the answer of `d`, if any.
+    async fn answer(d: Option<Deferred>) -> Result<(), ApplyError> {
+        match d {
+            Some(d) => d.reply.await.map(drop).map_err(db_err(d.what)),
+            None => Ok(()),
+        }
+    }
+}
+
 fn connection_lost() -> ApplyError {
     target_err("standby connection", "lost earlier; the next session reconnects")
 }
@@ -924,9 +934,9 @@ impl State {
     /// Most rows inserted with one INSERT statement; more go through COPY.
     const INSERT_ROWS: u32 = 4;
 
-    /// A few rows: one INSERT (one round trip); more: COPY (two, but cheaper per row).
-    /// Inserts the rows of `i`. With `defer`, a few rows are only sent: their answer is
-    /// collected by [`State::settle`] or with the commit.
+    /// Inserts the rows of `i`. A few rows: one INSERT (one round trip); more: COPY (two, but
+    /// cheaper per row). With `defer`, a few rows are only sent: their answer is collected by
+    /// [`State::settle`] or with the commit.
     async fn insert(&mut self, i: &proto::PgInsert, defer: bool) -> Result<(), ApplyError> {
         if (1..=Self::INSERT_ROWS).contains(&i.count) {
             let width = self.rel_ready(i.rel).await?.msg.columns.len();
@@ -964,10 +974,7 @@ impl State {
 
     /// Waits for the answer of a deferred statement.
     async fn settle(&mut self) -> Result<(), ApplyError> {
-        match self.deferred.take() {
-            Some(d) => d.reply.await.map(drop).map_err(db_err(d.what)),
-            None => Ok(()),
-        }
+        Deferred::answer(self.deferred.take()).await
     }
 
     async fn queue_update<'a>(&mut self, u: &'a proto::PgUpdate) -> Result<Option<Queued<'a>>, ApplyError> {
@@ -1236,14 +1243,8 @@ impl State {
             // snapshot and no transaction id, so an idle one holds nothing back).
             // A deferred insert's answer comes first: when it failed, the transaction was
             // aborted and the COMMIT rolls it back.
-            let last = async {
-                match deferred {
-                    Some(d) => d.reply.await.map(drop).map_err(db_err(d.what)),
-                    None => Ok(()),
-                }
-            };
             let (inserted, written, committed) = futures::join!(
-                last,
+                Deferred::answer(deferred),
                 upsert,
                 client.batch_execute("SET LOCAL synchronous_commit TO off; COMMIT; BEGIN")
             );
@@ -1251,9 +1252,7 @@ impl State {
             written.map_err(db_err("record the applied position"))?;
             committed.map_err(db_err("commit on the standby"))?;
         } else {
-            if let Some(d) = deferred {
-                d.reply.await.map_err(db_err(d.what))?;
-            }
+            Deferred::answer(deferred).await?;
             upsert.await.map_err(db_err("record the applied position"))?;
         }
         Ok(())
