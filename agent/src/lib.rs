@@ -133,6 +133,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 repairs,
                 cancel: cancel.child_token(),
                 resync_floor: resync_floor.clone(),
+                data_dir: config.data_dir.clone(),
             },
         ));
         handles.push(h);

@@ -181,6 +181,8 @@ pub struct SourceContext {
     pub repairs: mpsc::Receiver<RepairRequest>,
     pub cancel: CancellationToken,
     pub resync_floor: Arc<ResyncFloor>,
+    /// The agent's data directory (scratch files go here, never in the journal's own).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// A long-lived source task.

@@ -90,7 +90,7 @@ impl Source for FsSource {
         let span = tracing::info_span!("source", source = %self.name, kind = "fs");
         Box::pin(
             async move {
-                let SourceContext { name: _, journal, db, status, mut repairs, cancel, resync_floor } = ctx;
+                let SourceContext { name: _, journal, db, status, mut repairs, cancel, resync_floor, data_dir: _ } = ctx;
                 let name = self.name.clone();
                 let index = Index::open(&db, &name)
                     .map_err(|error| SourceError::Index { source_name: name.to_string(), error })?;

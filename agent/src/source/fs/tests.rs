@@ -102,6 +102,7 @@ impl Harness {
             repairs,
             cancel: cancel.clone(),
             resync_floor: Arc::new(crate::source::ResyncFloor::new(self.store.clone())),
+            data_dir: std::env::temp_dir(),
         };
         let task = tokio::spawn(src.run(ctx));
         let t = Instant::now();

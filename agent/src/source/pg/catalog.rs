@@ -214,6 +214,15 @@ pub(crate) fn parse_lsn(s: &str) -> Option<u64> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
+/// The server's `server_version_num` (e.g. 150004).
+pub(crate) async fn server_version(shared: &Shared, client: &Client) -> Result<i32, SourceError> {
+    let row = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(sql_err(shared, "read server_version_num"))?;
+    Ok(row.get(0))
+}
+
 /// Bytes of WAL the slot holds back, and its `wal_status`.
 pub(crate) async fn retained_wal(shared: &Shared, client: &Client) -> Result<Option<(i64, String)>, SourceError> {
     let row = client

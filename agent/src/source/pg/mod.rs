@@ -8,6 +8,8 @@
 //!   decodes pgoutput ([`pgoutput`]), turns each committed transaction into one journal event
 //!   (large ones into chunks) and confirms the slot's flush position only once the journal
 //!   holds the transaction durably — so the journal, not the slot, absorbs slow receivers.
+//!   On PostgreSQL 14+ large transactions arrive while they run ([`streamed`]) and are kept
+//!   in scratch files until their commit.
 //! - [`snapshot`]: the [`Snapshotter`] that seeds a receiver: a temporary slot exports a
 //!   snapshot, every published table is copied inside it, and a closing `PgSnapshotEnd` tells
 //!   the receiver which transactions the copy already holds (commit LSN below the slot's
@@ -17,6 +19,7 @@ mod catalog;
 pub mod pgoutput;
 mod snapshot;
 mod stream;
+mod streamed;
 
 use std::sync::Arc;
 

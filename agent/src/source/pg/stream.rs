@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use super::catalog::{self, Refusal, TypeNames};
 use super::pgoutput::{self, OldKind, PgOutput, Tuple, Value};
-use super::Shared;
+use super::{streamed, Shared};
 use crate::journal::{AppendTicket, JournalHandle, NewRecord};
 use crate::source::{SourceContext, SourceError, SourceState};
 
@@ -148,10 +148,13 @@ async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Res
         .unwrap_or(0);
     // Resume past what the journal already holds; the slot's own position when that is later.
     let start = last_end.max(slot.confirmed_flush);
+    // PostgreSQL 14+ streams a large transaction while it runs (see `streamed`).
+    let streaming = catalog::server_version(shared, &client).await.map_err(Refusal::Retry)? >= 140_000;
     let cfg = shared
         .conn
         .replication(&shared.slot, &shared.publication)
         .with_start_lsn(Lsn::from_u64(start))
+        .with_streaming(streaming)
         .with_status_interval(Duration::from_millis(500))
         .with_wakeup_interval(Duration::from_secs(5));
     let mut repl = ReplicationClient::connect(cfg)
@@ -187,6 +190,8 @@ async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Res
         last_end,
         confirmed: start,
         durable_end: start,
+        spills: streaming.then(|| streamed::Spills::new(ctx.data_dir.join("pg-stream"))),
+        in_stream: None,
     };
     let mut slot_check = tokio::time::interval(SLOT_CHECK);
     loop {
@@ -305,75 +310,36 @@ struct Streamer<'a> {
     confirmed: u64,
     /// End LSN of the last transaction known durable in the journal.
     durable_end: u64,
+    /// Streamed in-progress transactions (protocol 2); `None` when the server cannot stream.
+    spills: Option<streamed::Spills>,
+    /// Inside a streamed block of this transaction.
+    in_stream: Option<u32>,
 }
 
 impl Streamer<'_> {
     async fn event(&mut self, ev: ReplicationEvent, repl: &ReplicationClient) -> Result<(), Refusal> {
         match ev {
             ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
-                if self.txn.is_some() {
-                    return Err(Refusal::Retry(self.shared.err("protocol: Begin inside a transaction")));
-                }
-                let commit_lsn = final_lsn.as_u64();
-                self.txn = Some(Txn {
-                    commit_lsn,
-                    xid,
-                    commit_time_us: pgoutput::pg_time_to_unix_us(commit_time_micros),
-                    skip: commit_lsn < self.last_end,
-                    chunk: 0,
-                    ops: Vec::new(),
-                    bytes: 0,
-                    described: HashSet::new(),
-                    inserts: None,
-                });
+                self.begin(final_lsn.as_u64(), xid, commit_time_micros)?
             }
-            ReplicationEvent::XLogData { data, .. } => self.change(&data).await?,
-            ReplicationEvent::Message { transactional, lsn, prefix, content } => {
-                let op = proto::PgOp {
-                    op: Some(Op::Message(proto::PgMessage { transactional, prefix, content, lsn: lsn.as_u64() })),
-                };
-                match (&mut self.txn, transactional) {
-                    (Some(t), true) => {
-                        t.bytes += 64;
-                        t.push(op);
+            ReplicationEvent::XLogData { data, .. } => {
+                if let Some(spills) = &mut self.spills {
+                    let bad = |e: String| Refusal::Retry(self.shared.err(format!("pgoutput stream: {e}")));
+                    if let Some(c) = streamed::control(&data).map_err(bad)? {
+                        return self.stream_control(c).await;
                     }
-                    _ => {
-                        // Outside any transaction: an event of its own, ordered by its LSN.
-                        let lsn = lsn.as_u64();
-                        if lsn >= self.last_end {
-                            let ev = proto::PgTransaction {
-                                commit_lsn: lsn,
-                                end_lsn: lsn + 1,
-                                commit_time_us: now_us(),
-                                xid: 0,
-                                chunk: 0,
-                                last: true,
-                                ops: vec![op],
-                            };
-                            self.submit(ev, lsn + 1).await?;
-                        }
+                    if let Some(xid) = self.in_stream {
+                        let (sub, msg) = streamed::strip_xid(&data).map_err(bad)?;
+                        return spills.append(xid, sub, &msg).map_err(bad);
                     }
                 }
+                self.change(&data).await?
+            }
+            ReplicationEvent::Message { transactional, lsn, prefix, content } => {
+                self.message(transactional, lsn.as_u64(), prefix, content).await?
             }
             ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
-                tracing::trace!(source = %self.shared.name, lsn = %lsn, "commit received");
-                let Some(mut t) = self.txn.take() else {
-                    return Err(Refusal::Retry(self.shared.err("protocol: Commit outside a transaction")));
-                };
-                if t.skip {
-                    debug!(source = %self.shared.name, lsn = %lsn, "transaction already journaled; skipped");
-                    return Ok(());
-                }
-                let ev = proto::PgTransaction {
-                    commit_lsn: lsn.as_u64(),
-                    end_lsn: end_lsn.as_u64(),
-                    commit_time_us: pgoutput::pg_time_to_unix_us(commit_time_micros).max(t.commit_time_us),
-                    xid: t.xid,
-                    chunk: t.chunk,
-                    last: true,
-                    ops: t.take_ops(),
-                };
-                self.submit(ev, end_lsn.as_u64()).await?;
+                self.commit(lsn.as_u64(), end_lsn.as_u64(), commit_time_micros).await?
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 // Nothing open and everything durable: the slot may move to the server's
@@ -384,6 +350,120 @@ impl Streamer<'_> {
                 }
             }
             ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self, commit_lsn: u64, xid: u32, commit_time_micros: i64) -> Result<(), Refusal> {
+        if self.txn.is_some() {
+            return Err(Refusal::Retry(self.shared.err("protocol: Begin inside a transaction")));
+        }
+        self.txn = Some(Txn {
+            commit_lsn,
+            xid,
+            commit_time_us: pgoutput::pg_time_to_unix_us(commit_time_micros),
+            skip: commit_lsn < self.last_end,
+            chunk: 0,
+            ops: Vec::new(),
+            bytes: 0,
+            described: HashSet::new(),
+            inserts: None,
+        });
+        Ok(())
+    }
+
+    async fn message(&mut self, transactional: bool, lsn: u64, prefix: String, content: Bytes) -> Result<(), Refusal> {
+        let op = proto::PgOp { op: Some(Op::Message(proto::PgMessage { transactional, prefix, content, lsn })) };
+        match (&mut self.txn, transactional) {
+            (Some(t), true) => {
+                t.bytes += 64;
+                t.push(op);
+            }
+            _ => {
+                // Outside any transaction: an event of its own, ordered by its LSN.
+                if lsn >= self.last_end {
+                    let ev = proto::PgTransaction {
+                        commit_lsn: lsn,
+                        end_lsn: lsn + 1,
+                        commit_time_us: now_us(),
+                        xid: 0,
+                        chunk: 0,
+                        last: true,
+                        ops: vec![op],
+                    };
+                    self.submit(ev, lsn + 1).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self, lsn: u64, end_lsn: u64, commit_time_micros: i64) -> Result<(), Refusal> {
+        tracing::trace!(source = %self.shared.name, lsn = %Lsn::from_u64(lsn), "commit received");
+        let Some(mut t) = self.txn.take() else {
+            return Err(Refusal::Retry(self.shared.err("protocol: Commit outside a transaction")));
+        };
+        if t.skip {
+            debug!(source = %self.shared.name, lsn = %Lsn::from_u64(lsn), "transaction already journaled; skipped");
+            return Ok(());
+        }
+        let ev = proto::PgTransaction {
+            commit_lsn: lsn,
+            end_lsn,
+            commit_time_us: pgoutput::pg_time_to_unix_us(commit_time_micros).max(t.commit_time_us),
+            xid: t.xid,
+            chunk: t.chunk,
+            last: true,
+            ops: t.take_ops(),
+        };
+        self.submit(ev, end_lsn).await
+    }
+
+    /// A stream-control message (protocol 2): a streamed transaction's block begins or ends,
+    /// or its outcome arrives — at a commit its messages are replayed as one transaction.
+    async fn stream_control(&mut self, c: streamed::Control) -> Result<(), Refusal> {
+        let bad = |e: String| Refusal::Retry(self.shared.err(format!("pgoutput stream: {e}")));
+        let spills = self.spills.as_mut().expect("stream control only when streaming");
+        match c {
+            streamed::Control::Start { xid, first } => {
+                if self.txn.is_some() || self.in_stream.is_some() {
+                    return Err(bad("Stream Start inside a transaction or another block".into()));
+                }
+                spills.start(xid, first).map_err(bad)?;
+                self.in_stream = Some(xid);
+                tracing::trace!(source = %self.shared.name, xid, first, "streamed block begins");
+            }
+            streamed::Control::Stop => {
+                if self.in_stream.take().is_none() {
+                    return Err(bad("Stream Stop outside a streamed block".into()));
+                }
+            }
+            streamed::Control::Abort { xid, sub } => {
+                debug!(source = %self.shared.name, xid, sub, "streamed transaction rolled back");
+                spills.abort(xid, sub).map_err(bad)?;
+            }
+            streamed::Control::Commit { xid, commit_lsn, end_lsn, commit_time } => {
+                if self.txn.is_some() || self.in_stream.is_some() {
+                    return Err(bad("Stream Commit inside a transaction or a block".into()));
+                }
+                tracing::trace!(source = %self.shared.name, xid, lsn = %Lsn::from_u64(commit_lsn), "streamed transaction committed");
+                let mut replay = spills.commit(xid).map_err(bad)?;
+                self.begin(commit_lsn, xid, commit_time)?;
+                // Already journaled (re-sent after a restart): nothing to replay.
+                let skip = self.txn.as_ref().is_some_and(|t| t.skip);
+                while let Some(msg) = if skip { None } else { replay.next_message().map_err(bad)? } {
+                    if msg.first() == Some(&b'M') {
+                        let decoded =
+                            pgoutput::decode(&msg).map_err(|e| bad(format!("undecodable streamed message: {e}")))?;
+                        if let PgOutput::Message { transactional, lsn, prefix, content } = decoded {
+                            self.message(transactional, lsn, prefix, content).await?;
+                        }
+                    } else {
+                        self.change(&msg).await?;
+                    }
+                }
+                self.commit(commit_lsn, end_lsn, commit_time).await?;
+            }
         }
         Ok(())
     }
