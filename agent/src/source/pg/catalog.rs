@@ -269,9 +269,22 @@ impl TypeNames {
         client: &Client,
         r: &pgoutput::Relation,
     ) -> Result<proto::PgRelation, SourceError> {
+        // Values of columns added with a default, held by rows that predate them.
+        let missing: HashMap<String, String> = client
+            .query(
+                "SELECT attname::text, (attmissingval::text::text[])[1] FROM pg_catalog.pg_attribute
+                 WHERE attrelid = $1 AND atthasmissing AND NOT attisdropped",
+                &[&r.id],
+            )
+            .await
+            .map_err(sql_err(shared, "read the values of added columns"))?
+            .into_iter()
+            .filter_map(|row| Some((row.get(0), row.get::<_, Option<String>>(1)?)))
+            .collect();
         let mut columns = Vec::with_capacity(r.columns.len());
         for c in &r.columns {
             columns.push(proto::PgColumn {
+                missing_value: missing.get(&c.name).cloned(),
                 name: c.name.clone(),
                 type_name: self.name(shared, client, c.type_oid, c.type_mod).await?,
                 type_oid: c.type_oid,
@@ -470,6 +483,8 @@ pub(crate) async fn table_relation(
                 not_null: r.get(4),
                 default_expr: if safe_default(&default) { default } else { String::new() },
                 key: r.get(6),
+                // A snapshot copies every row as it is.
+                missing_value: None,
             }
         })
         .collect();

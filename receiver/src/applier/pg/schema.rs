@@ -112,9 +112,17 @@ pub async fn ensure_table(
         .map(|r| (r.get(0), StandbyColumn { type_text: r.get(1), type_oid: r.get(2), generated: r.get(3) }))
         .collect();
     let mut clauses = Vec::new();
+    // Defaults that only gave existing rows their value (a separate statement: in one, ALTER
+    // TABLE drops defaults before it adds columns).
+    let mut drop_defaults = Vec::new();
     for c in &rel.columns {
         match standby.get(&c.name) {
-            None => clauses.push(sql::add_column(c)),
+            None => {
+                clauses.push(sql::add_column(c));
+                if c.missing_value.is_some() {
+                    drop_defaults.push(sql::drop_default(c));
+                }
+            }
             Some(s) if s.type_text != c.type_name => {
                 if type_differs(client, &c.type_name, s).await? {
                     clauses.push(sql::alter_type(c));
@@ -133,6 +141,10 @@ pub async fn ensure_table(
         let stmt = format!("ALTER TABLE {table} {}", clauses.join(", "));
         client.execute(stmt.as_str(), &[]).await.map_err(db_err(format!("alter table {table} ({stmt})")))?;
         info!(table = %table, change = %clauses.join(", "), "standby table altered to match the source");
+    }
+    if !drop_defaults.is_empty() {
+        let stmt = format!("ALTER TABLE {table} {}", drop_defaults.join(", "));
+        client.execute(stmt.as_str(), &[]).await.map_err(db_err(format!("alter table {table} ({stmt})")))?;
     }
     Ok(())
 }

@@ -212,9 +212,18 @@ pub fn create_table(rel: &PgRelation) -> String {
 }
 
 /// `ADD COLUMN` clause for a column new to an existing table (no constraints: existing rows
-/// would violate them).
+/// would violate them). Existing rows get the value the source's rows that predate the
+/// column hold, as a default (dropped again by [`drop_default`]).
 pub fn add_column(c: &PgColumn) -> String {
-    format!("ADD COLUMN {}", column_def(c, false))
+    match &c.missing_value {
+        Some(v) => format!("ADD COLUMN {} DEFAULT {}::{}", column_def(c, false), literal(v), c.type_name),
+        None => format!("ADD COLUMN {}", column_def(c, false)),
+    }
+}
+
+/// `ALTER COLUMN ... DROP DEFAULT` clause, after [`add_column`] gave existing rows a value.
+pub fn drop_default(c: &PgColumn) -> String {
+    format!("ALTER COLUMN {} DROP DEFAULT", ident(&c.name))
 }
 
 /// `ALTER COLUMN ... TYPE` clause converting through the text form.
