@@ -13,6 +13,15 @@
 //! application checkpoints of any mode copy frames back up to the pin; RESTART and TRUNCATE
 //! wait for it, and the follower releases it for them (below).
 //!
+//! **Stepping aside.** A FULL, RESTART or TRUNCATE checkpoint can also get stuck on the pin's
+//! read-mark slot when the pin is already at the newest frame: it read the slot's mark before
+//! the pin claimed the slot, and waits for the slot itself, which rolling the pin never frees
+//! (see [`super::pin`]). When such a checkpoint runs for a while with the log read to its end
+//! but not copied back, the follower blocks copying back (a lock on read-mark 0: the log
+//! cannot be reset until it is lifted), lets go of the pin long enough for the checkpoint to
+//! try the slot again, pins again, and only then lifts the block. The log is never unpinned
+//! and resettable at once, so this is not a release.
+//!
 //! **Letting go.** The pin is dropped only when the log, as it stands, has been read to its
 //! last frame *and no other frame can be added to this generation*:
 //! - *for a waiting checkpoint*: another process holds the write lock (so no frame can be
@@ -51,7 +60,8 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::runtime::Handle;
 use tracing::{debug, error, info, warn};
 
-use super::shm::Shm;
+use super::pin::{Pins, StepAside, BUSY_RETRY};
+use super::shm::{IndexState, Shm};
 use super::wal::{self, Txn, WalHeader, WalPos};
 use super::{Piece, Shared, SnapRequest, SnapStart};
 use crate::journal::{AppendTicket, NewRecord, RecordMeta};
@@ -77,6 +87,11 @@ const LARGE_READ_FRAMES: u32 = 1024;
 /// How long the follower waits for the write lock at a time while it holds the pin (the
 /// holder may be a checkpoint waiting for the pin to move).
 const LOCK_TRY: Duration = Duration::from_millis(20);
+/// How long a blocking checkpoint may run with the log read to its end but not copied back
+/// before the pin steps aside for it (it may be stuck on a stale mark of the pin's slot).
+const STEP_ASIDE_AFTER: Duration = Duration::from_millis(30);
+/// Longest the pin steps aside at once.
+const STEP_ASIDE_MAX: Duration = Duration::from_secs(1);
 /// How long a snapshot or a resync waits for the application's writer.
 const WRITE_LOCK_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -140,6 +155,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), S
                 last_recycle: Instant::now(),
                 in_flight: VecDeque::new(),
                 snap_waiting: Vec::new(),
+                ckpt_wait: None,
             };
             let r = f.run();
             if let Err(e) = &r {
@@ -158,9 +174,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), S
 
 /// The open database: the pins, a connection for the write lock, the log and its index.
 struct Db {
-    pins: [Connection; 2],
-    /// The pin holding a read transaction, if any.
-    active: Option<usize>,
+    pins: Pins,
     writer: Connection,
     wal_path: PathBuf,
     shm_path: PathBuf,
@@ -203,6 +217,22 @@ struct Follower {
     in_flight: VecDeque<InFlight>,
     /// Snapshot requests waiting for the write lock, and since when.
     snap_waiting: Vec<(SnapRequest, Instant)>,
+    /// A blocking checkpoint seen running with the log read to its end but not copied back.
+    ckpt_wait: Option<CkptWait>,
+}
+
+/// A checkpoint that may be stuck on the pin (see [`Follower::maybe_step_aside`]).
+struct CkptWait {
+    /// The log's state it was seen at; another state is another wait.
+    salt: [u32; 2],
+    mx: u32,
+    since: Instant,
+    /// Last seen (a gap means it ended).
+    seen: Instant,
+    /// Not stepping aside before then.
+    next: Instant,
+    /// How long to step aside next time.
+    window: Duration,
 }
 
 type R<T> = Result<T, SourceError>;
@@ -249,7 +279,7 @@ impl Follower {
             // (Rate-limited: every new pin may rewrite a read-mark slot, and a storm of them
             // makes the application's own readers retry.)
             if got == 0
-                && self.db().active.is_some()
+                && self.db().pins.is_pinned()
                 && self.pinned_at < self.pos.frame
                 && self.last_roll.elapsed() >= ROLL_EVERY
             {
@@ -319,8 +349,7 @@ impl Follower {
         let mut shm_path = path.clone().into_os_string();
         shm_path.push("-shm");
         Ok(Db {
-            pins: [open()?, open()?],
-            active: None,
+            pins: Pins::new([open()?, open()?]),
             writer,
             wal_path: wal_path.into(),
             shm_path: shm_path.into(),
@@ -414,7 +443,7 @@ impl Follower {
                 self.pin()?;
                 debug!(source = %self.shared.name, gen = self.gen, ckpt = h.ckpt_seq, "following the next WAL generation");
             } else {
-                let pinned = self.db().active.is_some();
+                let pinned = self.db().pins.is_pinned();
                 let why = if !self.released && !pinned {
                     "the WAL was reset again before the source could pin its new generation (the application \
                      checkpoints with RESTART or TRUNCATE faster than the source polls)"
@@ -434,7 +463,7 @@ impl Follower {
             // The same generation, nothing read yet: its header starts the chain.
             self.pos = WalPos::start(&h);
         }
-        if !self.released && self.db().active.is_none() {
+        if !self.released && !self.db().pins.is_pinned() {
             // A new generation taken on but not pinned yet (its first transaction was not
             // committed when it was seen): pin it before reading, or a checkpoint could
             // reset it while we read.
@@ -451,7 +480,7 @@ impl Follower {
             self.journal(t, &h)?;
         }
         self.pos = end;
-        if self.db().active.is_none() || self.last_roll.elapsed() >= ROLL_EVERY {
+        if !self.db().pins.is_pinned() || self.last_roll.elapsed() >= ROLL_EVERY {
             self.pin()?;
         }
         Ok(n)
@@ -584,53 +613,40 @@ impl Follower {
     fn pin(&mut self) -> R<bool> {
         let _slow = SlowCall::start("pin");
         self.last_roll = Instant::now();
-        let pos_salt = self.pos.salt;
         let db = self.db.as_mut().expect("database open");
-        let next = db.active.map_or(0, |a| 1 - a);
-        let conn = &db.pins[next];
-        conn.execute_batch("BEGIN").map_err(|e| self.shared.err(format!("pin the WAL: {e}")))?;
-        let got = snapshot_get(conn);
-        let pinned = match got {
-            Some((mx_frame, salt)) if mx_frame > 0 => {
-                if let Some(old) = db.active.replace(next) {
-                    let _ = db.pins[old].execute_batch("COMMIT");
-                }
-                self.pinned_at = mx_frame;
-                if salt == pos_salt {
-                    self.released = false;
-                }
-                true
-            }
-            _ => {
-                // Empty log, or busy: nothing to pin with this connection.
-                let _ = conn.execute_batch("COMMIT");
-                db.active.is_some()
-            }
-        };
-        Ok(pinned)
+        let got = db.pins.roll().map_err(|e| self.shared.err(format!("pin the WAL: {e}")))?;
+        // (None: an empty log, or busy; the previous pin, if any, stays.)
+        if let Some((mx_frame, salt)) = got {
+            self.pinned(mx_frame, salt);
+        }
+        Ok(self.db().pins.is_pinned())
+    }
+
+    /// Notes a new pin at (last frame, salts).
+    fn pinned(&mut self, mx_frame: u32, salt: [u32; 2]) {
+        self.pinned_at = mx_frame;
+        if salt == self.pos.salt {
+            self.released = false;
+        }
     }
 
     /// Which of the follower's connections are inside a transaction (for diagnostics: the
     /// lock probes cannot see this process's own locks).
     fn own_transactions(&mut self) -> String {
         let db = self.db();
-        let t = |c: &Connection| if c.is_autocommit() { '-' } else { 'T' };
-        format!("pins {}{} (active {:?}) writer {}", t(&db.pins[0]), t(&db.pins[1]), db.active, t(&db.writer))
+        format!("{} writer {}", db.pins.describe(), if db.writer.is_autocommit() { '-' } else { 'T' })
     }
 
     fn unpin(&mut self) {
         let _slow = SlowCall::start("unpin");
         self.pinned_at = 0;
-        let db = self.db();
-        if let Some(a) = db.active.take() {
-            let _ = db.pins[a].execute_batch("COMMIT");
-        }
+        self.db().pins.release();
     }
 
     /// Lets a checkpoint that waits for the pin (RESTART, TRUNCATE) reset the log, when that
     /// cannot lose a frame (see the module docs).
     fn maybe_release(&mut self) -> R<()> {
-        if self.db().active.is_none() || self.fresh {
+        if !self.db().pins.is_pinned() || self.fresh {
             return Ok(());
         }
         let pos = self.pos;
@@ -644,6 +660,14 @@ impl Follower {
         // Four lock probes: only worth it once the index shows everything read.
         let readers = caught_up && shm.other_wal_readers().unwrap_or(true);
         let locks = log_hold.then(|| shm.held());
+        let checkpointer = caught_up && st.n_backfill < st.mx_frame && shm.other_checkpointer().unwrap_or(false);
+        if checkpointer {
+            // A checkpoint that stays stuck although everything is read: maybe on a stale
+            // mark of the pin's slot (see `pin`), which only stepping aside lets through —
+            // worth trying when no other process reads from the log (it could be waiting for
+            // that reader instead).
+            self.maybe_step_aside(st, !readers)?;
+        }
         if caught_up && !readers && st.n_backfill < st.mx_frame {
             // A checkpoint is copying back and may wait on our pin's read-mark slot: when
             // SQLite could not claim a free slot, a reader shares one whose mark is older
@@ -688,6 +712,56 @@ impl Follower {
         Ok(())
     }
 
+    /// Steps aside (see [`Pins::step_aside`]) for a blocking checkpoint that has been running
+    /// for [`STEP_ASIDE_AFTER`] with the log read to its end but not copied back: the pin is
+    /// let go for a while, with copying back blocked so that the log cannot be reset.
+    /// Repeated, with a longer pause each time, while the same checkpoint stays stuck; only
+    /// when `now_ok`.
+    fn maybe_step_aside(&mut self, st: IndexState, now_ok: bool) -> R<()> {
+        let now = Instant::now();
+        let w = match &mut self.ckpt_wait {
+            Some(w) if w.salt == st.salt && w.mx == st.mx_frame && now - w.seen < STEP_ASIDE_AFTER => w,
+            _ => self.ckpt_wait.insert(CkptWait {
+                salt: st.salt,
+                mx: st.mx_frame,
+                since: now,
+                seen: now,
+                next: now + STEP_ASIDE_AFTER,
+                window: BUSY_RETRY + STEP_ASIDE_AFTER,
+            }),
+        };
+        w.seen = now;
+        if now < w.next || !now_ok {
+            return Ok(());
+        }
+        let window = w.window;
+        w.window = (w.window * 2).min(STEP_ASIDE_MAX);
+        let waited = now - w.since;
+        let db = self.db.as_mut().expect("database open");
+        let Some(shm) = db.shm.as_ref() else { return Ok(()) };
+        let r = db.pins.step_aside(shm, window, || shm.other_writer().unwrap_or(true));
+        if let Some(w) = &mut self.ckpt_wait {
+            // Give the checkpoint its turn before trying again.
+            w.next = Instant::now() + window;
+        }
+        match r {
+            Ok(StepAside::NotNeeded) => {}
+            Ok(StepAside::Repinned(mx_frame, salt)) => {
+                self.pinned(mx_frame, salt);
+                self.last_roll = Instant::now();
+                debug!(source = %self.shared.name, ?st, waited_ms = waited.as_millis() as u64, window_ms = window.as_millis() as u64,
+                    "a checkpoint stayed stuck on the WAL pin; stepped aside with copying back blocked");
+            }
+            Ok(StepAside::Unpinned) => {
+                // Not released: a reset before the next pin is caught (and resynced) by `poll`.
+                self.pinned_at = 0;
+                warn!(source = %self.shared.name, "stepping aside for a checkpoint, the WAL could not be pinned again; retrying");
+            }
+            Err(e) => debug!(source = %self.shared.name, error = %e, "could not block copying back to step aside"),
+        }
+        Ok(())
+    }
+
     /// Resets a long log itself: under the write lock, reads it to the end, copies it back
     /// and lets the next writer start a new generation.
     fn maybe_recycle(&mut self) -> R<()> {
@@ -695,7 +769,7 @@ impl Follower {
             return Ok(());
         }
         self.last_recycle = Instant::now();
-        if self.db().active.is_none() {
+        if !self.db().pins.is_pinned() {
             return Ok(());
         }
         // Copy back what the pin allows before holding up the application's writers.
@@ -732,8 +806,7 @@ impl Follower {
     fn checkpoint_passive(&mut self, must: bool) -> R<bool> {
         let _slow = SlowCall::start("checkpoint_passive");
         let db = self.db.as_mut().expect("database open");
-        let idle = db.active.map_or(0, |a| 1 - a);
-        let r = db.pins[idle].query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        let r = db.pins.idle().query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
         });
         match r {
@@ -951,26 +1024,4 @@ fn persist_wal(conn: &Connection) {
             (&mut on as *mut std::ffi::c_int).cast(),
         );
     }
-}
-
-/// Starts `conn`'s read transaction (it must be in `BEGIN` and not have read yet) through
-/// `sqlite3_snapshot_get`, which never reads from the database file alone while the log holds
-/// frames — so the transaction pins the log. Returns the snapshot's last frame and salts.
-fn snapshot_get(conn: &Connection) -> Option<(u32, [u32; 2])> {
-    use rusqlite::ffi;
-    let mut snap: *mut ffi::sqlite3_snapshot = std::ptr::null_mut();
-    // SAFETY: the handle is valid while `conn` lives and is used from this thread only;
-    // "main" is NUL-terminated; `snap` is freed below.
-    let rc = unsafe { ffi::sqlite3_snapshot_get(conn.handle(), c"main".as_ptr(), &mut snap) };
-    if rc != ffi::SQLITE_OK || snap.is_null() {
-        return None;
-    }
-    // SAFETY: a snapshot is the 48-byte WAL index header (`sqlite3_snapshot::hidden`), which
-    // holds mxFrame at offset 16 (native byte order) and the salts at 32 (copied from the log
-    // header, big-endian).
-    let hdr: [u8; 48] = unsafe { (*snap).hidden };
-    // SAFETY: `snap` came from sqlite3_snapshot_get and is freed once.
-    unsafe { ffi::sqlite3_snapshot_free(snap) };
-    let word = |at: usize| <[u8; 4]>::try_from(&hdr[at..at + 4]).expect("4 bytes");
-    Some((u32::from_ne_bytes(word(16)), [u32::from_be_bytes(word(32)), u32::from_be_bytes(word(36))]))
 }

@@ -3,6 +3,8 @@
 //!
 //! - [`wal`]: the WAL file format — headers, frames, checksums, committed transactions.
 //! - [`shm`]: a read-only look at the WAL index and at other processes' locks on it.
+//! - [`pin`]: the read transaction that keeps the log from being reset, rolled forward on two
+//!   connections, and stepping aside for a checkpoint stuck on its read-mark slot.
 //! - [`follow`]: the long-lived [`Source`]: pins the log with a read transaction so no
 //!   checkpoint can reset it past a frame not yet read, ships each committed transaction as
 //!   the pages it wrote, and lets go of the log only at moments when doing so cannot lose a
@@ -13,6 +15,7 @@
 //!   transactions at or below that point.
 
 mod follow;
+mod pin;
 mod shm;
 pub mod wal;
 
