@@ -257,7 +257,7 @@ fn pg_kill9_under_load() -> Result<()> {
 
 /// One large transaction of load thread `t`, round `round`: thousands of rows with nested
 /// savepoints, some rolled back, a transactional logical message, updates of TOASTed rows
-/// and deletes; every third one rolls back whole. Far above `logical_decoding_work_mem` of
+/// and deletes; every third one rolls back whole. Far above a `logical_decoding_work_mem` of
 /// 64 kB, so the server streams it while it runs, interleaved with the other thread's.
 fn streamed_txn(t: i64, round: i64) -> String {
     let base = t * 100_000_000 + round * 100_000;
@@ -310,8 +310,9 @@ fn streamed_txn(t: i64, round: i64) -> String {
 /// mid-stream. The standby ends equal, and the server did stream.
 #[test]
 fn pg_streamed_transactions_with_savepoints_and_kills() -> Result<()> {
-    let pg = PgCluster::start_with(&["logical_decoding_work_mem = 64kB"])?;
-    let mut s = pg_setup(&pg)?;
+    let pg = PgCluster::start()?;
+    // The agent's walsender streams above 8 MB unless the dsn's `options` say otherwise.
+    let mut s = pg_setup_with(&pg, " options='-c logical_decoding_work_mem=64kB'")?;
     pg.pgbench("shop", &["-i", "-s", "1", "-q"])?;
     pg.psql(
         "shop",

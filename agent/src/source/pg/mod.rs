@@ -30,6 +30,9 @@ use tokio::sync::watch;
 
 use super::{Snapshotter, Source, SourceContext, SourceError};
 
+/// The walsender's `logical_decoding_work_mem` when it streams to the agent.
+const STREAM_WORK_MEM: &str = "8MB";
+
 /// Where and as whom to connect, parsed from the source's `dsn`.
 #[derive(Clone)]
 pub(crate) struct ConnInfo {
@@ -68,9 +71,21 @@ impl ConnInfo {
         format!("{}:{}/{}", self.host, self.port, self.dbname)
     }
 
-    /// A replication-protocol session configuration for `slot`.
-    pub fn replication(&self, slot: &str, publication: &str) -> pgwire_replication::ReplicationConfig {
-        pgwire_replication::ReplicationConfig::new(
+    /// A replication-protocol session configuration for `slot`; `streaming` asks for large
+    /// transactions while they run (PostgreSQL 14+).
+    pub fn replication(&self, slot: &str, publication: &str, streaming: bool) -> pgwire_replication::ReplicationConfig {
+        // Streaming starts once a transaction's decoded changes outgrow the walsender's
+        // logical_decoding_work_mem; what is left at its commit is decoded and sent only then.
+        // A smaller budget for this session's walsender than the server default (64 MB)
+        // leaves less of that after the commit. The dsn's own `options` come after, so an
+        // operator's setting there wins.
+        let mut options =
+            if streaming { format!("-c logical_decoding_work_mem={STREAM_WORK_MEM}") } else { String::new() };
+        if let Some(o) = self.pg.config.get_options() {
+            options.push(' ');
+            options.push_str(o);
+        }
+        let cfg = pgwire_replication::ReplicationConfig::new(
             self.host.clone(),
             self.user.clone(),
             self.password.clone(),
@@ -81,6 +96,11 @@ impl ConnInfo {
         .with_port(self.port)
         .with_application_name("lockstep")
         .with_tls(self.replication_tls())
+        .with_streaming(streaming);
+        match options.trim() {
+            "" => cfg,
+            o => cfg.with_options(o),
+        }
     }
 
     /// The dsn's TLS settings for the replication connection (same semantics as libpq's).

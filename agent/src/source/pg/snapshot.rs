@@ -49,7 +49,7 @@ impl Snapshotter for PgSnapshotter {
 async fn take(shared: &Shared, tx: &mpsc::Sender<Change>) -> Result<(), SourceError> {
     let server = shared.conn.server();
     let temp_slot = format!("lockstep_snap_{}_{:08x}", std::process::id(), rand::random::<u32>());
-    let mut repl = ReplicationClient::connect_gated(shared.conn.replication(&temp_slot, &shared.publication))
+    let mut repl = ReplicationClient::connect_gated(shared.conn.replication(&temp_slot, &shared.publication, false))
         .await
         .map_err(|e| shared.err(format!("open replication connection to {server} for a snapshot: {e}")))?;
     let rows = repl

@@ -152,9 +152,8 @@ async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Res
     let streaming = catalog::server_version(shared, &client).await.map_err(Refusal::Retry)? >= 140_000;
     let cfg = shared
         .conn
-        .replication(&shared.slot, &shared.publication)
+        .replication(&shared.slot, &shared.publication, streaming)
         .with_start_lsn(Lsn::from_u64(start))
-        .with_streaming(streaming)
         .with_status_interval(Duration::from_millis(500))
         .with_wakeup_interval(Duration::from_secs(5));
     let mut repl = ReplicationClient::connect(cfg)
