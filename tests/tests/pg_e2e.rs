@@ -74,6 +74,37 @@ fn wait_equal(s: &mut Setup, pg: &PgCluster, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+/// A xorshift generator seeded from `LOCKSTEP_SEED` (printed, to replay a run) or at random.
+fn seeded_rng() -> impl FnMut() -> u64 {
+    let seed: u64 = std::env::var("LOCKSTEP_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("LOCKSTEP_SEED={seed}");
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// kill -9 of the agent and of the receiver, three times each in turn, `pause_ms` plus up to
+/// 1.5 s apart, each restarted after up to 0.5 s.
+fn kill_in_turn(s: &mut Setup, next: &mut impl FnMut() -> u64, pause_ms: u64) -> Result<()> {
+    for i in 0..6 {
+        std::thread::sleep(Duration::from_millis(pause_ms + next() % 1500));
+        if i % 2 == 0 {
+            s.kill_agent();
+            std::thread::sleep(Duration::from_millis(next() % 500));
+            s.start_agent()?;
+        } else {
+            s.kill_receiver();
+            std::thread::sleep(Duration::from_millis(next() % 500));
+            s.start_receiver()?;
+        }
+    }
+    Ok(())
+}
+
 const SCHEMA: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE TABLE typed (
@@ -201,15 +232,7 @@ fn pg_kill9_under_load() -> Result<()> {
     s.start()?;
 
     let stop = AtomicBool::new(false);
-    let seed: u64 = std::env::var("LOCKSTEP_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("LOCKSTEP_SEED={seed}");
-    let mut x = seed | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = seeded_rng();
     std::thread::scope(|sc| -> Result<()> {
         let load = sc.spawn(|| -> Result<()> {
             let mut round = 0i64;
@@ -232,21 +255,7 @@ fn pg_kill9_under_load() -> Result<()> {
             }
             Ok(())
         });
-        let kills = (|| -> Result<()> {
-            for i in 0..6 {
-                std::thread::sleep(Duration::from_millis(700 + next() % 1500));
-                if i % 2 == 0 {
-                    s.kill_agent();
-                    std::thread::sleep(Duration::from_millis(next() % 500));
-                    s.start_agent()?;
-                } else {
-                    s.kill_receiver();
-                    std::thread::sleep(Duration::from_millis(next() % 500));
-                    s.start_receiver()?;
-                }
-            }
-            Ok(())
-        })();
+        let kills = kill_in_turn(&mut s, &mut next, 700);
         stop.store(true, Ordering::SeqCst);
         let loaded = load.join().expect("load thread");
         kills.and(loaded)
@@ -321,15 +330,7 @@ fn pg_streamed_transactions_with_savepoints_and_kills() -> Result<()> {
     )?;
     s.start()?;
     let stop = AtomicBool::new(false);
-    let seed: u64 = std::env::var("LOCKSTEP_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("LOCKSTEP_SEED={seed}");
-    let mut x = seed | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = seeded_rng();
     std::thread::scope(|sc| -> Result<()> {
         let loads: Vec<_> = (0..2i64)
             .map(|t| {
@@ -350,21 +351,7 @@ fn pg_streamed_transactions_with_savepoints_and_kills() -> Result<()> {
             }
             Ok(())
         });
-        let kills = (|| -> Result<()> {
-            for i in 0..6 {
-                std::thread::sleep(Duration::from_millis(1000 + next() % 1500));
-                if i % 2 == 0 {
-                    s.kill_agent();
-                    std::thread::sleep(Duration::from_millis(next() % 500));
-                    s.start_agent()?;
-                } else {
-                    s.kill_receiver();
-                    std::thread::sleep(Duration::from_millis(next() % 500));
-                    s.start_receiver()?;
-                }
-            }
-            Ok(())
-        })();
+        let kills = kill_in_turn(&mut s, &mut next, 1000);
         stop.store(true, Ordering::SeqCst);
         let mut rounds = 0;
         for l in loads {

@@ -191,6 +191,18 @@ mod tests {
         c
     }
 
+    /// A WAL database with table `t` and no automatic checkpoints, and the application's
+    /// connection to it.
+    fn app_db() -> (tempfile::TempDir, PathBuf, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let app = open(&path);
+        app.pragma_update(None, "journal_mode", "WAL").unwrap();
+        app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        app.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)").unwrap();
+        (dir, path, app)
+    }
+
     fn insert(c: &Connection, n: usize) {
         for i in 0..n {
             c.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")]).unwrap();
@@ -212,12 +224,7 @@ mod tests {
     /// frame (a reader's) and waits for the slot; the reader finishes and the pin claims the
     /// slot, moving its mark to the last frame, before the checkpoint tries the slot again.
     fn stuck_checkpoint<const T: usize>(mode: &'static str) -> Stuck {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let app = open(&path);
-        app.pragma_update(None, "journal_mode", "WAL").unwrap();
-        app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        app.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)").unwrap();
+        let (dir, path, app) = app_db();
         // A new generation: read marks [0, 0, unused...].
         app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
         insert(&app, 3);
@@ -306,12 +313,7 @@ mod tests {
 
     #[test]
     fn no_step_aside_once_the_log_is_copied_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let app = open(&path);
-        app.pragma_update(None, "journal_mode", "WAL").unwrap();
-        app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        app.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)").unwrap();
+        let (dir, path, app) = app_db();
         insert(&app, 3);
         let mut pins = Pins::new([open(&path), open(&path)]);
         assert!(pins.roll().unwrap().is_some());
