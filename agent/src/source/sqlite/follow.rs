@@ -147,6 +147,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), S
                 gen: 0,
                 pos: WalPos { ckpt_seq: 0, salt: [0, 0], frame: 0, cksum: [0, 0] },
                 fresh: true,
+                fresh_block: None,
                 released: true,
                 last_roll: Instant::now(),
                 pinned_at: 0,
@@ -203,6 +204,11 @@ struct Follower {
     pos: WalPos,
     /// No generation known yet (the log was empty): the first one seen is followed.
     fresh: bool,
+    /// While `fresh`: a block on copying frames back (see [`Shm::block_copy_back`]). An empty
+    /// log cannot be pinned, so without it the application could write a first generation,
+    /// copy it back and reset the log before the source ever read it — and the source would
+    /// take the next generation for the first. Dropped once the first generation is pinned.
+    fresh_block: Option<super::shm::CopyBackBlock>,
     /// Not pinned, after reading every frame of `pos`'s generation at a moment when no more
     /// could be added to it (see the module docs): the next generation may follow.
     released: bool,
@@ -432,6 +438,8 @@ impl Follower {
         if self.fresh {
             self.fresh = false;
             self.pos = WalPos::start(&h);
+            // Nothing of it is read yet: it must be pinned (below) before it may be reset.
+            self.released = false;
         } else if h.salt != self.pos.salt {
             let next = h.ckpt_seq == self.pos.ckpt_seq.wrapping_add(1) && h.salt[0] == self.pos.salt[0].wrapping_add(1);
             if self.released && next {
@@ -468,6 +476,10 @@ impl Follower {
             // committed when it was seen): pin it before reading, or a checkpoint could
             // reset it while we read.
             self.pin()?;
+        }
+        if self.fresh_block.is_some() && self.db().pins.is_pinned() {
+            // The first generation is held by the pin now.
+            self.fresh_block = None;
         }
         let pos = self.pos;
         let f = self.wal()?.expect("header was read");
@@ -886,10 +898,17 @@ impl Follower {
                 }
                 self.pos = pos;
                 self.fresh = false;
+                self.fresh_block = None;
             }
             None => {
                 self.pos = WalPos { ckpt_seq: 0, salt: [0, 0], frame: 0, cksum: [0, 0] };
                 self.fresh = true;
+                // Linux only (elsewhere None: the first generation is then unprotected until
+                // it is pinned).
+                self.fresh_block = match self.shm() {
+                    Some(shm) => shm.block_copy_back().map_err(self.io("block copying back in the empty WAL"))?,
+                    None => None,
+                };
             }
         }
         // Nothing can be added while we hold the write lock: the log is read to its end.

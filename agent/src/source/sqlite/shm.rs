@@ -89,12 +89,12 @@ impl Shm {
     /// The lock is an open-file-description lock: unlike a POSIX lock it is not merged with
     /// the ones SQLite holds in this process, so dropping it never drops one of theirs, and it
     /// conflicts with their exclusive locks too. Linux only; elsewhere this returns None.
-    pub fn block_copy_back(&self) -> io::Result<Option<CopyBackBlock<'_>>> {
+    pub fn block_copy_back(&self) -> io::Result<Option<CopyBackBlock>> {
         #[cfg(target_os = "linux")]
         {
             let fd = self.file.as_raw_fd();
             if ofd_lock(fd, libc::F_RDLCK)? {
-                return Ok(Some(CopyBackBlock { fd, _shm: std::marker::PhantomData }));
+                return Ok(Some(CopyBackBlock { fd }));
             }
         }
         Ok(None)
@@ -133,13 +133,13 @@ impl Shm {
     }
 }
 
-/// A shared lock on read-mark 0 (see [`Shm::block_copy_back`]); let go when dropped.
-pub struct CopyBackBlock<'a> {
+/// A shared lock on read-mark 0 (see [`Shm::block_copy_back`]); let go when dropped. It may
+/// outlive its [`Shm`]: a `Shm`'s descriptor is never closed.
+pub struct CopyBackBlock {
     fd: std::os::fd::RawFd,
-    _shm: std::marker::PhantomData<&'a Shm>,
 }
 
-impl Drop for CopyBackBlock<'_> {
+impl Drop for CopyBackBlock {
     fn drop(&mut self) {
         #[cfg(target_os = "linux")]
         {
