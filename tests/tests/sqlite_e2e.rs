@@ -454,3 +454,85 @@ fn sqlite_large_transactions_travel_in_pieces_through_kills() -> Result<()> {
     );
     Ok(())
 }
+
+/// The pid of `s`'s running agent, found by its config path among the processes.
+fn agent_pid(s: &Setup) -> Result<i32> {
+    let cfg = s.agent_cfg.as_os_str().as_encoded_bytes().to_vec();
+    for e in std::fs::read_dir("/proc")? {
+        let Ok(pid) = e?.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.first().is_some_and(|a| a.ends_with(b"lockstep-agent")) && args.contains(&&cfg[..]) {
+            return Ok(pid);
+        }
+    }
+    bail!("the agent's process was not found")
+}
+
+/// Stops (SIGSTOP) the process `pid` and waits until it is stopped.
+fn stop_process(pid: i32) -> Result<()> {
+    // SAFETY: a plain kill(2) on a process this test started.
+    if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+        bail!("SIGSTOP {pid}: {}", std::io::Error::last_os_error());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        if stat[stat.rfind(')').context("stat")? + 2..].starts_with('T') {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("process {pid} did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Transactions of a log generation that was written, copied back and reset before the agent
+/// first looked at the log must reach the standby (or the agent must resync it): the agent is
+/// stopped right after the initial snapshot, while it has not pinned the (empty) log, and the
+/// application writes one generation, resets the log with a TRUNCATE checkpoint and writes
+/// the next one.
+///
+/// Ignored while the agent loses that generation: on a first start with an empty log,
+/// `Pins::roll` holds no read transaction (so nothing keeps frames from being copied back and
+/// the log from being reset), and the follower takes the first log header it sees (`fresh`),
+/// or the one after it (`released` is still set by `find_end`), for the start of its
+/// history. The standby then lacks those transactions without any error or resync: in the
+/// workload test this showed as "Tree 2 page 11: btreeInitPage() returns error code 11" or
+/// "wrong # of entries in index items_name" right after the initial snapshot, until a later
+/// resync or rewrite of those pages.
+#[test]
+#[ignore = "the agent's SQLite source loses a log generation reset before it first pins the log"]
+fn sqlite_generation_reset_before_the_agent_looks_is_not_lost() -> Result<()> {
+    let mut sq = sqlite_setup("")?;
+    {
+        let c = open_app(&sq.src)?;
+        c.execute_batch(SCHEMA)?;
+        for i in 0..50 {
+            c.execute("INSERT INTO items (name, qty) VALUES (?1, ?2)", rusqlite::params![format!("seed-{i}"), i])?;
+        }
+    }
+    sq.s.start()?;
+    wait_equal(&mut sq, Duration::from_secs(60)).context("initial snapshot")?;
+    let pid = agent_pid(&sq.s)?;
+    let c = open_app(&sq.src)?;
+    stop_process(pid)?;
+    let wrote = (|| -> Result<bool> {
+        // Pages of another table than the next generation writes, so that the later
+        // transaction's pages cannot stand in for this one's.
+        c.execute("INSERT INTO events (at, msg) VALUES (1, 'first generation')", [])?;
+        // An agent holding the log cannot let go of it now: it is stopped.
+        c.busy_timeout(Duration::from_millis(200))?;
+        let (busy, log, done): (i64, i64, i64) =
+            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        c.busy_timeout(Duration::from_secs(10))?;
+        c.execute("INSERT INTO items (name, qty) VALUES ('second generation', 2)", [])?;
+        Ok((busy, log, done) == (0, 0, 0))
+    })();
+    // SAFETY: a plain kill(2) on a process this test started.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let reset = wrote?;
+    wait_equal(&mut sq, Duration::from_secs(30))
+        .with_context(|| format!("the log was reset while the agent was stopped: {reset}"))
+}
