@@ -492,18 +492,12 @@ fn stop_process(pid: i32) -> Result<()> {
 /// first looked at the log must reach the standby (or the agent must resync it): the agent is
 /// stopped right after the initial snapshot, while it has not pinned the (empty) log, and the
 /// application writes one generation, resets the log with a TRUNCATE checkpoint and writes
-/// the next one.
-///
-/// Ignored while the agent loses that generation: on a first start with an empty log,
-/// `Pins::roll` holds no read transaction (so nothing keeps frames from being copied back and
-/// the log from being reset), and the follower takes the first log header it sees (`fresh`),
-/// or the one after it (`released` is still set by `find_end`), for the start of its
-/// history. The standby then lacks those transactions without any error or resync: in the
-/// workload test this showed as "Tree 2 page 11: btreeInitPage() returns error code 11" or
-/// "wrong # of entries in index items_name" right after the initial snapshot, until a later
-/// resync or rewrite of those pages.
+/// the next one. (An empty log cannot be pinned; the agent blocks copying back until it has
+/// pinned the first generation. Without that, the standby silently lacked the first
+/// generation's transactions — in the workload test, "Tree 2 page 11: btreeInitPage() returns
+/// error code 11" or "wrong # of entries in index items_name" right after the initial
+/// snapshot.)
 #[test]
-#[ignore = "the agent's SQLite source loses a log generation reset before it first pins the log"]
 fn sqlite_generation_reset_before_the_agent_looks_is_not_lost() -> Result<()> {
     let mut sq = sqlite_setup("")?;
     {
