@@ -301,6 +301,11 @@ path = "standby"
         }
     }
 
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     /// kill -9 the agent.
     pub fn kill_agent(&mut self) {
         Self::kill(&mut self.agent);

@@ -455,20 +455,6 @@ fn sqlite_large_transactions_travel_in_pieces_through_kills() -> Result<()> {
     Ok(())
 }
 
-/// The pid of `s`'s running agent, found by its config path among the processes.
-fn agent_pid(s: &Setup) -> Result<i32> {
-    let cfg = s.agent_cfg.as_os_str().as_encoded_bytes().to_vec();
-    for e in std::fs::read_dir("/proc")? {
-        let Ok(pid) = e?.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        if args.first().is_some_and(|a| a.ends_with(b"lockstep-agent")) && args.contains(&&cfg[..]) {
-            return Ok(pid);
-        }
-    }
-    bail!("the agent's process was not found")
-}
-
 /// Stops (SIGSTOP) the process `pid` and waits until it is stopped.
 fn stop_process(pid: i32) -> Result<()> {
     // SAFETY: a plain kill(2) on a process this test started.
@@ -509,7 +495,7 @@ fn sqlite_generation_reset_before_the_agent_looks_is_not_lost() -> Result<()> {
     }
     sq.s.start()?;
     wait_equal(&mut sq, Duration::from_secs(60)).context("initial snapshot")?;
-    let pid = agent_pid(&sq.s)?;
+    let pid = sq.s.agent_pid().context("the agent is not running")? as i32;
     let c = open_app(&sq.src)?;
     stop_process(pid)?;
     let wrote = (|| -> Result<bool> {

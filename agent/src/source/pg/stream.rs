@@ -328,8 +328,7 @@ impl Streamer<'_> {
                         return self.stream_control(c).await;
                     }
                     if let Some(xid) = self.in_stream {
-                        let (sub, msg) = streamed::strip_xid(&data).map_err(bad)?;
-                        return spills.append(xid, sub, &msg).map_err(bad);
+                        return spills.append(xid, &data).map_err(bad);
                     }
                 }
                 self.change(&data).await?

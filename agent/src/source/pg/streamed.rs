@@ -73,18 +73,15 @@ pub(crate) fn control(d: &[u8]) -> Result<Option<Control>, String> {
     }))
 }
 
-/// A message of a streamed block: the (sub)transaction's xid, and the message as protocol 1
-/// would have sent it (the xid after the tag removed).
-pub(crate) fn strip_xid(d: &Bytes) -> Result<(u32, Bytes), String> {
+/// A message of a streamed block: the (sub)transaction's xid, its tag, and the rest after the
+/// xid — together the message as protocol 1 would have sent it.
+fn split_xid(d: &[u8]) -> Result<(u32, u8, &[u8]), String> {
     let tag = *d.first().ok_or("empty message in a streamed block")?;
     if !matches!(tag, b'I' | b'U' | b'D' | b'T' | b'R' | b'Y' | b'M') {
         return Err(format!("unexpected message {:?} in a streamed block", tag as char));
     }
     let xid = u32_at(d, 1, "streamed change")?;
-    let mut out = Vec::with_capacity(d.len() - 4);
-    out.push(tag);
-    out.extend_from_slice(&d[5..]);
-    Ok((xid, out.into()))
+    Ok((xid, tag, &d[5..]))
 }
 
 /// One streamed transaction's messages so far.
@@ -121,13 +118,18 @@ impl Spills {
         Ok(())
     }
 
-    /// Keeps message `msg` of subtransaction `sub` (or the transaction itself) of `xid`.
-    pub(crate) fn append(&mut self, xid: u32, sub: u32, msg: &[u8]) -> Result<(), String> {
+    /// Keeps `d`, a message of a streamed block of `xid`, without its xid (that of `xid` itself
+    /// or of one of its subtransactions, noted for [`Spills::abort`]).
+    pub(crate) fn append(&mut self, xid: u32, d: &[u8]) -> Result<(), String> {
+        let (sub, tag, body) = split_xid(d)?;
         let s = self.open.get_mut(&xid).ok_or_else(|| format!("a change of transaction {xid} outside its stream"))?;
         s.starts.entry(sub).or_insert(s.len);
-        s.file.write_all(&(msg.len() as u32).to_be_bytes()).map_err(|e| format!("write a scratch file: {e}"))?;
-        s.file.write_all(msg).map_err(|e| format!("write a scratch file: {e}"))?;
-        s.len += 4 + msg.len() as u64;
+        let len = 1 + body.len();
+        let io = |e: std::io::Error| format!("write a scratch file: {e}");
+        s.file.write_all(&(len as u32).to_be_bytes()).map_err(io)?;
+        s.file.write_all(&[tag]).map_err(io)?;
+        s.file.write_all(body).map_err(io)?;
+        s.len += 4 + len as u64;
         Ok(())
     }
 
@@ -218,8 +220,8 @@ mod tests {
         assert_eq!(control(&[b'A', 0, 0, 0, 9, 0, 0, 0, 10]).unwrap(), Some(Control::Abort { xid: 9, sub: 10 }));
         assert_eq!(control(b"I....").unwrap(), None);
         assert!(control(&[b'c', 0, 0]).is_err(), "a truncated commit is refused");
-        assert!(strip_xid(&Bytes::from_static(b"B0000")).is_err(), "a Begin has no place in a streamed block");
-        assert!(strip_xid(&Bytes::from_static(b"I00")).is_err(), "a truncated change is refused");
+        assert!(split_xid(b"B0000").is_err(), "a Begin has no place in a streamed block");
+        assert!(split_xid(b"I00").is_err(), "a truncated change is refused");
     }
 
     #[test]
@@ -228,20 +230,18 @@ mod tests {
         let mut s = Spills::new(dir.path().join("spill"));
         s.start(100, true).unwrap();
         for (sub, body) in [(100, "a"), (101, "b"), (100, "c"), (102, "d"), (103, "e"), (102, "f")] {
-            let (x, m) = strip_xid(&msg(b'I', sub, body.as_bytes())).unwrap();
-            assert_eq!(x, sub);
-            s.append(100, x, &m).unwrap();
+            s.append(100, &msg(b'I', sub, body.as_bytes())).unwrap();
         }
         // Another transaction streams in between and rolls back whole.
         s.start(200, true).unwrap();
-        s.append(200, 200, b"Ix").unwrap();
+        s.append(200, &msg(b'I', 200, b"x")).unwrap();
         s.abort(200, 200).unwrap();
         // ROLLBACK TO the savepoint of subtransaction 102: "d", "e" (nested in it), "f" go.
         s.abort(100, 102).unwrap();
         // Aborting one that streamed nothing changes nothing.
         s.abort(100, 104).unwrap();
         s.start(100, false).unwrap();
-        s.append(100, 105, b"Ig").unwrap();
+        s.append(100, &msg(b'I', 105, b"g")).unwrap();
         assert_eq!(s.open.len(), 1);
         let got = all(s.commit(100).unwrap());
         assert_eq!(got, vec![Bytes::from("Ia"), Bytes::from("Ib"), Bytes::from("Ic"), Bytes::from("Ig")]);
