@@ -185,6 +185,36 @@ fn multi_chunk_full_write() {
 }
 
 #[test]
+fn large_write_with_unaligned_blocks() {
+    // Large files go around the page cache where their blocks are aligned; blocks of odd sizes
+    // and offsets mix direct and ordinary writes in one file.
+    let t = tempfile::tempdir().unwrap();
+    let mut a = new_applier(t.path());
+    let content = data(2 * CHUNK_BYTES + 100, 9);
+    let cuts = [0, 4096 * 3 + 17, 4096 * 5, CHUNK_BYTES, CHUNK_BYTES + 1, 2 * CHUNK_BYTES - 4096, content.len()];
+    let blocks: Vec<Block> =
+        cuts.windows(2).map(|w| Block { offset: w[0] as u64, data: content[w[0]..w[1]].to_vec() }).collect();
+    let n = blocks.len();
+    for (i, b) in blocks.into_iter().enumerate() {
+        apply_ok(
+            &mut a,
+            fsop(FsOp::Write(FileWrite {
+                path: rp("odd.bin"),
+                first: i == 0,
+                last: i == n - 1,
+                delta: false,
+                size: content.len() as u64,
+                mode: 0o644,
+                mtime_ns: 0,
+                blocks: vec![b],
+                content_hash: (i == n - 1).then(|| *blake3::hash(&content).as_bytes()),
+            })),
+        );
+    }
+    assert!(fs::read(t.path().join("root/odd.bin")).unwrap() == content);
+}
+
+#[test]
 fn out_of_order_blocks_are_verified_by_rereading() {
     let t = tempfile::tempdir().unwrap();
     let mut a = new_applier(t.path());

@@ -1,6 +1,11 @@
 //! File content: `FileWrite` chunks go to a staging file next to the target; on the last chunk
 //! the result is verified against the sender's blake3 and renamed over the target, or discarded
 //! with a repair request. The target is therefore either the old or the new complete content.
+//!
+//! Large full-content writes go around the page cache (`O_DIRECT`, through an aligned bounce
+//! buffer): on the machines lockstep was measured on, copying into freshly allocated page-cache
+//! pages costs about 2.8 s of CPU per GiB, while the disk takes a direct write at several times
+//! that speed with almost no CPU. Small files, deltas and unaligned pieces use ordinary writes.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -22,6 +27,9 @@ const WRITE_KIND: &str = "write";
 pub(super) struct Staging {
     /// Open read/write handle on the staging file; chunks are written at their offsets.
     file: File,
+    /// A second handle on the same file opened with `O_DIRECT`, for large full writes (`None`
+    /// for small files and deltas, or once the filesystem refused a direct write).
+    direct: Option<File>,
     /// Where the staging file lives (a sibling of the target).
     pub(super) tmp: PathBuf,
     /// Running hash of a full write while its blocks arrive contiguously from offset 0; `None`
@@ -41,7 +49,17 @@ pub(super) struct Writer {
     /// Writes whose staging was lost (continued after a restart without their first chunk):
     /// their remaining chunks are ignored; a repair was requested.
     pub(super) abandoned: HashSet<RelPath>,
+    /// Bounce buffer for direct writes (allocated on first use, aligned in place).
+    pub(super) bounce: Vec<u8>,
 }
+
+/// Files at least this large are written with `O_DIRECT` (smaller ones would wait on the disk
+/// once per file for little gain).
+const DIRECT_MIN_FILE: u64 = 1 << 20;
+/// Alignment of direct writes' offsets, lengths and memory (covers 512- and 4096-byte devices).
+const DIRECT_ALIGN: usize = 4096;
+/// Size of the bounce buffer (one chunk).
+const BOUNCE_BYTES: usize = lockstep_common::event::CHUNK_BYTES;
 
 impl Writer {
     pub(super) fn apply_write(&mut self, w: FileWrite) -> Result<ApplyOutcome, ApplyError> {
@@ -74,8 +92,7 @@ impl Writer {
 
         let st = self.staging.get_mut(&w.path).expect("staging present");
         for b in &w.blocks {
-            st.file
-                .write_all_at(&b.data, b.offset)
+            write_block(st, &mut self.bounce, &b.data, b.offset)
                 .map_err(io_err(format!("write staging file {}", st.tmp.display())))?;
             match &mut st.hasher {
                 Some(h) if b.offset == st.hashed => {
@@ -128,7 +145,13 @@ impl Writer {
             .open(&tmp)
             .map_err(io_err(format!("create staging file {}", tmp.display())))?;
         let hasher = (!w.delta).then(blake3::Hasher::new);
-        Ok(Staging { file, tmp, hasher, hashed: 0 })
+        let direct = if !base_is_file && w.size >= DIRECT_MIN_FILE {
+            // Not supported everywhere (e.g. tmpfs): then ordinary writes.
+            OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW | libc::O_DIRECT).open(&tmp).ok()
+        } else {
+            None
+        };
+        Ok(Staging { file, direct, tmp, hasher, hashed: 0 })
     }
 
     /// After a restart, a write that resumes mid-file continues in the staging file its earlier
@@ -148,7 +171,7 @@ impl Writer {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(io_err(format!("reopen staging file {}", tmp.display())))?;
-        Ok(Some(Staging { file, tmp, hasher: None, hashed: 0 }))
+        Ok(Some(Staging { file, direct: None, tmp, hasher: None, hashed: 0 }))
     }
 
     /// Completes a staged write. Returns a repair reason when the result was discarded.
@@ -181,6 +204,43 @@ impl Writer {
         fs::rename(&st.tmp, &target).map_err(io_err(format!("install {}", target.display())))?;
         Ok(None)
     }
+}
+
+/// Writes `data` at `off` of the staging file: the block-aligned middle through the direct
+/// handle when there is one, the rest (or everything) through the ordinary one.
+fn write_block(st: &mut Staging, bounce: &mut Vec<u8>, data: &[u8], off: u64) -> io::Result<()> {
+    let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    let Some(direct) = st.direct.as_ref().filter(|_| off % DIRECT_ALIGN as u64 == 0 && aligned > 0) else {
+        return st.file.write_all_at(data, off);
+    };
+    if bounce.is_empty() {
+        *bounce = vec![0u8; BOUNCE_BYTES + DIRECT_ALIGN];
+    }
+    let start = bounce.as_ptr().align_offset(DIRECT_ALIGN);
+    let buf = &mut bounce[start..start + BOUNCE_BYTES];
+    let mut done = 0usize;
+    while done < aligned {
+        let n = (aligned - done).min(BOUNCE_BYTES);
+        buf[..n].copy_from_slice(&data[done..done + n]);
+        match direct.write_at(&buf[..n], off + done as u64) {
+            // A short direct write ends on a block boundary or not at all; either way the
+            // remainder continues from `done` (through the ordinary handle if it is unaligned).
+            Ok(w) if w > 0 && w % DIRECT_ALIGN == 0 => done += w,
+            Ok(w) => {
+                done += w;
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // The filesystem refuses these direct writes: ordinary writes from here on.
+                tracing::debug!(path = %st.tmp.display(), "direct write refused; writing through the page cache");
+                st.direct = None;
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    st.file.write_all_at(&data[done..], off + done as u64)
 }
 
 /// blake3 of the first `size` bytes of `file`.
