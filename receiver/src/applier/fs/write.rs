@@ -210,7 +210,7 @@ impl Writer {
 /// handle when there is one, the rest (or everything) through the ordinary one.
 fn write_block(st: &mut Staging, bounce: &mut Vec<u8>, data: &[u8], off: u64) -> io::Result<()> {
     let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-    let Some(direct) = st.direct.as_ref().filter(|_| off % DIRECT_ALIGN as u64 == 0 && aligned > 0) else {
+    let Some(direct) = st.direct.as_ref().filter(|_| off.is_multiple_of(DIRECT_ALIGN as u64) && aligned > 0) else {
         return st.file.write_all_at(data, off);
     };
     if bounce.is_empty() {
@@ -225,7 +225,7 @@ fn write_block(st: &mut Staging, bounce: &mut Vec<u8>, data: &[u8], off: u64) ->
         match direct.write_at(&buf[..n], off + done as u64) {
             // A short direct write ends on a block boundary or not at all; either way the
             // remainder continues from `done` (through the ordinary handle if it is unaligned).
-            Ok(w) if w > 0 && w % DIRECT_ALIGN == 0 => done += w,
+            Ok(w) if w > 0 && w.is_multiple_of(DIRECT_ALIGN) => done += w,
             Ok(w) => {
                 done += w;
                 break;
