@@ -128,11 +128,12 @@ pub const BLOCK_SIZE: usize = 64 * 1024;
 /// Most payload bytes one `FileWrite` event carries; bigger files span several events.
 pub const CHUNK_BYTES: usize = 1024 * 1024;
 
-/// One block of new file content at `offset`.
+/// One block of new file content at `offset`. The bytes are shared, not copied, between the
+/// decoded event and the buffer it arrived in.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Block {
     pub offset: u64,
-    pub data: Vec<u8>,
+    pub data: bytes::Bytes,
 }
 
 impl fmt::Debug for Block {
@@ -243,7 +244,7 @@ impl TryFrom<proto::FsChange> for FsOp {
                             w.size
                         )));
                     }
-                    blocks.push(Block { offset: b.offset, data: b.data.to_vec() });
+                    blocks.push(Block { offset: b.offset, data: b.data });
                 }
                 let content_hash = if w.content_hash.is_empty() {
                     None
@@ -302,11 +303,7 @@ impl From<FsOp> for proto::FsChange {
                 size: w.size,
                 mode: w.mode,
                 mtime_ns: w.mtime_ns,
-                blocks: w
-                    .blocks
-                    .into_iter()
-                    .map(|bl| proto::Block { offset: bl.offset, data: bl.data.into() })
-                    .collect(),
+                blocks: w.blocks.into_iter().map(|bl| proto::Block { offset: bl.offset, data: bl.data }).collect(),
                 content_hash: w.content_hash.map(|h| h.to_vec().into()).unwrap_or_default(),
             }),
             FsOp::Mkdir { path, mode } => Op::Mkdir(proto::Mkdir { path: b(path), mode }),
@@ -394,7 +391,7 @@ mod tests {
             size: 3,
             mode: 0o644,
             mtime_ns: 5,
-            blocks: vec![Block { offset: 0, data: b"abc".to_vec() }],
+            blocks: vec![Block { offset: 0, data: bytes::Bytes::from_static(b"abc") }],
             content_hash: Some(*blake3::hash(b"abc").as_bytes()),
         });
         let ev = make_event(Seq(7), "www", 1, Change::Fs(op.clone()).encode());

@@ -139,7 +139,7 @@ fn write_op(path: &str, data: &[u8]) -> proto::Event {
         size: data.len() as u64,
         mode: 0o644,
         mtime_ns: 0,
-        blocks: vec![lockstep_common::event::Block { offset: 0, data: data.to_vec() }],
+        blocks: vec![lockstep_common::event::Block { offset: 0, data: data.to_vec().into() }],
         content_hash: Some(*blake3::hash(data).as_bytes()),
     });
     make_event(Seq(1), "www", 0, Change::Fs(op).encode())

@@ -111,6 +111,8 @@ pub(crate) fn read_file<E>(
     let mut hasher = blake3::Hasher::new();
     let mut blocks: Vec<BlockHash> = Vec::new();
     let mut pending: Option<FileWrite> = None;
+    // The changed run still growing at the end of `pending` (deltas only): offset and bytes.
+    let mut run: Option<(u64, Vec<u8>)> = None;
     let mut pending_bytes = 0usize;
     let mut sunk_any = false;
     let mut changed_any = false;
@@ -163,6 +165,7 @@ pub(crate) fn read_file<E>(
                             let boff = off + (i * BLOCK_SIZE) as u64;
                             if pending_bytes + data.len() > CHUNK_BYTES {
                                 if let Some(mut w) = pending.take() {
+                                    close_run(&mut w, &mut run);
                                     w.size = stat_size.max(off + n as u64);
                                     sink(w)?;
                                     sunk_any = true;
@@ -171,9 +174,12 @@ pub(crate) fn read_file<E>(
                             }
                             let w = pending.get_or_insert_with(|| template(!sunk_any, true));
                             // Adjacent changed blocks travel as one larger block.
-                            match w.blocks.last_mut() {
-                                Some(b) if b.offset + b.data.len() as u64 == boff => b.data.extend_from_slice(data),
-                                _ => w.blocks.push(Block { offset: boff, data: data.to_vec() }),
+                            match &mut run {
+                                Some((roff, r)) if *roff + r.len() as u64 == boff => r.extend_from_slice(data),
+                                _ => {
+                                    close_run(w, &mut run);
+                                    run = Some((boff, data.to_vec()));
+                                }
                             }
                             pending_bytes += data.len();
                         }
@@ -196,7 +202,7 @@ pub(crate) fn read_file<E>(
             }
             let mut w = template(!sunk_any, false);
             let data = std::mem::take(&mut buf);
-            w.blocks.push(Block { offset: chunk_off, data });
+            w.blocks.push(Block { offset: chunk_off, data: data.into() });
             pending = Some(w);
         }
         if at_end {
@@ -213,9 +219,10 @@ pub(crate) fn read_file<E>(
             let truncated = size != old.size;
             if !sunk_any && (changed_any || truncated) && whole_file_in_buf && size < 2 * BLOCK_SIZE as u64 {
                 // Small file: the whole new content is cheaper to reason about than a patch.
+                run = None;
                 let mut w = template(true, false);
                 if size > 0 {
-                    w.blocks.push(Block { offset: 0, data: std::mem::take(&mut buf) });
+                    w.blocks.push(Block { offset: 0, data: std::mem::take(&mut buf).into() });
                 }
                 pending = Some(w);
                 emitted = true;
@@ -231,6 +238,7 @@ pub(crate) fn read_file<E>(
             emitted = true;
         }
         if let Some(mut w) = pending.take() {
+            close_run(&mut w, &mut run);
             w.size = size;
             w.last = true;
             w.content_hash = Some(content_hash);
@@ -240,6 +248,13 @@ pub(crate) fn read_file<E>(
         emitted = false;
     }
     Ok(Outcome { emitted, size, mode, mtime_ns, blocks, content_hash, complete })
+}
+
+/// Appends the changed run being gathered to `w`'s blocks.
+fn close_run(w: &mut FileWrite, run: &mut Option<(u64, Vec<u8>)>) {
+    if let Some((offset, data)) = run.take() {
+        w.blocks.push(Block { offset, data: data.into() });
+    }
 }
 
 /// How far ahead of the read position file content is requested from the disk.
@@ -329,6 +344,9 @@ mod tests {
         assert!(ws3[0].delta && ws3[0].first && ws3[0].last);
         let bytes: usize = ws3[0].blocks.iter().map(|b| b.data.len()).sum();
         assert!(bytes <= 3 * BLOCK_SIZE, "{bytes}");
+        // The two changed blocks around the boundary travel as one; the tail as another.
+        assert_eq!(ws3[0].blocks.len(), 2);
+        assert_eq!(ws3[0].blocks[0].data.len(), 2 * BLOCK_SIZE);
         assert_eq!(apply(&old, &ws3), data);
     }
 

@@ -39,7 +39,7 @@ fn full_write(path: &str, content: &[u8], mode: u32, mtime_ns: i64) -> Vec<Chang
     let blocks: Vec<Block> = content
         .chunks(BLOCK_SIZE)
         .enumerate()
-        .map(|(i, c)| Block { offset: (i * BLOCK_SIZE) as u64, data: c.to_vec() })
+        .map(|(i, c)| Block { offset: (i * BLOCK_SIZE) as u64, data: c.to_vec().into() })
         .collect();
     let per_event = CHUNK_BYTES / BLOCK_SIZE;
     let groups: Vec<Vec<Block>> =
@@ -193,7 +193,7 @@ fn large_write_with_unaligned_blocks() {
     let content = data(2 * CHUNK_BYTES + 100, 9);
     let cuts = [0, 4096 * 3 + 17, 4096 * 5, CHUNK_BYTES, CHUNK_BYTES + 1, 2 * CHUNK_BYTES - 4096, content.len()];
     let blocks: Vec<Block> =
-        cuts.windows(2).map(|w| Block { offset: w[0] as u64, data: content[w[0]..w[1]].to_vec() }).collect();
+        cuts.windows(2).map(|w| Block { offset: w[0] as u64, data: content[w[0]..w[1]].to_vec().into() }).collect();
     let n = blocks.len();
     for (i, b) in blocks.into_iter().enumerate() {
         apply_ok(
@@ -222,7 +222,7 @@ fn out_of_order_blocks_are_verified_by_rereading() {
     let mut blocks: Vec<Block> = content
         .chunks(BLOCK_SIZE)
         .enumerate()
-        .map(|(i, c)| Block { offset: (i * BLOCK_SIZE) as u64, data: c.to_vec() })
+        .map(|(i, c)| Block { offset: (i * BLOCK_SIZE) as u64, data: c.to_vec().into() })
         .collect();
     blocks.reverse();
     apply_ok(
@@ -254,14 +254,14 @@ fn delta_on_large_file() {
     let off = 37 * BLOCK_SIZE;
     let patch = data(BLOCK_SIZE, 4);
     next[off..off + BLOCK_SIZE].copy_from_slice(&patch);
-    apply_ok(&mut a, delta_write("big", &next, vec![Block { offset: off as u64, data: patch }]));
+    apply_ok(&mut a, delta_write("big", &next, vec![Block { offset: off as u64, data: patch.into() }]));
     let got = fs::read(t.path().join("root/big")).unwrap();
     assert!(got == next, "delta result differs");
 
     // A delta that also shrinks the file.
     next.truncate(5 * BLOCK_SIZE + 3);
     next[0..3].copy_from_slice(b"abc");
-    apply_ok(&mut a, delta_write("big", &next, vec![Block { offset: 0, data: b"abc".to_vec() }]));
+    apply_ok(&mut a, delta_write("big", &next, vec![Block { offset: 0, data: bytes::Bytes::from_static(b"abc") }]));
     assert!(fs::read(t.path().join("root/big")).unwrap() == next);
 }
 
@@ -274,7 +274,9 @@ fn hash_mismatch_requests_repair_and_keeps_target() {
     }
     // A delta whose base differs from what the sender assumed.
     let assumed = b"ORIGINAL plus".to_vec();
-    let out = a.apply(Seq(2), delta_write("f", &assumed, vec![Block { offset: 8, data: b" plus".to_vec() }])).unwrap();
+    let out = a
+        .apply(Seq(2), delta_write("f", &assumed, vec![Block { offset: 8, data: bytes::Bytes::from_static(b" plus") }]))
+        .unwrap();
     assert_eq!(out.repairs.len(), 1);
     assert_eq!(out.repairs[0].0, rp("f"));
     assert_eq!(fs::read(t.path().join("root/f")).unwrap(), b"original");
@@ -328,7 +330,11 @@ fn scenario() -> Vec<Change> {
     s.extend(full_write("dir/a", &v1, 0o644, 10));
     s.push(fsop(FsOp::Rename { from: rp("dir/a"), to: rp("dir/b") }));
     s.extend(full_write("dir/a", &v2, 0o600, 20));
-    s.push(delta_write("dir/a", &v3, vec![Block { offset: BLOCK_SIZE as u64, data: b"WXYZ".to_vec() }]));
+    s.push(delta_write(
+        "dir/a",
+        &v3,
+        vec![Block { offset: BLOCK_SIZE as u64, data: bytes::Bytes::from_static(b"WXYZ") }],
+    ));
     s.push(fsop(FsOp::Chmod { path: rp("dir/b"), mode: 0o640 }));
     s.push(fsop(FsOp::Symlink { path: rp("dir/link"), target: b"b".to_vec() }));
     s.push(fsop(FsOp::Mkdir { path: rp("other/deep"), mode: 0o700 }));
@@ -479,7 +485,9 @@ fn nothing_lands_outside_through_symlinks() {
     }
     assert_eq!(fs::read(root.join("lf")).unwrap(), b"mine");
     plant("lf2", &outside.path().join("y"));
-    let out = a.apply(Seq(1), delta_write("lf2", b"pr", vec![Block { offset: 0, data: b"pr".to_vec() }])).unwrap();
+    let out = a
+        .apply(Seq(1), delta_write("lf2", b"pr", vec![Block { offset: 0, data: bytes::Bytes::from_static(b"pr") }]))
+        .unwrap();
     assert!(out.repairs.is_empty(), "a delta over a symlink starts from empty");
     assert_eq!(fs::read(root.join("lf2")).unwrap(), b"pr");
     plant("lf3", &outside.path().join("y"));
