@@ -35,15 +35,40 @@
 //! it; while the applied position is below the horizon (only after a restart), `prepare_commit`
 //! declines, so every re-sent transaction up to the horizon lands in one standby commit, which
 //! takes the standby from some state at or before the horizon to exactly the horizon's state.
-//! A resync resets the horizon to the snapshot's position.
+//! A resync resets the horizon to the snapshot's position; one that replaces the standby
+//! records it before the new database becomes visible (the copy's commit or the rename below).
 //!
 //! # Resync
 //!
 //! Snapshot pieces for a standby that exists with the snapshot's page size are written through
 //! `sqlite_dbpage` in one write transaction, committed by the next `prepare_commit` after the
 //! resync (readers see the old database until then). Otherwise (no standby, or another page
-//! size) they are written into `<standby>.lockstep-tmp`, which replaces the standby by a rename
-//! at the end of the resync.
+//! size) they are written into `<standby>.lockstep-tmp`, which replaces the standby at the end
+//! of the resync.
+//!
+//! Replacing the file by a rename is not safe for readers: a connection holds the file it
+//! opened, but finds the WAL and its index by name (`-wal`, `-shm`) at every read transaction
+//! until it has the WAL open. One opened on the old file and first used after the rename reads
+//! the old file through the new database's WAL: SQLITE_CORRUPT, or rows of neither database.
+//! So where the old standby exists, the snapshot is copied into the standby's own file
+//! instead: the old standby leaves WAL mode (SQLite checkpoints and deletes the WAL and marks the
+//! header rollback-journal), the snapshot is copied in with SQLite's backup API (one
+//! rollback-journal transaction, which may change the page size; the journal's deletion is
+//! synced, with `synchronous = EXTRA`), its page 1 is restored as the source has it (the backup
+//! gives the copy a schema cookie of its own), and the next connection to use the file puts it
+//! back into WAL mode (its header says so). An exclusive lock is held from leaving WAL mode to
+//! the end: readers wait (or get SQLITE_BUSY without a busy timeout) for the length of the copy,
+//! then see the new database whole; none reads the old content in rollback-journal mode and
+//! keeps its schema across the copy (the new database may repeat the old schema cookie).
+//! A crash during the copy leaves a hot journal, which [`SqliteApplier::open`] rolls back
+//! before it reads the page size.
+//!
+//! SQLite leaves WAL mode only while no other connection has the WAL open, and a connection
+//! that has read the standby keeps it open until it closes. If that lasts beyond a wait (or the
+//! copy fails otherwise), the temp file replaces the standby by a rename after all, with a
+//! warning: readers that have read the old standby keep reading it, consistently, until they
+//! reopen; a connection opened before the rename but first used after it may fail or read
+//! rows of neither database until it reopens.
 //!
 //! Changes are applied in the calling (blocking) thread; commits' durable halves run on
 //! another one, so the position file is shared behind a mutex.
@@ -51,7 +76,7 @@
 #[cfg(test)]
 mod tests;
 
-use std::ffi::OsString;
+use std::ffi::{CStr, OsString};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -59,13 +84,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lockstep_common::event::{Change, JournalId, Seq};
 use lockstep_common::proto::{self, SqliteFrames};
 use rusqlite::config::DbConfig;
-use rusqlite::Connection;
+use rusqlite::{ffi, Connection, ErrorCode};
 use tracing::{debug, info, warn};
 
 use super::{Applier, ApplyError, ApplyOutcome, CommitFn, Position, POSITION_LEN};
@@ -250,6 +275,9 @@ pub struct SqliteApplier {
     checkpointer: Arc<Mutex<Option<Connection>>>,
     /// Wakes that thread (started on first use) after a commit.
     checkpoint_kick: Option<std::sync::mpsc::SyncSender<()>>,
+    /// How long a resync replacing the standby waits for other connections to let go of the
+    /// old standby's WAL before it falls back to a rename (see [`SqliteApplier::install_temp`]).
+    wal_release_wait: Duration,
 }
 
 /// WAL size past which the durable half of a commit copies it back into the database.
@@ -433,7 +461,10 @@ impl SqliteApplier {
             rec = None;
         }
         // Left by a resync cut short; a new one starts from scratch.
-        remove_if_present(&sidecar(&standby, ".lockstep-tmp"))?;
+        remove_temp(&sidecar(&standby, ".lockstep-tmp"))?;
+        if exists {
+            roll_back_hot_journal(&standby)?;
+        }
         let page_size = header_page_size(&standby)?;
         let horizon = rec.map(|r| r.horizon).unwrap_or_default();
         Ok(SqliteApplier {
@@ -450,6 +481,7 @@ impl SqliteApplier {
             failed: false,
             checkpointer: Arc::default(),
             checkpoint_kick: None,
+            wal_release_wait: BUSY_TIMEOUT,
         })
     }
 
@@ -548,7 +580,7 @@ impl SqliteApplier {
         self.db_pages = None;
         self.partial = None;
         if let Some(Resync { sink: Some((SnapshotSink::TempFile(_), _)), .. }) = self.resync.take() {
-            if let Err(e) = remove_if_present(&self.temp_path()) {
+            if let Err(e) = remove_temp(&self.temp_path()) {
                 warn!(error = %e, "could not remove the temp file of an abandoned resync");
             }
         }
@@ -707,6 +739,8 @@ impl SqliteApplier {
                 let sink = if standby_page_size == Some(f.page_size) {
                     SnapshotSink::Dbpage
                 } else {
+                    // Its companions, if any, belong to an earlier snapshot.
+                    remove_temp(&tmp)?;
                     let file = OpenOptions::new()
                         .read(true)
                         .write(true)
@@ -763,30 +797,55 @@ impl SqliteApplier {
         Ok(())
     }
 
-    /// Makes the temp file the standby: sized, synced, renamed over it.
+    /// Makes the temp file the standby (see "Resync" in the module docs): copied into the old
+    /// standby's own file where no other connection has its WAL open, renamed over it otherwise.
     fn install_temp(&mut self, file: File, page_size: u32, db_pages: u32, at: WalPos) -> Result<(), ApplyError> {
         let tmp = self.temp_path();
         file.set_len(u64::from(db_pages) * u64::from(page_size))
             .and_then(|()| file.sync_all())
             .map_err(io_err(format!("sync {}", tmp.display())))?;
+        let mut page1 = vec![0; page_size as usize];
+        file.read_exact_at(&mut page1, 0).map_err(io_err(format!("read page 1 of {}", tmp.display())))?;
         drop(file);
-        // Nothing of ours may hold the old files.
+        // Nothing of ours may hold the old files: the copy needs the only connection to the
+        // standby, and closing a descriptor of it would drop our connections' locks.
         self.conn = None;
         *self.checkpointer.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.page_size = None;
-        if let Some(old) = header_page_size(&self.standby)? {
-            warn!(
-                standby = %self.standby.display(),
-                old_page_size = old,
-                page_size,
-                "replacing the standby with a snapshot of another page size; readers that have it open keep the old file"
-            );
-        }
+        let old_page_size = header_page_size(&self.standby)?;
         {
-            // The new database becomes visible with the rename: record the horizon first.
+            // The new database becomes visible with the copy's commit or the rename: record the
+            // horizon first.
             let mut st = self.state();
             st.horizon = at;
             st.record_horizon()?;
+        }
+        if let Some(old_page_size) = old_page_size {
+            match copy_into_standby(&self.standby, &tmp, &page1, self.wal_release_wait) {
+                Ok(()) => {
+                    info!(
+                        standby = %self.standby.display(),
+                        old_page_size,
+                        page_size,
+                        "copied a snapshot of another page size into the standby's file"
+                    );
+                    if let Err(e) = remove_temp(&tmp) {
+                        warn!(error = %e, "could not remove the temp file of a resync");
+                    }
+                    self.page_size = Some(page_size);
+                    return Ok(());
+                }
+                Err(e) => warn!(
+                    standby = %self.standby.display(),
+                    old_page_size,
+                    page_size,
+                    error = %e,
+                    "cannot copy a snapshot of another page size into the standby's file; replacing the file \
+                     by a rename instead: connections that have read the old standby keep reading it until they \
+                     reopen, but one opened before the rename and first used after it gets errors (SQLITE_CORRUPT, \
+                     SQLITE_IOERR) or wrong rows until it is reopened"
+                ),
+            }
         }
         // A WAL or journal left beside the standby belongs to the old database and would be
         // applied to the new one.
@@ -804,6 +863,122 @@ impl SqliteApplier {
         self.page_size = Some(page_size);
         Ok(())
     }
+}
+
+/// Whether SQLite failed for a lock another connection holds.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
+/// Replaces the content of the standby's own file with the snapshot database `tmp` (whose page
+/// 1 is `page1`), as one rollback-journal transaction, so that every connection that has the
+/// file open sees either database whole (see "Resync" in the module docs).
+///
+/// SQLite changes a database's page size only in rollback-journal mode, and leaves WAL mode
+/// only while no other connection has the WAL open; this waits up to `wait` for that. An error
+/// means the standby holds its old content (possibly in rollback-journal mode).
+fn copy_into_standby(standby: &Path, tmp: &Path, page1: &[u8], wait: Duration) -> Result<(), ApplyError> {
+    let ctx = || format!("open standby {}", standby.display());
+    // As for the writing connection: the standby attached to an in-memory database, whose schema
+    // is never needed.
+    let conn = Connection::open_in_memory().map_err(db_err(ctx()))?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_WRITABLE_SCHEMA, true).map_err(db_err(ctx()))?;
+    conn.execute("ATTACH DATABASE ?1 AS standby", [attach_uri(standby)]).map_err(db_err(ctx()))?;
+    // Every lock taken from here is held until the close: once out of WAL mode, no reader may
+    // start on the old content (and cache its schema, whose cookie the new database may repeat
+    // with another schema), and none may see the copy before page 1 is restored below.
+    conn.query_row("PRAGMA standby.locking_mode = EXCLUSIVE", [], |_| Ok(())).map_err(db_err(ctx()))?;
+    // Checkpoints the WAL into the file, deletes it and marks the header rollback-journal.
+    let leave_wal = "take the standby out of WAL mode";
+    let deadline = Instant::now() + wait;
+    loop {
+        match conn.query_row("PRAGMA standby.journal_mode = DELETE", [], |r| r.get::<_, String>(0)) {
+            Ok(mode) if mode.eq_ignore_ascii_case("delete") => break,
+            Ok(mode) => return Err(io_err(leave_wal)(io::Error::other(format!("it stays in journal mode {mode}")))),
+            Err(e) if is_busy(&e) && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) if is_busy(&e) => {
+                return Err(io_err(leave_wal)(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "other connections kept its WAL open for {wait:?} (a connection that has read it holds \
+                         it until it closes)"
+                    ),
+                )))
+            }
+            Err(e) => return Err(db_err(leave_wal)(e)),
+        }
+    }
+    conn.busy_timeout(wait).map_err(db_err(ctx()))?;
+    // The exclusive lock now, also where the standby was in rollback-journal mode already; and
+    // the journal's deletion (the commit) durable before the position file says it happened.
+    conn.execute_batch("BEGIN EXCLUSIVE; COMMIT; PRAGMA standby.synchronous = EXTRA")
+        .map_err(db_err("lock the standby"))?;
+    let snapshot = Connection::open_with_flags(tmp, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(db_err(format!("open {}", tmp.display())))?;
+    backup(&snapshot, &conn, c"standby").map_err(db_err(format!("copy {} into the standby", tmp.display())))?;
+    snapshot.close().map_err(|(_, e)| db_err(format!("close {}", tmp.display()))(e))?;
+    // The backup gave the copy a schema cookie of its own (the old one plus one); page 1 as the
+    // source has it carries the source's, which later transactions continue.
+    conn.execute_batch("BEGIN").map_err(db_err("restore page 1 of the standby"))?;
+    conn.execute(WRITE_PAGE, rusqlite::params![1, page1]).map_err(db_err("restore page 1 of the standby"))?;
+    conn.execute_batch("COMMIT").map_err(db_err("restore page 1 of the standby"))?;
+    conn.close().map_err(|(_, e)| db_err(format!("close standby {}", standby.display()))(e))
+}
+
+/// Copies the main database of `from` over database `name` of `to`, in one step of SQLite's
+/// online backup API: one write transaction on `to`, which may have another page size unless
+/// it is in WAL mode. (rusqlite's `backup` feature is not enabled in this workspace.)
+fn backup(from: &Connection, to: &Connection, name: &CStr) -> rusqlite::Result<()> {
+    // SAFETY: both handles belong to connections borrowed for the whole call and used by this
+    // thread only; the backup object is finished before returning, and the error message is
+    // copied out before anything else runs on `to`.
+    unsafe {
+        let (src, dst) = (from.handle(), to.handle());
+        let b = ffi::sqlite3_backup_init(dst, name.as_ptr(), src, c"main".as_ptr());
+        let (step, finish) = if b.is_null() {
+            (ffi::SQLITE_ERROR, ffi::sqlite3_errcode(dst))
+        } else {
+            (ffi::sqlite3_backup_step(b, -1), ffi::sqlite3_backup_finish(b))
+        };
+        if step == ffi::SQLITE_DONE && finish == ffi::SQLITE_OK {
+            return Ok(());
+        }
+        // The destination's error, or a step's that finishing does not report (busy).
+        let (code, msg) = if finish != ffi::SQLITE_OK {
+            (ffi::sqlite3_extended_errcode(dst), ffi::sqlite3_errmsg(dst))
+        } else {
+            (step, ffi::sqlite3_errstr(step))
+        };
+        Err(rusqlite::Error::SqliteFailure(
+            ffi::Error::new(code),
+            Some(CStr::from_ptr(msg).to_string_lossy().into_owned()),
+        ))
+    }
+}
+
+/// Removes the temp file of a resync and whatever SQLite left beside it.
+fn remove_temp(tmp: &Path) -> Result<(), ApplyError> {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        remove_if_present(&sidecar(tmp, suffix))?;
+    }
+    Ok(())
+}
+
+/// Rolls back a transaction a crash cut short in the standby (a copied snapshot's, see
+/// [`copy_into_standby`]), whose journal SQLite plays back at the next read: until then the
+/// file may hold pages of both databases, and its header a page size it does not have.
+fn roll_back_hot_journal(standby: &Path) -> Result<(), ApplyError> {
+    let journal = sidecar(standby, "-journal");
+    if !journal.try_exists().map_err(io_err(format!("inspect {}", journal.display())))? {
+        return Ok(());
+    }
+    let ctx = || format!("roll back {} into standby {}", journal.display(), standby.display());
+    let conn = Connection::open_in_memory().map_err(db_err(ctx()))?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_WRITABLE_SCHEMA, true).map_err(db_err(ctx()))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err(ctx()))?;
+    conn.execute("ATTACH DATABASE ?1 AS standby", [attach_uri(standby)]).map_err(db_err(ctx()))?;
+    conn.query_row("PRAGMA standby.user_version", [], |_| Ok(())).map_err(db_err(ctx()))?;
+    conn.close().map_err(|(_, e)| db_err(ctx())(e))
 }
 
 /// The durable half of a standby commit: the WAL (with its directory entry) reaches the disk.

@@ -6,6 +6,9 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lockstep_common::event::{Change, FsOp, JournalId, Seq};
@@ -14,7 +17,7 @@ use lockstep_common::relpath::RelPath;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags};
 
-use super::{SqliteApplier, WalPos};
+use super::{sidecar, SqliteApplier, WalPos};
 use crate::applier::{Applier, ApplyError, Position};
 
 const JOURNAL: JournalId = JournalId([7; 16]);
@@ -33,13 +36,17 @@ fn page_size(conn: &Connection) -> u32 {
 
 /// sqlite_master, then every table's rows in rowid order.
 fn dump_conn(conn: &Connection) -> Vec<String> {
+    try_dump(conn).unwrap()
+}
+
+/// [`dump_conn`], returning SQLite's error (a reader that may see a broken database).
+fn try_dump(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     let mut out = Vec::new();
     let mut tables = Vec::new();
-    let mut stmt =
-        conn.prepare("SELECT type, name, tbl_name, rootpage, sql FROM sqlite_master ORDER BY type, name").unwrap();
-    let mut rows = stmt.query([]).unwrap();
-    while let Some(r) = rows.next().unwrap() {
-        let row: Vec<Value> = (0..5).map(|i| r.get(i).unwrap()).collect();
+    let mut stmt = conn.prepare("SELECT type, name, tbl_name, rootpage, sql FROM sqlite_master ORDER BY type, name")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let row = (0..5).map(|i| r.get(i)).collect::<rusqlite::Result<Vec<Value>>>()?;
         if row[0] == Value::Text("table".into()) {
             let Value::Text(name) = &row[1] else { unreachable!() };
             tables.push(name.clone());
@@ -47,21 +54,46 @@ fn dump_conn(conn: &Connection) -> Vec<String> {
         out.push(format!("{row:?}"));
     }
     for t in tables {
-        let mut stmt = conn.prepare(&format!("SELECT * FROM \"{t}\" ORDER BY rowid")).unwrap();
+        let mut stmt = conn.prepare(&format!("SELECT * FROM \"{t}\" ORDER BY rowid"))?;
         let n = stmt.column_count();
-        let mut rows = stmt.query([]).unwrap();
-        while let Some(r) = rows.next().unwrap() {
-            let row: Vec<Value> = (0..n).map(|i| r.get(i).unwrap()).collect();
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let row = (0..n).map(|i| r.get(i)).collect::<rusqlite::Result<Vec<Value>>>()?;
             out.push(format!("{t}: {row:?}"));
         }
     }
-    out
+    Ok(out)
 }
 
 fn integrity(conn: &Connection) -> String {
-    let mut stmt = conn.prepare("PRAGMA integrity_check").unwrap();
-    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
-    rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+    try_integrity(conn).unwrap()
+}
+
+fn try_integrity(conn: &Connection) -> rusqlite::Result<String> {
+    let mut stmt = conn.prepare("PRAGMA integrity_check")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?.join("; "))
+}
+
+/// Asserts that reader `r` sees, intact, either the database `old` or the database `new`
+/// (dumps), and says which.
+fn assert_old_or_new(r: &Connection, what: &str, old: &[String], new: &[String]) -> &'static str {
+    let dump = try_dump(r).unwrap_or_else(|e| panic!("{what}: reading the standby fails: {e}"));
+    let seen = if dump == old {
+        "old"
+    } else if dump == new {
+        "new"
+    } else {
+        panic!(
+            "{what} sees neither the old nor the new database: {} rows, not {} or {}",
+            dump.len(),
+            old.len(),
+            new.len()
+        )
+    };
+    let check = try_integrity(r).unwrap_or_else(|e| panic!("{what}: integrity_check fails: {e}"));
+    assert_eq!(check, "ok", "{what}: integrity of the {seen} database");
+    seen
 }
 
 /// A reader of the standby, as an operator's `sqlite3` would be (read-only: it never
@@ -440,39 +472,189 @@ fn resync_over_an_existing_standby_keeps_readers_consistent() {
     h.assert_in_sync();
 }
 
-#[test]
-fn resync_with_another_page_size_replaces_the_standby() {
-    let mut h = Harness::new(4096);
-    h.src.exec(SCHEMA);
-    h.resync(16);
-    h.commit();
-    // Frames in the old standby's WAL (kept there by the reader below), which must not be
-    // applied to the new file.
-    h.ship("UPDATE t SET name = 'in the wal' WHERE id > 5");
-    h.commit();
-    let old = h.src.dump();
-    let r = reader(&h.standby());
-    r.execute_batch("BEGIN").unwrap();
-    assert_eq!(dump_conn(&r), old);
+/// The standby file's inode: whether a resync replaced the file or rewrote it.
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().ino()
+}
 
-    // The source database was replaced by one with 8 KiB pages.
+/// The source database replaced by a larger one with 8 KiB pages, continuing at the same
+/// position (the agent notices and resyncs).
+fn replace_source_with_8k_pages(h: &mut Harness) {
     let at = h.src.at;
     h.src = Source::new(&h.dir.path().join("source2.db"), 8192);
     h.src.at = at;
     h.src.exec(SCHEMA);
-    h.src.exec("DELETE FROM t WHERE id > 10");
-    h.resync(4);
+    h.src.exec(&insert_series("t(name, n)", "hex(randomblob(100)), value", 3000));
+}
+
+/// Readers that have read the standby hold its WAL open, so it cannot leave WAL mode: the
+/// new database replaces the file by a rename, and they keep reading the old one.
+#[test]
+fn resync_with_another_page_size_replaces_the_standby() {
+    let mut h = Harness::new(4096);
+    h.applier.wal_release_wait = Duration::from_millis(300);
+    h.src.exec(SCHEMA);
+    h.resync(16);
+    h.commit();
+    // Frames in the old standby's WAL (kept there by the readers below), which must not be
+    // applied to the new file.
+    h.ship("UPDATE t SET name = 'in the wal' WHERE id > 5");
+    h.commit();
+    let old = h.src.dump();
+    // One in the middle of a read transaction, one that has read and is idle.
+    let r = reader(&h.standby());
+    r.execute_batch("BEGIN").unwrap();
+    assert_eq!(dump_conn(&r), old);
+    let idle = reader(&h.standby());
+    assert_eq!(dump_conn(&idle), old);
+    let before = inode(&h.standby());
+
+    replace_source_with_8k_pages(&mut h);
+    let started = Instant::now();
+    h.resync(16);
+    assert!(started.elapsed() < Duration::from_secs(5), "the resync waited {:?}", started.elapsed());
     h.seq += 1;
     h.commit();
     h.assert_in_sync();
+    assert_ne!(inode(&h.standby()), before, "the standby was not replaced by a rename");
     assert_eq!(page_size(&reader(&h.standby())), 8192);
-    // The reader keeps the old file.
+    // The readers keep the old file, also once the new database has a WAL of its own.
     assert_eq!(dump_conn(&r), old);
     assert_eq!(integrity(&r), "ok");
+    h.ship("UPDATE t SET n = -n WHERE id < 20");
+    h.commit();
+    h.assert_in_sync();
+    assert_eq!(dump_conn(&r), old);
+    r.execute_batch("COMMIT").unwrap();
+    let new = h.src.dump();
+    assert_eq!(assert_old_or_new(&r, "a reader after its read transaction", &old, &new), "old");
+    assert_eq!(assert_old_or_new(&idle, "an idle reader", &old, &new), "old");
+    drop((r, idle));
 
     h.ship("UPDATE t SET n = -n");
     h.commit();
     h.assert_in_sync();
+}
+
+/// Connections opened on the standby before a resync replaces it with a database of another
+/// page size, but first used after that (an application's pool, an idle `sqlite3` shell), see
+/// the old database or the new one: never the old file read through the new database's WAL
+/// (SQLITE_CORRUPT, SQLITE_IOERR, or rows of neither).
+#[test]
+fn resync_with_another_page_size_under_readers_not_yet_reading() {
+    let mut h = Harness::new(4096);
+    h.src.exec(SCHEMA);
+    h.resync(16);
+    h.commit();
+    // The old standby has frames in its WAL.
+    h.ship("UPDATE t SET name = 'in the wal' WHERE id > 5");
+    h.commit();
+    let old = h.src.dump();
+    let early = reader(&h.standby());
+    let late = reader(&h.standby());
+    let before = inode(&h.standby());
+
+    replace_source_with_8k_pages(&mut h);
+    h.resync(16);
+    h.seq += 1;
+    h.commit();
+    // Page 1 as the source has it: the schema cookie too (readers compare it with the one of
+    // the schema they cached).
+    let cookie = |c: &Connection| c.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)).unwrap();
+    assert_eq!(cookie(&reader(&h.standby())), cookie(&h.src.conn));
+    let new = h.src.dump();
+    assert_old_or_new(&early, "a reader opened before the resync", &old, &new);
+
+    // The next transaction gives the new database a WAL (holding a few of its pages).
+    h.ship("UPDATE t SET n = -n WHERE id = 1");
+    h.commit();
+    let newer = h.src.dump();
+    assert_old_or_new(&early, "a reader opened before the resync, again", &old, &newer);
+    assert_old_or_new(&late, "a reader opened before the resync, first used after", &old, &newer);
+    assert_eq!(page_size(&reader(&h.standby())), 8192);
+    h.assert_in_sync();
+    assert_eq!(inode(&h.standby()), before, "the snapshot was not copied into the standby's file");
+    let left: Vec<_> = fs::read_dir(h.dir.path().join("standby")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().contains("lockstep-tmp")), "left behind: {left:?}");
+}
+
+/// Readers opening the standby throughout a resync that changes its page size, each first
+/// reading a moment after it opened, see the old database or the new one, never an error.
+#[test]
+fn resync_with_another_page_size_under_readers_coming_and_going() {
+    let mut h = Harness::new(4096);
+    h.src.exec(SCHEMA);
+    h.resync(16);
+    h.commit();
+    h.ship("UPDATE t SET name = 'in the wal' WHERE id > 5");
+    h.commit();
+    let old = h.src.dump();
+    replace_source_with_8k_pages(&mut h);
+    let new = h.src.dump();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let readers = {
+        let (path, done, old, new) = (h.standby(), done.clone(), old.clone(), new.clone());
+        std::thread::spawn(move || {
+            let mut seen = (0, 0);
+            while !done.load(Ordering::Relaxed) || seen.1 == 0 {
+                let r = reader(&path);
+                // As applications do: wait for a writer's lock rather than fail.
+                r.busy_timeout(Duration::from_secs(20)).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+                match assert_old_or_new(&r, "a reader", &old, &new) {
+                    "old" => seen.0 += 1,
+                    _ => seen.1 += 1,
+                }
+            }
+            seen
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let before = inode(&h.standby());
+    h.resync(16);
+    h.seq += 1;
+    h.commit();
+    assert_eq!(inode(&h.standby()), before, "the snapshot was not copied into the standby's file");
+    done.store(true, Ordering::Relaxed);
+    let (olds, news) = readers.join().expect("a reader failed");
+    assert!(olds > 0 && news > 0, "{olds} reads of the old database, {news} of the new one");
+    h.assert_in_sync();
+}
+
+/// A crash in the middle of copying a snapshot into the standby's file leaves a hot journal
+/// and a file holding pages of both databases (its header may give the new page size): the
+/// applier rolls it back when it opens, before it reads the page size.
+#[test]
+fn open_rolls_back_a_copy_cut_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("crashed.db");
+    let c = Connection::open(&db).unwrap();
+    c.execute_batch("PRAGMA page_size = 4096; PRAGMA journal_mode = DELETE;").unwrap();
+    c.execute_batch(SCHEMA).unwrap();
+    c.execute_batch(&insert_series("t(name, n)", "hex(randomblob(200)), value", 3000)).unwrap();
+    let before = dump_conn(&c);
+    // A transaction large enough to spill into the database file before its commit.
+    c.execute_batch("PRAGMA cache_size = 10; BEGIN; UPDATE t SET name = hex(randomblob(300));").unwrap();
+    let journal = sidecar(&db, "-journal");
+    assert!(journal.exists(), "no journal");
+    // The "crash": the files as they are now. (Copying drops this process's locks on the
+    // database file; `c` is not used again.)
+    fs::create_dir_all(dir.path().join("standby")).unwrap();
+    let standby = dir.path().join("standby/db.sqlite");
+    fs::copy(&db, &standby).unwrap();
+    fs::copy(&journal, sidecar(&standby, "-journal")).unwrap();
+    // As if the copy had written the new database's page 1.
+    let f = fs::OpenOptions::new().write(true).open(&standby).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &8192u16.to_be_bytes(), 16).unwrap();
+    drop(f);
+    drop(c);
+
+    let a = open_applier(dir.path());
+    assert_eq!(a.page_size, Some(4096));
+    assert!(!sidecar(&standby, "-journal").exists());
+    assert_eq!(standby_dump(&standby), before);
 }
 
 #[test]
