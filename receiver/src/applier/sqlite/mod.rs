@@ -76,7 +76,7 @@
 #[cfg(test)]
 mod tests;
 
-use std::ffi::{CStr, OsString};
+use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -90,7 +90,7 @@ use bytes::Bytes;
 use lockstep_common::event::{Change, JournalId, Seq};
 use lockstep_common::proto::{self, SqliteFrames};
 use rusqlite::config::DbConfig;
-use rusqlite::{ffi, Connection, ErrorCode};
+use rusqlite::{Connection, ErrorCode};
 use tracing::{debug, info, warn};
 
 use super::{Applier, ApplyError, ApplyOutcome, CommitFn, Position, POSITION_LEN};
@@ -881,7 +881,7 @@ fn copy_into_standby(standby: &Path, tmp: &Path, page1: &[u8], wait: Duration) -
     let ctx = || format!("open standby {}", standby.display());
     // As for the writing connection: the standby attached to an in-memory database, whose schema
     // is never needed.
-    let conn = Connection::open_in_memory().map_err(db_err(ctx()))?;
+    let mut conn = Connection::open_in_memory().map_err(db_err(ctx()))?;
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_WRITABLE_SCHEMA, true).map_err(db_err(ctx()))?;
     conn.execute("ATTACH DATABASE ?1 AS standby", [attach_uri(standby)]).map_err(db_err(ctx()))?;
     // Every lock taken from here is held until the close: once out of WAL mode, no reader may
@@ -915,7 +915,7 @@ fn copy_into_standby(standby: &Path, tmp: &Path, page1: &[u8], wait: Duration) -
         .map_err(db_err("lock the standby"))?;
     let snapshot = Connection::open_with_flags(tmp, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(db_err(format!("open {}", tmp.display())))?;
-    backup(&snapshot, &conn, c"standby").map_err(db_err(format!("copy {} into the standby", tmp.display())))?;
+    backup(&snapshot, &mut conn, "standby").map_err(db_err(format!("copy {} into the standby", tmp.display())))?;
     snapshot.close().map_err(|(_, e)| db_err(format!("close {}", tmp.display()))(e))?;
     // The backup gave the copy a schema cookie of its own (the old one plus one); page 1 as the
     // source has it carries the source's, which later transactions continue.
@@ -925,34 +925,20 @@ fn copy_into_standby(standby: &Path, tmp: &Path, page1: &[u8], wait: Duration) -
     conn.close().map_err(|(_, e)| db_err(format!("close standby {}", standby.display()))(e))
 }
 
-/// Copies the main database of `from` over database `name` of `to`, in one step of SQLite's
-/// online backup API: one write transaction on `to`, which may have another page size unless
-/// it is in WAL mode. (rusqlite's `backup` feature is not enabled in this workspace.)
-fn backup(from: &Connection, to: &Connection, name: &CStr) -> rusqlite::Result<()> {
-    // SAFETY: both handles belong to connections borrowed for the whole call and used by this
-    // thread only; the backup object is finished before returning, and the error message is
-    // copied out before anything else runs on `to`.
-    unsafe {
-        let (src, dst) = (from.handle(), to.handle());
-        let b = ffi::sqlite3_backup_init(dst, name.as_ptr(), src, c"main".as_ptr());
-        let (step, finish) = if b.is_null() {
-            (ffi::SQLITE_ERROR, ffi::sqlite3_errcode(dst))
-        } else {
-            (ffi::sqlite3_backup_step(b, -1), ffi::sqlite3_backup_finish(b))
-        };
-        if step == ffi::SQLITE_DONE && finish == ffi::SQLITE_OK {
-            return Ok(());
-        }
-        // The destination's error, or a step's that finishing does not report (busy).
-        let (code, msg) = if finish != ffi::SQLITE_OK {
-            (ffi::sqlite3_extended_errcode(dst), ffi::sqlite3_errmsg(dst))
-        } else {
-            (step, ffi::sqlite3_errstr(step))
-        };
-        Err(rusqlite::Error::SqliteFailure(
-            ffi::Error::new(code),
-            Some(CStr::from_ptr(msg).to_string_lossy().into_owned()),
-        ))
+/// Copies the main database of `from` over the attached database `name` of `to`, in one step
+/// of SQLite's online backup API: one write transaction on `to`, which may have another page
+/// size unless it is in WAL mode.
+fn backup(from: &Connection, to: &mut Connection, name: &str) -> rusqlite::Result<()> {
+    use rusqlite::backup::{Backup, StepResult};
+    let b = Backup::new_with_names(from, rusqlite::MAIN_DB, to, name)?;
+    match b.step(-1)? {
+        StepResult::Done => Ok(()),
+        // A single step copies everything or fails; anything else means the destination was
+        // busy or locked part-way.
+        _ => Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("the standby was busy during the copy".into()),
+        )),
     }
 }
 
