@@ -216,6 +216,15 @@ struct Harness {
 }
 
 impl Harness {
+    /// A source of 4 KiB pages with `SCHEMA`, resynced to a committed standby.
+    fn seeded() -> Harness {
+        let mut h = Harness::new(4096);
+        h.src.exec(SCHEMA);
+        h.resync(16);
+        h.commit();
+        h
+    }
+
     fn new(page_size: u32) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let src = Source::new(&dir.path().join("source.db"), page_size);
@@ -308,10 +317,7 @@ fn snapshot_creates_the_standby() {
 
 #[test]
 fn transactions_follow_the_source() {
-    let mut h = Harness::new(4096);
-    h.src.exec(SCHEMA);
-    h.resync(16);
-    h.commit();
+    let mut h = Harness::seeded();
 
     let first = h.ship("INSERT INTO t(name, n) VALUES ('new', 1), ('newer', 2)");
     h.commit();
@@ -384,10 +390,7 @@ fn shrinking_database_truncates_the_standby() {
 
 #[test]
 fn reapply_after_a_crash_waits_for_the_horizon() {
-    let mut h = Harness::new(4096);
-    h.src.exec(SCHEMA);
-    h.resync(16);
-    h.commit();
+    let mut h = Harness::seeded();
     let committed = h.pos();
 
     let mut log = Vec::new();
@@ -426,10 +429,7 @@ fn reapply_after_a_crash_waits_for_the_horizon() {
 
 #[test]
 fn resync_over_an_existing_standby_keeps_readers_consistent() {
-    let mut h = Harness::new(4096);
-    h.src.exec(SCHEMA);
-    h.resync(16);
-    h.commit();
+    let mut h = Harness::seeded();
     h.ship("CREATE INDEX t_n ON t(n)");
     h.commit();
     let old = h.src.dump();
@@ -543,10 +543,7 @@ fn resync_with_another_page_size_replaces_the_standby() {
 /// (SQLITE_CORRUPT, SQLITE_IOERR, or rows of neither).
 #[test]
 fn resync_with_another_page_size_under_readers_not_yet_reading() {
-    let mut h = Harness::new(4096);
-    h.src.exec(SCHEMA);
-    h.resync(16);
-    h.commit();
+    let mut h = Harness::seeded();
     // The old standby has frames in its WAL.
     h.ship("UPDATE t SET name = 'in the wal' WHERE id > 5");
     h.commit();
@@ -583,10 +580,7 @@ fn resync_with_another_page_size_under_readers_not_yet_reading() {
 /// reading a moment after it opened, see the old database or the new one, never an error.
 #[test]
 fn resync_with_another_page_size_under_readers_coming_and_going() {
-    let mut h = Harness::new(4096);
-    h.src.exec(SCHEMA);
-    h.resync(16);
-    h.commit();
+    let mut h = Harness::seeded();
     h.ship("UPDATE t SET name = 'in the wal' WHERE id > 5");
     h.commit();
     let old = h.src.dump();
@@ -659,10 +653,7 @@ fn open_rolls_back_a_copy_cut_short() {
 
 #[test]
 fn orphaned_and_stray_chunks_are_dropped() {
-    let mut h = Harness::new(4096);
-    h.src.exec(SCHEMA);
-    h.resync(16);
-    h.commit();
+    let mut h = Harness::seeded();
     h.src.exec(&insert_series("t(name, n)", "hex(randomblob(100)), value", 3000));
     let chunks = h.src.transaction(20);
     assert!(chunks.len() >= 3);
@@ -688,10 +679,7 @@ fn orphaned_and_stray_chunks_are_dropped() {
 
 #[test]
 fn malformed_input_is_refused() {
-    let mut h = Harness::new(4096);
-    h.src.exec(SCHEMA);
-    h.resync(16);
-    h.commit();
+    let mut h = Harness::seeded();
     let before = h.src.dump();
     h.src.exec("UPDATE t SET n = 0 WHERE id = 1; INSERT INTO t(name) VALUES (hex(randomblob(5000)));");
     let good_z = h.src.transaction(usize::MAX).remove(0);
@@ -783,10 +771,7 @@ fn transaction_without_a_standby_is_refused() {
 
 #[test]
 fn position_file_corruption_and_a_missing_standby() {
-    let mut h = Harness::new(4096);
-    h.src.exec(SCHEMA);
-    h.resync(16);
-    h.commit();
+    let mut h = Harness::seeded();
     let pos_file = h.dir.path().join("state/positions/src.pos");
     let standby = h.standby();
     drop(h.applier);
