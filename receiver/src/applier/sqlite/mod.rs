@@ -365,6 +365,16 @@ fn pending_page(page_size: u32) -> u32 {
     (PENDING_BYTE / u64::from(page_size) + 1) as u32
 }
 
+/// A connection with the standby attached as `standby` to an in-memory main database. Its
+/// schema is never used; one this build cannot parse (unknown collations, functions) must not
+/// stop pages from being copied, hence the writable schema.
+fn attach_standby(standby: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_in_memory()?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_WRITABLE_SCHEMA, true)?;
+    conn.execute("ATTACH DATABASE ?1 AS standby", [attach_uri(standby)])?;
+    Ok(conn)
+}
+
 /// A `file:` URI for `path` that opens it read-write but never creates it.
 fn attach_uri(path: &Path) -> String {
     let mut s = String::from("file:");
@@ -515,12 +525,8 @@ impl SqliteApplier {
     fn conn(&mut self) -> Result<&Connection, ApplyError> {
         if self.conn.is_none() {
             let ctx = || format!("open standby {}", self.standby.display());
-            let conn = Connection::open_in_memory().map_err(db_err(ctx()))?;
+            let conn = attach_standby(&self.standby).map_err(db_err(ctx()))?;
             conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err(ctx()))?;
-            // The schema is never used here; one this build cannot parse (unknown collations,
-            // functions) must not stop the pages from being copied.
-            conn.set_db_config(DbConfig::SQLITE_DBCONFIG_WRITABLE_SCHEMA, true).map_err(db_err(ctx()))?;
-            conn.execute("ATTACH DATABASE ?1 AS standby", [attach_uri(&self.standby)]).map_err(db_err(ctx()))?;
             conn.execute_batch("PRAGMA standby.synchronous = NORMAL").map_err(db_err(ctx()))?;
             // Checkpoints run in the durable half of commits, on their own connection.
             conn.execute_batch("PRAGMA wal_autocheckpoint = 0").map_err(db_err(ctx()))?;
@@ -849,9 +855,7 @@ impl SqliteApplier {
         }
         // A WAL or journal left beside the standby belongs to the old database and would be
         // applied to the new one.
-        for suffix in ["-wal", "-shm", "-journal"] {
-            remove_if_present(&sidecar(&self.standby, suffix))?;
-        }
+        remove_companions(&self.standby)?;
         fs::rename(&tmp, &self.standby).map_err(io_err(format!(
             "rename {} to {}",
             tmp.display(),
@@ -879,11 +883,7 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 /// means the standby holds its old content (possibly in rollback-journal mode).
 fn copy_into_standby(standby: &Path, tmp: &Path, page1: &[u8], wait: Duration) -> Result<(), ApplyError> {
     let ctx = || format!("open standby {}", standby.display());
-    // As for the writing connection: the standby attached to an in-memory database, whose schema
-    // is never needed.
-    let mut conn = Connection::open_in_memory().map_err(db_err(ctx()))?;
-    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_WRITABLE_SCHEMA, true).map_err(db_err(ctx()))?;
-    conn.execute("ATTACH DATABASE ?1 AS standby", [attach_uri(standby)]).map_err(db_err(ctx()))?;
+    let mut conn = attach_standby(standby).map_err(db_err(ctx()))?;
     // Every lock taken from here is held until the close: once out of WAL mode, no reader may
     // start on the old content (and cache its schema, whose cookie the new database may repeat
     // with another schema), and none may see the copy before page 1 is restored below.
@@ -942,12 +942,18 @@ fn backup(from: &Connection, to: &mut Connection, name: &str) -> rusqlite::Resul
     }
 }
 
-/// Removes the temp file of a resync and whatever SQLite left beside it.
-fn remove_temp(tmp: &Path) -> Result<(), ApplyError> {
-    for suffix in ["", "-wal", "-shm", "-journal"] {
-        remove_if_present(&sidecar(tmp, suffix))?;
+/// Removes the WAL, its index and the rollback journal SQLite may keep beside `db`.
+fn remove_companions(db: &Path) -> Result<(), ApplyError> {
+    for suffix in ["-wal", "-shm", "-journal"] {
+        remove_if_present(&sidecar(db, suffix))?;
     }
     Ok(())
+}
+
+/// Removes the temp file of a resync and whatever SQLite left beside it.
+fn remove_temp(tmp: &Path) -> Result<(), ApplyError> {
+    remove_if_present(tmp)?;
+    remove_companions(tmp)
 }
 
 /// Rolls back a transaction a crash cut short in the standby (a copied snapshot's, see
@@ -959,10 +965,8 @@ fn roll_back_hot_journal(standby: &Path) -> Result<(), ApplyError> {
         return Ok(());
     }
     let ctx = || format!("roll back {} into standby {}", journal.display(), standby.display());
-    let conn = Connection::open_in_memory().map_err(db_err(ctx()))?;
-    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_WRITABLE_SCHEMA, true).map_err(db_err(ctx()))?;
+    let conn = attach_standby(standby).map_err(db_err(ctx()))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err(ctx()))?;
-    conn.execute("ATTACH DATABASE ?1 AS standby", [attach_uri(standby)]).map_err(db_err(ctx()))?;
     conn.query_row("PRAGMA standby.user_version", [], |_| Ok(())).map_err(db_err(ctx()))?;
     conn.close().map_err(|(_, e)| db_err(ctx())(e))
 }
