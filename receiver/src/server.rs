@@ -257,7 +257,11 @@ impl Session {
         for (source, seq) in done {
             let Some(t) = self.targets.get_mut(source) else { continue };
             t.committed = t.committed.max(*seq);
-            t.target.status().committed_seq = t.committed.0;
+            {
+                let mut st = t.target.status();
+                st.committed_seq = t.committed.0;
+                st.last_commit_at_us = Some(lockstep_common::now_us());
+            }
             metrics::gauge!(m::APPLIED_SEQ, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.clone())
                 .set(t.committed.0 as f64);
         }

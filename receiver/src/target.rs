@@ -24,6 +24,8 @@ pub struct TargetStatus {
     pub events_applied: u64,
     pub apply_errors: u64,
     pub resyncing: bool,
+    /// When a commit (the durable position) last landed, in µs since the epoch.
+    pub last_commit_at_us: Option<i64>,
     pub last_error: Option<String>,
 }
 

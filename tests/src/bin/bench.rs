@@ -201,13 +201,13 @@ fn lockstep_initial(tree_mib: u64) -> Result<(f64, f64, f64, u64)> {
     let bytes = make_tree(&s.src, tree_mib)?;
     let agent_cfg = fs::read_to_string(&s.agent_cfg)?;
     let receiver_cfg = fs::read_to_string(&s.receiver_cfg)?;
-    let (mut ours, mut theirs, mut theirs_durable) = (Vec::new(), Vec::new(), Vec::new());
+    let (src, work) = (s.src.clone(), s.root().to_path_buf());
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for round in 0..INITIAL_ROUNDS {
         // Who goes first alternates: the first gigabytes written after a quiet spell go faster.
-        if round % 2 == 0 {
-            let (r, rd) = rsync_initial(&s.src, s.root(), round)?;
-            theirs.push(r);
-            theirs_durable.push(rd);
+        let rsync_first = round % 2 == 0;
+        if rsync_first {
+            theirs.push(rsync_initial(&src, &work, round)?);
         }
         // A cold start of both daemons into a new standby each round (nothing is deleted in
         // between: deletions would slow ext4's inode allocation for whoever runs next).
@@ -220,21 +220,31 @@ fn lockstep_initial(tree_mib: u64) -> Result<(f64, f64, f64, u64)> {
                 .replace("receiver-data", &format!("receiver-data-{round}"))
                 .replace("path = \"standby\"", &format!("path = \"standby-{round}\"")),
         )?;
-        let standby = s.root().join(format!("standby-{round}"));
+        let standby = work.join(format!("standby-{round}"));
         drop_caches();
         let t0 = Instant::now();
         s.start()?;
-        // Timed until the agent reports the receiver has applied and acknowledged everything.
+        // Timed until the agent reports the receiver has acknowledged everything and the
+        // receiver has committed (synced) the snapshot: the agent's `resyncing` clears once the
+        // snapshot is sent, and a fresh receiver commits nothing before the snapshot's end.
         loop {
             s.check_alive()?;
-            if let Ok(st) = s.agent_status() {
+            let sent = s.agent_status().is_ok_and(|st| {
                 let r = &st["receivers"][0];
-                if r["connected"] == true
+                r["connected"] == true
                     && r["resyncing"].is_null()
                     && r["acked_seq"].as_u64() == st["journal"]["last_seq"].as_u64()
-                {
-                    break;
-                }
+            });
+            let committed = sent
+                && s.receiver_status().is_ok_and(|st| {
+                    st["targets"].as_array().into_iter().flatten().any(|t| {
+                        t["path"].as_str().is_some_and(|p| p.ends_with(&format!("standby-{round}")))
+                            && t["resyncing"] == false
+                            && !t["last_commit_at_us"].is_null()
+                    })
+                });
+            if committed {
+                break;
             }
             if t0.elapsed() > Duration::from_secs(600) {
                 bail!("initial sync did not finish\n{}", s.logs_tail());
@@ -250,19 +260,18 @@ fn lockstep_initial(tree_mib: u64) -> Result<(f64, f64, f64, u64)> {
         if !diff.is_empty() {
             bail!("standby differs after the initial sync:\n{}", diff.join("\n"));
         }
-        if round % 2 == 1 {
-            let (r, rd) = rsync_initial(&s.src, s.root(), round)?;
-            theirs.push(r);
-            theirs_durable.push(rd);
+        if !rsync_first {
+            theirs.push(rsync_initial(&src, &work, round)?);
         }
         eprintln!(
             "  round {round} ({} first): lockstep {:.2} s, rsync {:.2} s, rsync+sync {:.2} s",
-            if round % 2 == 0 { "rsync" } else { "lockstep" },
+            if rsync_first { "rsync" } else { "lockstep" },
             ours[round],
-            theirs[round],
-            theirs_durable[round]
+            theirs[round].0,
+            theirs[round].1
         );
     }
+    let (theirs, theirs_durable) = theirs.into_iter().unzip();
     Ok((median(ours), median(theirs), median(theirs_durable), bytes))
 }
 
