@@ -26,7 +26,21 @@ struct ReceiverState {
     committed: Seq,
     connected: bool,
     last_error: Option<String>,
-    resyncing: Option<String>,
+    /// Sources being reseeded from a snapshot, in the order they are sent, until the receiver
+    /// reports each one's snapshot committed.
+    resyncs: Vec<Resync>,
+    /// Resyncs of the current session the receiver has confirmed (and removed from `resyncs`).
+    resyncs_confirmed: u64,
+}
+
+/// A source being reseeded: the standby lacks what changed before `since_us` and is not yet
+/// in the snapshot's committed part.
+#[derive(Debug, Clone)]
+struct Resync {
+    source: String,
+    since_us: i64,
+    events_sent: u64,
+    bytes_sent: u64,
 }
 
 /// Per-source part of a receiver's status.
@@ -131,9 +145,40 @@ impl Tracker {
         }
     }
 
-    pub fn set_resyncing(&self, receiver: &str, source: Option<String>) {
+    /// A new session will reseed these sources, in this order. A source still being reseeded
+    /// from an earlier session keeps its start time, so its lag keeps growing across reconnects.
+    pub fn begin_resyncs(&self, receiver: &str, sources: &[String], now_us: i64) {
         if let Some(st) = self.lock().receivers.get_mut(receiver) {
-            st.resyncing = source;
+            let old = std::mem::take(&mut st.resyncs);
+            st.resyncs = sources
+                .iter()
+                .map(|s| Resync {
+                    source: s.clone(),
+                    since_us: old.iter().find(|r| &r.source == s).map_or(now_us, |r| r.since_us),
+                    events_sent: 0,
+                    bytes_sent: 0,
+                })
+                .collect();
+            st.resyncs_confirmed = 0;
+        }
+    }
+
+    /// Snapshot entries of `source` sent to `receiver` (not yet committed there).
+    pub fn resync_sent(&self, receiver: &str, source: &str, events: u64, bytes: u64) {
+        if let Some(r) =
+            self.lock().receivers.get_mut(receiver).and_then(|st| st.resyncs.iter_mut().find(|r| r.source == source))
+        {
+            r.events_sent += events;
+            r.bytes_sent += bytes;
+        }
+    }
+
+    /// The receiver reports `total` resyncs of this session committed.
+    pub fn resyncs_committed(&self, receiver: &str, total: u64) {
+        if let Some(st) = self.lock().receivers.get_mut(receiver) {
+            let n = total.saturating_sub(st.resyncs_confirmed).min(st.resyncs.len() as u64);
+            st.resyncs.drain(..n as usize);
+            st.resyncs_confirmed += n;
         }
     }
 
@@ -152,19 +197,30 @@ impl Tracker {
         let g = self.lock();
         let mut out = Vec::new();
         for (name, st) in &g.receivers {
-            let mut per: BTreeMap<&str, (i64, u64, u64)> = BTreeMap::new();
+            // Per source: oldest unacknowledged time, events, bytes, whether anything is behind.
+            let mut per: BTreeMap<&str, (i64, u64, u64, bool)> = BTreeMap::new();
             for s in &st.sources {
-                per.insert(s.as_str(), (0, 0, 0));
+                per.insert(s.as_str(), (0, 0, 0, false));
             }
             let mut oldest: Option<i64> = None;
             let (mut events, mut bytes) = (0u64, 0u64);
+            // A source being reseeded is behind by its unconfirmed snapshot, since it began.
+            for r in &st.resyncs {
+                let Some(p) = per.get_mut(r.source.as_str()) else { continue };
+                p.0 = if p.3 { p.0.min(r.since_us) } else { r.since_us };
+                p.1 += r.events_sent;
+                p.2 += r.bytes_sent;
+                p.3 = true;
+                oldest = Some(oldest.map_or(r.since_us, |o| o.min(r.since_us)));
+                events += r.events_sent;
+                bytes += r.bytes_sent;
+            }
             for (_, r) in g.records.range(st.acked.0 + 1..) {
                 let Some(p) = per.get_mut(&*r.source) else { continue };
-                if p.1 == 0 {
-                    p.0 = r.captured_at_us;
-                }
+                p.0 = if p.3 { p.0.min(r.captured_at_us) } else { r.captured_at_us };
                 p.1 += 1;
                 p.2 += r.bytes;
+                p.3 = true;
                 oldest = Some(oldest.map_or(r.captured_at_us, |o| o.min(r.captured_at_us)));
                 events += 1;
                 bytes += r.bytes;
@@ -178,13 +234,13 @@ impl Tracker {
                 events_behind: events,
                 bytes_behind: bytes,
                 last_error: st.last_error.clone(),
-                resyncing: st.resyncing.clone(),
+                resyncing: st.resyncs.first().map(|r| r.source.clone()),
                 sources: per
                     .into_iter()
-                    .map(|(s, (t, n, b))| SourceLag {
+                    .map(|(s, (t, n, b, behind))| SourceLag {
                         name: s.to_string(),
                         acked_seq: st.acked.0,
-                        lag_seconds: if n == 0 { 0.0 } else { age(t) },
+                        lag_seconds: if behind { age(t) } else { 0.0 },
                         events_behind: n,
                         bytes_behind: b,
                     })
@@ -217,5 +273,35 @@ mod tests {
         t.set_acked("r", Seq(3));
         let s = &t.snapshot(4_000_000)[0];
         assert_eq!((s.events_behind, s.lag_seconds), (0, 0.0));
+    }
+
+    #[test]
+    fn a_resync_is_behind_until_the_receiver_confirms_it() {
+        let t = Tracker::new();
+        t.add_receiver("r", ["a".to_string(), "b".to_string()], Seq(5));
+        t.begin_resyncs("r", &["a".to_string(), "b".to_string()], 1_000_000);
+        t.resync_sent("r", "a", 3, 300);
+        let s = &t.snapshot(3_000_000)[0];
+        assert_eq!(s.resyncing.as_deref(), Some("a"));
+        assert_eq!((s.events_behind, s.bytes_behind), (3, 300));
+        assert!((s.lag_seconds - 2.0).abs() < 1e-9);
+        let b = s.sources.iter().find(|x| x.name == "b").unwrap();
+        assert!((b.lag_seconds - 2.0).abs() < 1e-9, "b waits for its turn and is behind too");
+        // A reconnect restarts the resync of b only; it keeps its start time.
+        t.begin_resyncs("r", &["b".to_string()], 2_500_000);
+        t.resync_sent("r", "b", 1, 10);
+        let s = &t.snapshot(3_000_000)[0];
+        assert_eq!(s.resyncing.as_deref(), Some("b"));
+        assert_eq!(s.sources.iter().find(|x| x.name == "a").unwrap().lag_seconds, 0.0);
+        t.resyncs_committed("r", 1);
+        let s = &t.snapshot(3_000_000)[0];
+        assert_eq!((s.resyncing.as_deref(), s.events_behind, s.lag_seconds), (None, 0, 0.0));
+        // Repeated acknowledgements of the same count change nothing.
+        t.begin_resyncs("r", &["a".to_string()], 4_000_000);
+        t.resyncs_committed("r", 0);
+        assert_eq!(t.snapshot(4_000_000)[0].resyncing.as_deref(), Some("a"));
+        t.resyncs_committed("r", 1);
+        t.resyncs_committed("r", 1);
+        assert_eq!(t.snapshot(4_000_000)[0].resyncing, None);
     }
 }

@@ -238,7 +238,8 @@ impl Shipper {
         self.tracker.reset_acked(&name, acked_now);
         // Mark the resync before "connected", so status never shows a connected, caught-up
         // receiver that is about to be reseeded.
-        self.tracker.set_resyncing(&name, resync.first().map(|s| s.name.to_string()));
+        let names: Vec<String> = resync.iter().map(|s| s.name.to_string()).collect();
+        self.tracker.begin_resyncs(&name, &names, now_us());
         info!(receiver_id = %welcome.receiver_id, resync = resync.len(), "connected");
         self.tracker.set_connected(&name, true, None);
         metrics::gauge!(m::RECEIVER_CONNECTED, m::L_RECEIVER => name.clone()).set(1.0);
@@ -297,7 +298,6 @@ impl Shipper {
             let at = *self.durable.borrow();
             info!(source = %s.name, seq = at.0, "resync: sending a full snapshot");
             metrics::counter!(m::RESYNCS_TOTAL, m::L_RECEIVER => name.clone()).increment(1);
-            self.tracker.set_resyncing(name, Some(s.name.to_string()));
             let _running = s.status.snapshot_started();
             send(AMsg::ResyncBegin(proto::ResyncBegin { source: s.name.to_string(), seq: at.0 })).await?;
             let (stx, mut srx) = mpsc::channel::<Change>(256);
@@ -308,17 +308,23 @@ impl Shipper {
             let mut batch = Vec::new();
             let mut bytes = 0usize;
             let source: &str = &s.name;
+            let send_snapshot = |batch: Vec<proto::Event>, bytes: usize| async move {
+                let events = batch.len() as u64;
+                send_batch(batch).await?;
+                self.tracker.resync_sent(name, source, events, bytes as u64);
+                Ok::<(), ShipError>(())
+            };
             while let Some(change) = srx.recv().await {
                 let payload = change.encode();
                 bytes += payload.len();
                 batch.push(lockstep_common::event::make_event(Seq::ZERO, source, now_us(), payload));
                 if bytes >= BATCH_BYTES || batch.len() >= BATCH_EVENTS {
-                    send_batch(std::mem::take(&mut batch)).await?;
+                    send_snapshot(std::mem::take(&mut batch), bytes).await?;
                     bytes = 0;
                 }
             }
             if !batch.is_empty() {
-                send_batch(batch).await?;
+                send_snapshot(batch, bytes).await?;
             }
             match snap.await {
                 Ok(Ok(())) => {}
@@ -329,7 +335,7 @@ impl Shipper {
             }
             send(AMsg::ResyncEnd(proto::ResyncEnd { source: s.name.to_string(), seq: at.0 })).await?;
             positions.insert(s.name.clone(), at);
-            self.tracker.set_resyncing(name, None);
+            // Status keeps showing the resync until the receiver reports it committed.
             info!(source = %s.name, seq = at.0, "resync: snapshot sent");
         }
 
@@ -427,6 +433,7 @@ async fn read_acks(
         match msg.msg {
             Some(RMsg::Ack(a)) => {
                 flow.acked(a.batches);
+                tracker.resyncs_committed(name, a.resyncs_committed);
                 tracker.set_acked(name, Seq(a.seq));
                 // The journal may drop only what every target has *committed*.
                 let seq = a.positions.iter().map(|p| Seq(p.seq)).min().unwrap_or(Seq(a.seq));

@@ -46,6 +46,12 @@ struct SessionTarget {
     committed: Seq,
     dirty: bool,
     resyncing: bool,
+    /// Counts this target's resyncs on the stream; a commit carries the generation it was
+    /// prepared in, so one prepared before a resync never confirms it.
+    resync_gen: u64,
+    /// A resync has ended but no commit prepared after its end has landed yet: the standby
+    /// may still lack part of the snapshot.
+    resync_unconfirmed: bool,
     last_commit: Instant,
 }
 
@@ -62,6 +68,8 @@ struct Session {
     /// Highest journal seq seen on this stream; journal records must arrive strictly increasing.
     last_seq: Seq,
     batches: u64,
+    /// Resyncs on this stream whose snapshot and position are durable.
+    resyncs_committed: u64,
     /// Repair requests to send once the session is up.
     repairs: Vec<proto::Repair>,
 }
@@ -187,6 +195,8 @@ impl Session {
                 info!(source = %r.source, seq = r.seq, "resync begins");
                 t.applier().begin_resync().map_err(|e| Status::internal(e.to_string()))?;
                 t.resyncing = true;
+                t.resync_gen += 1;
+                t.resync_unconfirmed = true;
                 t.target.status().resyncing = true;
                 Ok(())
             }
@@ -207,8 +217,8 @@ impl Session {
                 t.resyncing = false;
                 t.applied = Seq(r.seq);
                 t.dirty = true;
-                t.target.status().resyncing = false;
-                info!(source = %r.source, seq = r.seq, "resync complete");
+                // Status and acknowledgement say "resyncing" until its commit lands.
+                info!(source = %r.source, seq = r.seq, "resync applied; committing");
                 Ok(())
             }
             Some(AMsg::Hello(_)) | None => Err(Status::invalid_argument("unexpected message in stream")),
@@ -234,7 +244,7 @@ impl Session {
             }
             let pos = Position { journal_id: self.journal_id, seq: t.applied };
             match t.applier().prepare_commit(pos) {
-                Ok(Some(f)) => fns.push((source.clone(), t.applied, f)),
+                Ok(Some(f)) => fns.push((source.clone(), t.applied, t.resync_gen, f)),
                 // Mid-transaction: stays dirty, committed with a later round.
                 Ok(None) => continue,
                 Err(e) => {
@@ -253,14 +263,23 @@ impl Session {
     }
 
     /// Records commits that finished.
-    fn committed(&mut self, done: &[(String, Seq)]) {
-        for (source, seq) in done {
+    fn committed(&mut self, done: &[Committed]) {
+        for (source, seq, gen) in done {
             let Some(t) = self.targets.get_mut(source) else { continue };
             t.committed = t.committed.max(*seq);
+            let confirms_resync = t.resync_unconfirmed && *gen == t.resync_gen;
+            if confirms_resync {
+                t.resync_unconfirmed = false;
+                self.resyncs_committed += 1;
+                info!(source = %source, seq = seq.0, "resync complete: snapshot committed");
+            }
             {
                 let mut st = t.target.status();
                 st.committed_seq = t.committed.0;
                 st.last_commit_at_us = Some(lockstep_common::now_us());
+                if confirms_resync {
+                    st.resyncing = false;
+                }
             }
             metrics::gauge!(m::APPLIED_SEQ, m::L_AGENT => self.agent.clone(), m::L_SOURCE => source.clone())
                 .set(t.committed.0 as f64);
@@ -274,9 +293,14 @@ impl Session {
                 positions: self
                     .targets
                     .iter()
-                    .map(|(s, t)| proto::SourcePosition { source: s.clone(), seq: t.committed.0, known: true })
+                    .map(|(s, t)| proto::SourcePosition {
+                        source: s.clone(),
+                        seq: t.committed.0,
+                        known: !t.resyncing && !t.resync_unconfirmed,
+                    })
                     .collect(),
                 batches,
+                resyncs_committed: self.resyncs_committed,
             })),
         }
     }
@@ -322,14 +346,17 @@ const SLOW_ROUND: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The durable halves of one round's commits, and the acknowledgement they earn.
 struct PendingCommit {
-    fns: Vec<(String, Seq, CommitFn)>,
+    fns: Vec<(String, Seq, u64, CommitFn)>,
     ack_seq: Seq,
     batches: u64,
 }
 
+/// A commit that landed: source, position, and the resync generation it was prepared in.
+type Committed = (String, Seq, u64);
+
 /// A finished [`PendingCommit`].
 struct CommitDone {
-    done: Vec<(String, Seq)>,
+    done: Vec<Committed>,
     result: Result<(), Status>,
     ack_seq: Seq,
     batches: u64,
@@ -340,9 +367,9 @@ impl PendingCommit {
     fn run(self) -> CommitDone {
         let mut done = Vec::new();
         let mut result = Ok(());
-        for (source, seq, f) in self.fns {
+        for (source, seq, gen, f) in self.fns {
             match f() {
-                Ok(()) => done.push((source, seq)),
+                Ok(()) => done.push((source, seq, gen)),
                 Err(e) => {
                     result = Err(Status::internal(format!("commit {source}: {e}")));
                     break;
@@ -455,6 +482,8 @@ impl ReplicationService {
             {
                 let mut st = t.status();
                 st.connected = true;
+                // A resync cut short shows again when the agent restarts it.
+                st.resyncing = false;
                 st.journal_id = Some(journal_id.to_string());
                 st.committed_seq = pos.unwrap_or_default().0;
                 st.applied_seq = st.committed_seq;
@@ -468,11 +497,16 @@ impl ReplicationService {
                     committed: pos.unwrap_or_default(),
                     dirty: false,
                     resyncing: false,
+                    resync_gen: 0,
+                    resync_unconfirmed: false,
                     last_commit: Instant::now(),
                 },
             );
         }
-        Ok((Session { agent, journal_id, targets, last_seq: Seq::ZERO, batches: 0, repairs }, inbound))
+        Ok((
+            Session { agent, journal_id, targets, last_seq: Seq::ZERO, batches: 0, resyncs_committed: 0, repairs },
+            inbound,
+        ))
     }
 }
 

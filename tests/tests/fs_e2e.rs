@@ -364,3 +364,58 @@ fn kill9_mid_initial_sync_of_large_files() {
         .collect();
     assert!(leftovers.is_empty(), "staging files left on the standby: {leftovers:?}");
 }
+
+/// Polls the agent's status until it reports the receiver caught up (connected, no resync,
+/// nothing behind, no lag), then the standby must already equal the source: an operator
+/// draining for a cutover promotes the standby at that moment. Returns how many polls saw the
+/// resync still under way.
+fn caught_up_means_identical(s: &mut Setup) -> usize {
+    let t0 = std::time::Instant::now();
+    let mut during = 0;
+    loop {
+        s.check_alive().unwrap();
+        assert!(t0.elapsed() < CONVERGE, "never caught up: {}", s.logs_tail());
+        let Ok(st) = s.agent_status() else { continue };
+        let r = &st["receivers"][0];
+        if r["connected"] == true && r["resyncing"].is_null() && r["events_behind"] == 0 && r["lag_seconds"] == 0.0 {
+            let diff = lockstep_tests::tree::diff(&s.src, &s.dst).unwrap();
+            assert!(
+                diff.is_empty(),
+                "the agent reported the receiver caught up while the standby lacked:\n{}\nstatus: {st}",
+                diff.join("\n")
+            );
+            return during;
+        }
+        if !r["resyncing"].is_null() {
+            assert!(r["lag_seconds"].as_f64().unwrap() > 0.0, "a resync shows no lag: {st}");
+            during += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn caught_up_status_waits_for_the_snapshot_to_be_committed() {
+    // 48 MiB fits in the flow window, so the agent has sent the whole snapshot long before the
+    // receiver has written and synced it; the status must not call the receiver caught up
+    // until the receiver has committed the snapshot.
+    let mut s = Setup::new().unwrap();
+    for i in 0..24 {
+        write(&s.src.join(format!("d{}/f{i}.bin", i % 3)), &vec![i as u8 ^ 0x5a; 2 << 20]);
+    }
+    s.start().unwrap();
+    let first = caught_up_means_identical(&mut s);
+    // A receiver that lost its data dir is reseeded while the agent keeps running.
+    s.kill_receiver();
+    let t0 = std::time::Instant::now();
+    while s.agent_status().unwrap()["receivers"][0]["connected"] == true {
+        assert!(t0.elapsed() < CONVERGE, "the agent never noticed the receiver was gone");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fs::remove_dir_all(s.root().join("receiver-data")).unwrap();
+    fs::remove_dir_all(&s.dst).unwrap();
+    s.start_receiver().unwrap();
+    let second = caught_up_means_identical(&mut s);
+    eprintln!("polls that saw the resync under way: {first}, {second}");
+    assert!(first > 0 && second > 0, "the resyncs were never seen in the status");
+}
