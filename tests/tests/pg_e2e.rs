@@ -474,7 +474,36 @@ fn pg_refuses_role_and_partial_publication() -> Result<()> {
 
     pg.psql("shop", "DROP PUBLICATION lockstep;")?;
     s.start_agent()?;
-    expect_logs(&s, &["only its inserts are replicated", "REPLICA IDENTITY FULL"])
+    expect_logs(&s, &["only its inserts are replicated", "REPLICA IDENTITY FULL"])?;
+    wait_equal(&mut s, &pg, Duration::from_secs(60))?;
+    s.kill_agent();
+
+    // Another consumer holds the slot: refused with the fix, and replication resumes once
+    // that consumer is gone.
+    let mut other = std::process::Command::new(pg.bin_dir().join("pg_recvlogical"))
+        .args(["-d", &pg.dsn("shop"), "--slot", "lockstep_test", "--start", "-f", "/dev/null"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=lockstep"])
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pg.query("shop", "SELECT active FROM pg_replication_slots WHERE slot_name = 'lockstep_test'")?[0][0]
+        .as_deref()
+        != Some("t")
+    {
+        if Instant::now() > deadline {
+            let _ = other.kill();
+            bail!("pg_recvlogical never took the slot");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pg.psql("shop", "INSERT INTO a VALUES (1), (2)")?;
+    s.start_agent()?;
+    let refused =
+        expect_logs(&s, &["is in use by another session", "stop that consumer or configure another slot name"]);
+    let _ = other.kill();
+    let _ = other.wait();
+    refused?;
+    wait_equal(&mut s, &pg, Duration::from_secs(60))
 }
 
 /// The slot is invalidated upstream while the agent is down (PostgreSQL removed WAL it still
