@@ -68,7 +68,9 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        self.cv.notify_all();
+        // lockstep patch: wake one waiting thread per task, not all of them (upstream's
+        // notify_all woke all seven idle threads for every log write).
+        self.cv.notify_one();
 
         len
     }

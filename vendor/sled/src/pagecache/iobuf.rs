@@ -1151,7 +1151,22 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
     drop(measure_assign_offset);
 
     // if writers is 0, it's our responsibility to write the buffer.
-    if header::n_writers(sealed) == 0 {
+    if header::n_writers(sealed) == 0 && !from_reserve {
+        // lockstep patch: sealed by a thread that flushes (make_stable, roll_iobuf), which
+        // waits for this write anyway: write it here instead of handing it to the threadpool
+        // and sleeping until a pool thread is done. Saves two thread wake-ups per flush.
+        iobufs.config.global_error()?;
+        trace!("writing iobuf with lsn {} to log from maybe_seal", lsn);
+        if let Err(e) = iobufs.write_to_log(iobuf) {
+            error!("hit error while writing iobuf with lsn {}: {:?}", lsn, e);
+            iobufs.config.set_global_error(e.clone());
+            let intervals = iobufs.intervals.lock();
+            drop(intervals);
+            let _notified = iobufs.interval_updated.notify_all();
+            return Err(e);
+        }
+        Ok(())
+    } else if header::n_writers(sealed) == 0 {
         iobufs.config.global_error()?;
         trace!(
             "asynchronously writing iobuf with lsn {} to log from maybe_seal",
