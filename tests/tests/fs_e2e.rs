@@ -375,7 +375,10 @@ fn caught_up_means_identical(s: &mut Setup) -> usize {
     loop {
         s.check_alive().unwrap();
         assert!(t0.elapsed() < CONVERGE, "never caught up: {}", s.logs_tail());
-        let Ok(st) = s.agent_status() else { continue };
+        let Ok(st) = s.agent_status() else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
         let r = &st["receivers"][0];
         if r["connected"] == true && r["resyncing"].is_null() && r["events_behind"] == 0 && r["lag_seconds"] == 0.0 {
             let diff = lockstep_tests::tree::diff(&s.src, &s.dst).unwrap();
