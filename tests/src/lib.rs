@@ -373,6 +373,32 @@ path = "standby"
         admin_get(self.receiver_admin, "/status")
     }
 
+    /// Waits until the agent reports its first receiver caught up: connected, no resync under
+    /// way (the receiver has committed every snapshot it was sent), nothing behind.
+    pub fn wait_caught_up(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            let st = self.agent_status().ok();
+            if st.as_ref().is_some_and(|s| {
+                let r = &s["receivers"][0];
+                r["connected"] == true && r["events_behind"] == 0 && r["resyncing"].is_null()
+            }) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not report the receiver caught up within {timeout:?}
+agent status: {}
+{}",
+                    st.map(|v| v.to_string()).unwrap_or_default(),
+                    self.logs_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until the standby equals the source tree and the agent reports nothing behind.
     pub fn wait_converged(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;

@@ -39,39 +39,7 @@ fn pg_setup_with(pg: &PgCluster, dsn_extra: &str) -> Result<Setup> {
 /// commit is then applied too (the standby applies in commit order) — then compares the two
 /// databases.
 fn wait_equal(s: &mut Setup, pg: &PgCluster, timeout: Duration) -> Result<()> {
-    let token = format!("{:x}", rand::random::<u64>());
-    pg.psql(
-        "shop",
-        &format!(
-            "CREATE TABLE IF NOT EXISTS sentinel (id serial PRIMARY KEY, token text); INSERT INTO sentinel (token) VALUES ('{token}');"
-        ),
-    )?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        s.check_alive()?;
-        let seen = pg
-            .query("shop_standby", &format!("SELECT count(*) FROM sentinel WHERE token = '{token}'"))
-            .ok()
-            .and_then(|rows| rows.first().and_then(|r| r[0].clone()))
-            .is_some_and(|c| c == "1");
-        if seen {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "standby did not catch up within {timeout:?}\nagent status: {}\nreceiver status: {}\n{}",
-                s.agent_status().map(|v| v.to_string()).unwrap_or_else(|e| e.to_string()),
-                s.receiver_status().map(|v| v.to_string()).unwrap_or_else(|e| e.to_string()),
-                s.logs_tail()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let diff = PgCluster::diff_databases((pg, "shop"), (pg, "shop_standby"))?;
-    if !diff.is_empty() {
-        bail!("standby differs from the source:\n{}\n{}", diff.join("\n"), s.logs_tail());
-    }
-    Ok(())
+    wait_equal_across(s, pg, pg, timeout)
 }
 
 /// A xorshift generator seeded from `LOCKSTEP_SEED` (printed, to replay a run) or at random.
@@ -591,8 +559,8 @@ fn pg_restart_during_snapshot() -> Result<()> {
     Ok(())
 }
 
-/// [`wait_equal`] across two clusters: a marker row committed on `src` must show on `dst`,
-/// then the databases must be equal.
+/// [`wait_equal`] with the source database `shop` on `src` and the standby `shop_standby` on
+/// `dst`, which may be another cluster.
 fn wait_equal_across(s: &mut Setup, src: &PgCluster, dst: &PgCluster, timeout: Duration) -> Result<()> {
     let token = format!("{:x}", rand::random::<u64>());
     src.psql(
@@ -626,7 +594,7 @@ fn wait_equal_across(s: &mut Setup, src: &PgCluster, dst: &PgCluster, timeout: D
     if !diff.is_empty() {
         bail!("standby differs from the source:\n{}\n{}", diff.join("\n"), s.logs_tail());
     }
-    Ok(())
+    s.wait_caught_up(timeout)
 }
 
 /// The standby's server crashes (SIGKILL of its postmaster) mid-load, then the source's: the

@@ -114,7 +114,8 @@ fn wait_equal(sq: &mut Sq, timeout: Duration) -> Result<()> {
     if ic != "ok" {
         bail!("standby integrity_check: {ic}");
     }
-    Ok(())
+    // And the agent says so: any resync it ran has been confirmed committed.
+    sq.s.wait_caught_up(timeout)
 }
 
 /// What the application writer did, for the test's own checks.
