@@ -17,19 +17,25 @@ fn pg_setup(pg: &PgCluster) -> Result<Setup> {
 
 /// [`pg_setup`] with `dsn_extra` appended to both connection strings (e.g. TLS settings).
 fn pg_setup_with(pg: &PgCluster, dsn_extra: &str) -> Result<Setup> {
-    pg.create_db("shop")?;
-    pg.create_db("shop_standby")?;
+    pg_setup_on(pg, pg, dsn_extra)
+}
+
+/// [`pg_setup_with`] with database `shop` on `src` and `shop_standby` on `dst`, which may be
+/// another cluster.
+fn pg_setup_on(src: &PgCluster, dst: &PgCluster, dsn_extra: &str) -> Result<Setup> {
+    src.create_db("shop")?;
+    dst.create_db("shop_standby")?;
     let s = Setup::new()?;
     let mut a = std::fs::read_to_string(&s.agent_cfg)?;
     a.push_str(&format!(
         "\n[[sources]]\nname = \"shop\"\nkind = \"postgres\"\ndsn = \"{}{dsn_extra}\"\npublication = \"lockstep\"\nslot = \"lockstep_test\"\n",
-        pg.dsn("shop")
+        src.dsn("shop")
     ));
     std::fs::write(&s.agent_cfg, a)?;
     let mut r = std::fs::read_to_string(&s.receiver_cfg)?;
     r.push_str(&format!(
         "\n[[targets]]\nagent = \"web-1\"\nsource = \"shop\"\nkind = \"postgres\"\ndsn = \"{}{dsn_extra}\"\n",
-        pg.dsn("shop_standby")
+        dst.dsn("shop_standby")
     ));
     std::fs::write(&s.receiver_cfg, r)?;
     Ok(s)
@@ -606,21 +612,7 @@ fn wait_equal_across(s: &mut Setup, src: &PgCluster, dst: &PgCluster, timeout: D
 fn pg_source_and_standby_servers_crash_mid_load() -> Result<()> {
     let mut src = PgCluster::start()?;
     let mut dst = PgCluster::start()?;
-    src.create_db("shop")?;
-    dst.create_db("shop_standby")?;
-    let mut s = Setup::new()?;
-    let mut a = std::fs::read_to_string(&s.agent_cfg)?;
-    a.push_str(&format!(
-        "\n[[sources]]\nname = \"shop\"\nkind = \"postgres\"\ndsn = \"{}\"\npublication = \"lockstep\"\nslot = \"lockstep_test\"\n",
-        src.dsn("shop")
-    ));
-    std::fs::write(&s.agent_cfg, a)?;
-    let mut r = std::fs::read_to_string(&s.receiver_cfg)?;
-    r.push_str(&format!(
-        "\n[[targets]]\nagent = \"web-1\"\nsource = \"shop\"\nkind = \"postgres\"\ndsn = \"{}\"\n",
-        dst.dsn("shop_standby")
-    ));
-    std::fs::write(&s.receiver_cfg, r)?;
+    let mut s = pg_setup_on(&src, &dst, "")?;
     src.pgbench("shop", &["-i", "-s", "1", "-q"])?;
     src.psql("shop", SCHEMA)?;
     src.psql("shop", &typed_rows(1, 200))?;
