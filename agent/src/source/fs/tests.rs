@@ -746,7 +746,17 @@ async fn a_path_a_running_snapshot_may_have_sent_is_removed_when_it_vanishes() {
             std::fs::remove_file(h.p(&format!("t{i}"))).unwrap();
             std::fs::remove_file(h.p(&format!("d/u{i}"))).unwrap();
         }
-        h.settle().await
+        // One quiet spell of `settle` can end before a loaded machine has delivered every
+        // event: keep collecting until all the removals are in, or 20 s have passed.
+        let want: Vec<RelPath> = (0..20).flat_map(|i| [rp(&format!("t{i}")), rp(&format!("d/u{i}"))]).collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut ops = h.settle().await;
+        while Instant::now() < deadline
+            && !want.iter().all(|p| ops.iter().any(|op| matches!(op, FsOp::Remove { path } if path == p)))
+        {
+            ops.extend(h.settle().await);
+        }
+        ops
     };
     h.stop().await;
     for i in 0..20 {
