@@ -244,7 +244,7 @@ impl Session {
             }
             let pos = Position { journal_id: self.journal_id, seq: t.applied };
             match t.applier().prepare_commit(pos) {
-                Ok(Some(f)) => fns.push((source.clone(), t.applied, t.resync_gen, f)),
+                Ok(Some(f)) => fns.push(((source.clone(), t.applied, t.resync_gen), f)),
                 // Mid-transaction: stays dirty, committed with a later round.
                 Ok(None) => continue,
                 Err(e) => {
@@ -346,7 +346,7 @@ const SLOW_ROUND: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The durable halves of one round's commits, and the acknowledgement they earn.
 struct PendingCommit {
-    fns: Vec<(String, Seq, u64, CommitFn)>,
+    fns: Vec<(Committed, CommitFn)>,
     ack_seq: Seq,
     batches: u64,
 }
@@ -367,11 +367,11 @@ impl PendingCommit {
     fn run(self) -> CommitDone {
         let mut done = Vec::new();
         let mut result = Ok(());
-        for (source, seq, gen, f) in self.fns {
+        for (commit, f) in self.fns {
             match f() {
-                Ok(()) => done.push((source, seq, gen)),
+                Ok(()) => done.push(commit),
                 Err(e) => {
-                    result = Err(Status::internal(format!("commit {source}: {e}")));
+                    result = Err(Status::internal(format!("commit {}: {e}", commit.0)));
                     break;
                 }
             }

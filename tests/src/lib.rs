@@ -380,10 +380,7 @@ path = "standby"
         loop {
             self.check_alive()?;
             let st = self.agent_status().ok();
-            if st.as_ref().is_some_and(|s| {
-                let r = &s["receivers"][0];
-                r["connected"] == true && r["events_behind"] == 0 && r["resyncing"].is_null()
-            }) {
+            if st.as_ref().is_some_and(receiver_caught_up) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -405,11 +402,7 @@ agent status: {}
         let mut last_diff;
         loop {
             self.check_alive()?;
-            let caught_up = self.agent_status().ok().is_some_and(|s| {
-                let r = &s["receivers"][0];
-                r["connected"] == true && r["events_behind"] == 0 && r["resyncing"].is_null()
-            });
-            if caught_up {
+            if self.agent_status().ok().as_ref().is_some_and(receiver_caught_up) {
                 match tree::diff(&self.src, &self.dst) {
                     Ok(d) if d.is_empty() => return Ok(()),
                     Ok(d) => last_diff = d.join("\n"),
@@ -442,6 +435,13 @@ impl Drop for Setup {
             std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")));
         }
     }
+}
+
+/// Whether an agent status shows its first receiver connected, with no resync under way (the
+/// receiver has committed every snapshot it was sent) and nothing behind.
+pub fn receiver_caught_up(agent_status: &serde_json::Value) -> bool {
+    let r = &agent_status["receivers"][0];
+    r["connected"] == true && r["events_behind"] == 0 && r["resyncing"].is_null()
 }
 
 /// GET an admin path (blocking; for tests and benches).

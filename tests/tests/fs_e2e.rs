@@ -380,7 +380,7 @@ fn caught_up_means_identical(s: &mut Setup) -> usize {
             continue;
         };
         let r = &st["receivers"][0];
-        if r["connected"] == true && r["resyncing"].is_null() && r["events_behind"] == 0 && r["lag_seconds"] == 0.0 {
+        if lockstep_tests::receiver_caught_up(&st) && r["lag_seconds"] == 0.0 {
             let diff = lockstep_tests::tree::diff(&s.src, &s.dst).unwrap();
             assert!(
                 diff.is_empty(),

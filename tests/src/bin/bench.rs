@@ -224,26 +224,14 @@ fn lockstep_initial(tree_mib: u64) -> Result<(f64, f64, f64, u64)> {
         drop_caches();
         let t0 = Instant::now();
         s.start()?;
-        // Timed until the agent reports the receiver has acknowledged everything and the
-        // receiver has committed (synced) the snapshot: the agent's `resyncing` clears once the
-        // snapshot is sent, and a fresh receiver commits nothing before the snapshot's end.
+        // Timed until the agent reports the receiver caught up: it has acknowledged
+        // everything and committed (synced) the whole snapshot.
         loop {
             s.check_alive()?;
-            let sent = s.agent_status().is_ok_and(|st| {
-                let r = &st["receivers"][0];
-                r["connected"] == true
-                    && r["resyncing"].is_null()
-                    && r["acked_seq"].as_u64() == st["journal"]["last_seq"].as_u64()
-            });
-            let committed = sent
-                && s.receiver_status().is_ok_and(|st| {
-                    st["targets"].as_array().into_iter().flatten().any(|t| {
-                        t["path"].as_str().is_some_and(|p| p.ends_with(&format!("standby-{round}")))
-                            && t["resyncing"] == false
-                            && !t["last_commit_at_us"].is_null()
-                    })
-                });
-            if committed {
+            if s.agent_status().is_ok_and(|st| {
+                lockstep_tests::receiver_caught_up(&st)
+                    && st["receivers"][0]["acked_seq"].as_u64() == st["journal"]["last_seq"].as_u64()
+            }) {
                 break;
             }
             if t0.elapsed() > Duration::from_secs(600) {
