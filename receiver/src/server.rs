@@ -543,7 +543,8 @@ async fn run_session(
 /// Commits queued behind the one running before a round waits for room.
 const COMMIT_QUEUE: usize = 16;
 
-/// Gathers what has arrived and applies it on a blocking thread. Each round's commit (the
+/// Gathers what has arrived and applies it in place (`block_in_place`: no hand-off to another
+/// thread on the way to visibility). Each round's commit (the
 /// durable half) is queued to a commit task that runs them one at a time, in order, on
 /// blocking threads — while later rounds are gathered and applied, so a slow flush delays
 /// acknowledgements, never the next apply. An acknowledgement goes out when its commit is
@@ -626,14 +627,8 @@ async fn session_rounds(
                 Some(Err(_)) | None => break,
             }
         }
-        let mut session = holder.take().expect("session present between rounds");
-        let (session, round) = tokio::task::spawn_blocking(move || {
-            let r = session.round(msgs);
-            (session, r)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("apply thread failed: {e}")))?;
-        *holder = Some(session);
+        let session = holder.as_mut().expect("session present between rounds");
+        let round = tokio::task::block_in_place(|| session.round(msgs));
         for r in round.repairs {
             if out.send(Ok(ReceiverMessage { msg: Some(RMsg::Repair(r)) })).await.is_err() {
                 return Ok(());
