@@ -7,7 +7,11 @@
 //!     NOTIFY, delivered at commit; both replication paths apply as `replica`, so it fires
 //!     for both);
 //!  2. a 1,000,000-row insert in one transaction: from sending the INSERT until its last row
-//!     is visible on the standby.
+//!     is visible on the standby;
+//!  3. the initial copy of an existing database (`SNAP_TABLES` tables of `SNAP_ROWS` rows,
+//!     mixed types): from starting the daemons (lockstep, which also creates the tables on the
+//!     standby) or creating the subscription (native, `copy_data = true`, tables created
+//!     beforehand) until every row is on the standby.
 //!
 //! lockstep runs with its full path: journal fsync, mutual TLS, receiver commit with
 //! `synchronous_commit = on`. Native logical replication uses its defaults (the subscription
@@ -28,6 +32,8 @@ use lockstep_tests::Setup;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 const RATE: u64 = 200;
+const SNAP_TABLES: usize = 4;
+const SNAP_ROWS: u64 = 250_000;
 const BULK_ROWS: u64 = 1_000_000;
 
 const TABLES: &str = "
@@ -162,7 +168,7 @@ fn lockstep_round(
     std::fs::write(&s.receiver_cfg, r)?;
     s.start()?;
     // Seeded (empty tables) and streaming.
-    wait_until("lockstep streaming", || {
+    wait_until("lockstep streaming", Duration::from_secs(60), || {
         s.check_alive()?;
         Ok(s.agent_status().ok().is_some_and(|st| {
             let r = &st["receivers"][0];
@@ -190,7 +196,7 @@ fn native_round(rt: &tokio::runtime::Runtime, src: &PgCluster, dst: &PgCluster, 
             src.port()
         ),
     )?;
-    wait_until("native subscription streaming", || {
+    wait_until("native subscription streaming", Duration::from_secs(60), || {
         Ok(dst
             .query(db, "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND received_lsn IS NOT NULL")
             .is_ok_and(|r| r.first().and_then(|r| r[0].as_deref()) == Some("1")))
@@ -202,12 +208,101 @@ fn native_round(rt: &tokio::runtime::Runtime, src: &PgCluster, dst: &PgCluster, 
     Ok(round)
 }
 
-/// Polls `ready` every 50 ms for up to a minute.
-fn wait_until(what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+/// The seeded database the initial-copy comparison copies.
+fn snap_schema() -> String {
+    (0..SNAP_TABLES)
+        .map(|i| {
+            format!(
+                "CREATE TABLE snap{i} (id bigint PRIMARY KEY, n integer NOT NULL, amount numeric(12,2), \
+                 at timestamptz, label text, tags text[], doc jsonb);\n"
+            )
+        })
+        .collect()
+}
+
+fn snap_seed() -> String {
+    (0..SNAP_TABLES)
+        .map(|i| {
+            format!(
+                "INSERT INTO snap{i} SELECT g, g % 1000, (g * 7 % 100000) / 100.0, \
+                 '2026-01-01'::timestamptz + g * interval '1 second', md5(g::text), \
+                 ARRAY['a' || g % 7, 'b'], jsonb_build_object('k', g, 'v', md5(g::text)) \
+                 FROM generate_series(1, {SNAP_ROWS}) g;\n"
+            )
+        })
+        .collect()
+}
+
+/// Whether every table of the seeded database holds all its rows in standby database `db`.
+fn snap_complete(dst: &PgCluster, db: &str) -> bool {
+    let counts: Vec<String> = (0..SNAP_TABLES).map(|i| format!("(SELECT count(*) FROM snap{i})")).collect();
+    let q = format!("SELECT {}", counts.join(" + "));
+    dst.query(db, &q).ok().and_then(|r| r.first().and_then(|r| r[0].clone())).and_then(|v| v.parse::<u64>().ok())
+        == Some(SNAP_TABLES as u64 * SNAP_ROWS)
+}
+
+/// lockstep's initial copy of database `snap` into the empty standby database `db`: seconds
+/// from starting the daemons until the agent reports the receiver caught up (its snapshot
+/// committed) and every row is there.
+fn lockstep_snapshot(src: &PgCluster, dst: &PgCluster, db: &str) -> Result<f64> {
+    let agent_dsn = format!("host={} port={} user=postgres dbname=snap", src.dir().display(), src.port());
+    let mut s = Setup::new()?;
+    let mut a = std::fs::read_to_string(&s.agent_cfg)?;
+    a.push_str(&format!(
+        "\n[[sources]]\nname = \"snap\"\nkind = \"postgres\"\ndsn = \"{agent_dsn}\"\nslot = \"lockstep_snap\"\n"
+    ));
+    std::fs::write(&s.agent_cfg, a)?;
+    let mut r = std::fs::read_to_string(&s.receiver_cfg)?;
+    r.push_str(&format!(
+        "\n[[targets]]\nagent = \"web-1\"\nsource = \"snap\"\nkind = \"postgres\"\ndsn = \"{}\"\n",
+        dst.dsn(db)
+    ));
+    std::fs::write(&s.receiver_cfg, r)?;
+    let t0 = Instant::now();
+    s.start()?;
+    wait_until("lockstep initial copy", Duration::from_secs(600), || {
+        s.check_alive()?;
+        Ok(s.agent_status().ok().is_some_and(|st| lockstep_tests::receiver_caught_up(&st)) && snap_complete(dst, db))
+    })
+    .map_err(|e| e.context(s.logs_tail()))?;
+    let took = t0.elapsed().as_secs_f64();
+    s.kill_agent();
+    s.kill_receiver();
+    src.psql("snap", "SELECT pg_drop_replication_slot('lockstep_snap'); DROP PUBLICATION lockstep;")?;
+    Ok(took)
+}
+
+/// Native initial copy of database `snap` into standby database `db`, whose tables exist.
+fn native_snapshot(src: &PgCluster, dst: &PgCluster, db: &str) -> Result<f64> {
+    src.psql("snap", "CREATE PUBLICATION native_snap FOR ALL TABLES;")?;
+    dst.psql(db, &snap_schema())?;
+    let t0 = Instant::now();
+    dst.psql(
+        db,
+        &format!(
+            "CREATE SUBSCRIPTION native_snap_{db} CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=snap' PUBLICATION native_snap;",
+            src.port()
+        ),
+    )?;
+    wait_until("native initial copy", Duration::from_secs(600), || {
+        Ok(snap_complete(dst, db)
+            && dst
+                .query(db, "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate NOT IN ('r', 's')")
+                .is_ok_and(|r| r.first().and_then(|r| r[0].as_deref()) == Some("0")))
+    })
+    .map_err(|e| e.context(dst.log_tail()))?;
+    let took = t0.elapsed().as_secs_f64();
+    dst.psql(db, &format!("DROP SUBSCRIPTION native_snap_{db};"))?;
+    src.psql("snap", "DROP PUBLICATION native_snap;")?;
+    Ok(took)
+}
+
+/// Polls `ready` every 50 ms for up to `limit`.
+fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
     let t0 = Instant::now();
     while !ready()? {
-        if t0.elapsed() > Duration::from_secs(60) {
-            bail!("{what}: not ready after 60 s");
+        if t0.elapsed() > limit {
+            bail!("{what}: not ready after {} s", limit.as_secs());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -269,6 +364,25 @@ fn main() -> Result<()> {
             list.push(r);
         }
     }
+    // The initial copy, in alternating rounds too.
+    src.create_db("snap")?;
+    src.psql("snap", &snap_schema())?;
+    src.psql("snap", &snap_seed())?;
+    src.psql("snap", "VACUUM ANALYZE;")?;
+    let (mut snap_ours, mut snap_theirs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let db = format!("snap_ls_{round}");
+        dst.create_db(&db)?;
+        let l = lockstep_snapshot(&src, &dst, &db)?;
+        let db = format!("snap_native_{round}");
+        dst.create_db(&db)?;
+        let n = native_snapshot(&src, &dst, &db)?;
+        println!(
+            "  round {round} initial copy of {SNAP_TABLES} x {SNAP_ROWS} rows: lockstep {l:.2} s, native {n:.2} s"
+        );
+        snap_ours.push(l);
+        snap_theirs.push(n);
+    }
     let med = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
     let (l99, n99) = (med(&ours, |r| r.p99), med(&theirs, |r| r.p99));
     let (lb, nb) = (med(&ours, |r| r.bulk_s), med(&theirs, |r| r.bulk_s));
@@ -280,6 +394,12 @@ fn main() -> Result<()> {
         med(&theirs, |r| r.p50),
         BULK_ROWS as f64 / nb,
         med(&theirs, |r| r.after_commit_s),
+    );
+    println!(
+        "  initial copy of {} rows in {SNAP_TABLES} tables: lockstep {:.2} s, native {:.2} s",
+        SNAP_TABLES as u64 * SNAP_ROWS,
+        median(snap_ours),
+        median(snap_theirs)
     );
     println!(
         "bars: p99 {l99:.2} ms vs 2 x {n99:.2} + 0.5 = {:.2} ms ({}); bulk {lb:.2} s vs native {nb:.2} s ({})",

@@ -24,7 +24,9 @@
 //!
 //! The session runs with `session_replication_role = replica`, so triggers and foreign-key
 //! checks on the standby behave as under native replication. Inserts and snapshot data arrive
-//! as COPY text lines and go through `COPY ... FROM STDIN` unchanged (the fast path). Updates
+//! as COPY text lines and go through `COPY ... FROM STDIN` unchanged (the fast path); during a
+//! resync, tables of built-in types are filled on connections of their own, in parallel, and
+//! committed right before the position (see [`copiers`]). Updates
 //! and deletes are prepared statements (cached per relation and column set) taking every value
 //! as text and casting it in SQL; consecutive ones are pipelined. Rows are found by the replica
 //! identity's key columns, or, for identity FULL, by comparing every old column's text form
@@ -40,9 +42,10 @@
 //! [`sql::type_def`]). Names, type names and defaults from the agent are checked before they go
 //! into SQL (see [`sql`]); nothing is written to the `lockstep` or system schemas.
 //!
-//! The applier is driven from blocking threads; it owns a small current-thread runtime for
-//! tokio-postgres and blocks on it.
+//! The applier is driven from blocking sections of the session; it owns a small
+//! current-thread runtime for tokio-postgres and blocks on it.
 
+mod copiers;
 mod flush;
 mod schema;
 mod sql;
@@ -187,6 +190,8 @@ struct State {
     enum_labels: HashMap<(String, String), Vec<String>>,
     /// Makes asynchronously committed rounds durable (see [`flush`]).
     flusher: flush::Flusher,
+    /// Fill tables in parallel during a resync (see [`copiers`]).
+    copiers: copiers::Copiers,
     /// Updates and deletes of the current event that found no row.
     missing: usize,
     first_missing: Option<String>,
@@ -425,6 +430,7 @@ impl PgApplier {
             types: HashSet::new(),
             enum_labels: HashMap::new(),
             flusher: flush::Flusher::new(conn.clone())?,
+            copiers: copiers::Copiers::new(conn.clone()),
             deferred: None,
             missing: 0,
             first_missing: None,
@@ -458,6 +464,57 @@ impl Drop for PgApplier {
     }
 }
 
+/// The standby's address, database and role, for messages.
+fn describe_server(conn: &PgConn) -> String {
+    let hosts: Vec<String> = conn
+        .config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    let port = conn.config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "PostgreSQL {}:{port}/{} as {}",
+        hosts.join(","),
+        conn.config.get_dbname().unwrap_or("(default)"),
+        conn.config.get_user().unwrap_or("(default)")
+    )
+}
+
+/// Connects to the standby (the connection driven by a task on the current runtime) and sets
+/// the session up for applying: `session_replication_role = replica`, the source's text forms.
+async fn open_session(conn: &PgConn) -> Result<Client, ApplyError> {
+    let ctx = || format!("connect to {}", describe_server(conn));
+    let (client, connection) = conn.connect().await.map_err(db_err(ctx()))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(error = %e, "standby connection ended");
+        }
+    });
+    client.batch_execute("SET session_replication_role = replica").await.map_err(|e| {
+        target_err(
+            ctx(),
+            format!(
+                "cannot SET session_replication_role = replica ({}); the receiver's role must be a superuser \
+                     or hold GRANT SET ON PARAMETER session_replication_role",
+                describe(&e)
+            ),
+        )
+    })?;
+    // Values arrive in the source's text forms; parse them the way they were written.
+    client
+        .batch_execute(
+            "SET synchronous_commit = on; SET datestyle = 'ISO, MDY'; SET intervalstyle = 'postgres'; \
+             SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0",
+        )
+        .await
+        .map_err(db_err(ctx()))?;
+    Ok(client)
+}
+
 impl State {
     fn client(&self) -> Result<&Client, ApplyError> {
         self.client.as_deref().ok_or_else(connection_lost)
@@ -469,23 +526,7 @@ impl State {
     }
 
     fn where_(&self) -> String {
-        let hosts: Vec<String> = self
-            .conn
-            .config
-            .get_hosts()
-            .iter()
-            .map(|h| match h {
-                tokio_postgres::config::Host::Tcp(s) => s.clone(),
-                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-            })
-            .collect();
-        let port = self.conn.config.get_ports().first().copied().unwrap_or(5432);
-        format!(
-            "PostgreSQL {}:{port}/{} as {}",
-            hosts.join(","),
-            self.conn.config.get_dbname().unwrap_or("(default)"),
-            self.conn.config.get_user().unwrap_or("(default)")
-        )
+        describe_server(&self.conn)
     }
 
     /// (Re)connects with a few quick retries, prepares the session and reads the position.
@@ -527,30 +568,7 @@ impl State {
 
     async fn connect_once(&self) -> Result<Client, ApplyError> {
         let ctx = || format!("connect to {}", self.where_());
-        let (client, connection) = self.conn.connect().await.map_err(db_err(ctx()))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(error = %e, "standby connection ended");
-            }
-        });
-        client.batch_execute("SET session_replication_role = replica").await.map_err(|e| {
-            target_err(
-                ctx(),
-                format!(
-                    "cannot SET session_replication_role = replica ({}); the receiver's role must be a superuser \
-                         or hold GRANT SET ON PARAMETER session_replication_role",
-                    describe(&e)
-                ),
-            )
-        })?;
-        // Values arrive in the source's text forms; parse them the way they were written.
-        client
-            .batch_execute(
-                "SET synchronous_commit = on; SET datestyle = 'ISO, MDY'; SET intervalstyle = 'postgres'; \
-                 SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0",
-            )
-            .await
-            .map_err(db_err(ctx()))?;
+        let client = open_session(&self.conn).await?;
         let exists: bool = client
             .query_one("SELECT pg_catalog.to_regclass('lockstep.applied_position') IS NOT NULL", &[])
             .await
@@ -627,11 +645,13 @@ impl State {
         self.tx_used = false;
         self.source_tx = None;
         self.resync = None;
+        self.copiers.reset(false);
         self.applied_lsn = self.committed_lsn;
         self.forget_statements();
     }
 
     async fn fail(&mut self, e: ApplyError) -> ApplyError {
+        self.copiers.reset(true);
         self.discard().await;
         self.failed = true;
         e
@@ -758,6 +778,9 @@ impl State {
         if !snapshot && !self.track(&tx).await? {
             return Ok(ApplyOutcome::default());
         }
+        if snapshot && self.hand_to_copier(&tx).await? {
+            return Ok(ApplyOutcome::default());
+        }
         if !tx.ops.is_empty() {
             self.begin().await?;
         }
@@ -817,6 +840,7 @@ impl State {
                                     c.rel
                                 ))
                             })?;
+                            self.not_a_copier_table(&rel.msg.schema, &rel.msg.name)?;
                             if !rs.seen.contains(&(rel.msg.schema.clone(), rel.msg.name.clone())) {
                                 return Err(refused(format!(
                                     "snapshot COPY data for {} before its PgRelation in this resync",
@@ -842,6 +866,60 @@ impl State {
         self.flush(&mut queue).await
     }
 
+    /// Hands a snapshot piece (its table's relation and COPY data) to a copier when its table
+    /// is, or can be, filled by one (see [`copiers`]); false: it is applied here.
+    async fn hand_to_copier(&mut self, tx: &PgTransaction) -> Result<bool, ApplyError> {
+        let ops: Vec<&pg_op::Op> = tx.ops.iter().filter_map(|o| o.op.as_ref()).collect();
+        let (rel, data) = match ops.as_slice() {
+            [pg_op::Op::Relation(r)] => (r, None),
+            [pg_op::Op::Relation(r), pg_op::Op::Copy(c)] if c.rel == r.id => (r, Some(&c.data)),
+            _ => return Ok(false),
+        };
+        let Some(rs) = &mut self.resync else { return Ok(false) };
+        if !self.copiers.has(&rel.schema, &rel.name) {
+            let key = (rel.schema.clone(), rel.name.clone());
+            if rs.seen.contains(&key) {
+                return Ok(false);
+            }
+            sql::check_relation(rel).map_err(ApplyError::Refused)?;
+            // A relation renamed since it was last seen is renamed here, on the main connection.
+            let renamed = self.rels.get(&rel.id).is_some_and(|c| c.msg.schema != rel.schema || c.msg.name != rel.name);
+            if renamed || !self.copiers.take(rel).await? {
+                return Ok(false);
+            }
+            rs.seen.insert(key);
+            // The main connection checks the table again after the resync.
+            let mut stale: HashSet<u32> = HashSet::from([rel.id]);
+            for (id, c) in self.rels.iter_mut() {
+                if c.msg.schema == rel.schema && c.msg.name == rel.name {
+                    c.checked = false;
+                    stale.insert(*id);
+                }
+            }
+            self.stmts.retain(|k, _| !stale.contains(&k.rel));
+            self.rels.insert(
+                rel.id,
+                Rel { msg: rel.clone(), table: sql::qualified(&rel.schema, &rel.name), checked: false },
+            );
+        }
+        if let Some(data) = data.filter(|d| !d.is_empty()) {
+            self.copiers.copy(&rel.schema, &rel.name, data.clone()).await?;
+        }
+        Ok(true)
+    }
+
+    /// Refuses work on the main connection for a table a copier fills (it would wait for the
+    /// copier's locks, and the copier for the resync's end).
+    fn not_a_copier_table(&self, schema: &str, name: &str) -> Result<(), ApplyError> {
+        if self.copiers.has(schema, name) {
+            return Err(refused(format!(
+                "snapshot piece for {} in a form other than relation plus COPY data",
+                sql::qualified(schema, name)
+            )));
+        }
+        Ok(())
+    }
+
     /// Makes sure relation `id` is known and its standby table checked.
     async fn rel_ready(&mut self, id: u32) -> Result<&Rel, ApplyError> {
         let Some(rel) = self.rels.get(&id) else {
@@ -860,6 +938,7 @@ impl State {
 
     async fn relation(&mut self, r: &PgRelation) -> Result<(), ApplyError> {
         sql::check_relation(r).map_err(ApplyError::Refused)?;
+        self.not_a_copier_table(&r.schema, &r.name)?;
         let first_in_resync = match &mut self.resync {
             Some(rs) => rs.seen.insert((r.schema.clone(), r.name.clone())),
             None => false,
@@ -1179,14 +1258,21 @@ impl State {
         let Some(lsn) = rs.end_lsn else {
             return Err(self.fail(refused("the resync snapshot ended without a PgSnapshotEnd")).await);
         };
+        if let Err(e) = self.copiers.finish().await {
+            return Err(self.fail(e).await);
+        }
         self.applied_lsn = lsn;
-        info!(lsn, tables = rs.seen.len(), "resync snapshot applied");
+        info!(lsn, tables = rs.seen.len(), parallel = self.copiers.in_use(), "resync snapshot applied");
         Ok(())
     }
 
     async fn prepare_commit(&mut self, pos: Position) -> Result<Option<CommitFn>, ApplyError> {
         if self.failed || self.resync.is_some() || self.source_tx.is_some() {
             return Ok(None);
+        }
+        // Tables a resync filled in parallel commit first, right before the position.
+        if let Err(e) = self.copiers.commit().await {
+            return Err(self.fail(e).await);
         }
         let done: CommitFn = Box::new(|| Ok(()));
         if !self.tx_used && self.position == Some(pos) && self.applied_lsn == self.committed_lsn {

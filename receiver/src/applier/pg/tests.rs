@@ -815,6 +815,125 @@ fn pg_resync_replaces_rows_with_the_snapshot() {
     assert_eq!(db.count("SELECT count(*) FROM kv"), 3);
 }
 
+/// A snapshot relation of table `name` (id, v) with built-in types, and a piece of its rows.
+fn snap_piece(id: u32, name: &str, rows: &[Vec<Option<&str>>]) -> Change {
+    let rel = PgRelation {
+        id,
+        schema: "public".into(),
+        name: name.into(),
+        columns: vec![
+            PgColumn { not_null: true, type_oid: 23, ..col("id", "integer", true) },
+            PgColumn { type_oid: 25, ..col("v", "text", false) },
+        ],
+        replica_identity: "d".into(),
+        primary_key: vec!["id".into()],
+    };
+    snapshot(vec![
+        PgOp { op: Some(pg_op::Op::Relation(rel)) },
+        PgOp { op: Some(pg_op::Op::Copy(proto::PgCopy { rel: id, data: Bytes::from(copy_lines(rows)) })) },
+    ])
+}
+
+fn borrowed(rows: &[Vec<Option<String>>]) -> Vec<Vec<Option<&str>>> {
+    rows.iter().map(|r| r.iter().map(|v| v.as_deref()).collect()).collect()
+}
+
+fn snap_end(lsn: u64) -> Change {
+    snapshot(vec![PgOp { op: Some(pg_op::Op::SnapshotEnd(proto::PgSnapshotEnd { lsn })) }])
+}
+
+#[test]
+fn pg_resync_fills_tables_in_parallel_and_commits_them_with_the_position() {
+    let pg = Cluster::start();
+    let mut a = pg.open();
+    let db = pg.db();
+    // Referenced by another table, t1 is emptied with DELETE (not TRUNCATE), so readers see
+    // its old rows until the resync commits.
+    db.exec("CREATE TABLE t1 (id int PRIMARY KEY, v text); INSERT INTO t1 VALUES (1, 'old');");
+    db.exec("CREATE TABLE t1_child (id int PRIMARY KEY, t1_id int REFERENCES t1(id))");
+    db.exec("CREATE TYPE mood AS ENUM ('ok', 'meh')");
+    let mood = PgRelation {
+        id: 30,
+        schema: "public".into(),
+        name: "moods".into(),
+        columns: vec![
+            PgColumn { not_null: true, type_oid: 23, ..col("id", "integer", true) },
+            PgColumn { type_oid: 40000, ..col("m", "public.mood", false) },
+        ],
+        replica_identity: "d".into(),
+        primary_key: vec!["id".into()],
+    };
+    let many = |from: i32, n: i32| -> Vec<Vec<Option<String>>> {
+        (from..from + n).map(|i| vec![Some(i.to_string()), Some(format!("row {i}"))]).collect()
+    };
+    a.begin_resync().unwrap();
+    // Pieces of three tables interleave, as the agent's parallel copy sends them.
+    for k in 0..4 {
+        for (id, name) in [(21, "t1"), (22, "t2"), (23, "t3")] {
+            let rows = many(k * 1000, 1000);
+            a.apply(Seq(0), snap_piece(id, name, &borrowed(&rows))).unwrap();
+        }
+    }
+    a.apply(
+        Seq(0),
+        snapshot(vec![
+            PgOp { op: Some(pg_op::Op::Relation(mood.clone())) },
+            PgOp {
+                op: Some(pg_op::Op::Copy(proto::PgCopy {
+                    rel: 30,
+                    data: Bytes::from(copy_lines(&[vec![Some("1"), Some("meh")]])),
+                })),
+            },
+        ]),
+    )
+    .unwrap();
+    assert!(a.st.copiers.has("public", "t2"), "a table of built-in types goes to a copier");
+    assert!(!a.st.copiers.has("public", "moods"), "a table of a user-defined type stays on the main connection");
+    a.apply(Seq(0), snap_end(7000)).unwrap();
+    a.end_resync().unwrap();
+    assert_eq!(kv_rows(&db, "t1"), vec![row("1", Some("old"))], "nothing of the resync visible before its commit");
+    assert_eq!(db.one("SELECT to_regclass('public.t2')::text"), None);
+    assert!(a.commit(pos(3)).unwrap());
+    for t in ["t1", "t2", "t3"] {
+        assert_eq!(db.count(&format!("SELECT count(*) FROM {t}")), 4000, "{t}");
+        assert_eq!(db.one(&format!("SELECT v FROM {t} WHERE id = 3999")).as_deref(), Some("row 3999"));
+    }
+    assert_eq!(db.one("SELECT m::text FROM moods").as_deref(), Some("meh"));
+    assert_eq!(
+        db.rows("SELECT seq::text, lsn::text FROM lockstep.applied_position"),
+        vec![vec![Some("3".into()), Some("7000".into())]]
+    );
+    // After the resync the tables take changes on the main connection.
+    apply_commit(&mut a, 4, tx(7001, vec![kv_relation(1, "t2"), insert(1, &[vec![Some("5000"), Some("after")]])]));
+    assert_eq!(db.count("SELECT count(*) FROM t2"), 4001);
+
+    // A copier that fails (a value its column refuses) fails the resync: nothing of it is
+    // committed, other copiers' tables included, and the next resync fills every table on the
+    // main connection.
+    a.begin_resync().unwrap();
+    a.apply(Seq(0), snap_piece(21, "t1", &[vec![Some("1"), Some("new")]])).unwrap();
+    let bad = a
+        .apply(Seq(0), snap_piece(22, "t2", &[vec![Some("not a number"), Some("x")]]))
+        .and_then(|_| a.apply(Seq(0), snap_end(8000)))
+        .and_then(|_| a.end_resync());
+    let e = bad.expect_err("a copier's COPY error fails the resync");
+    assert!(e.to_string().contains("t2"), "{e}");
+    assert!(a.prepare_commit(pos(5)).unwrap().is_none());
+    assert_eq!(db.count("SELECT count(*) FROM t1"), 4000);
+    assert_eq!(db.count("SELECT count(*) FROM t2"), 4001);
+    a.session_start(JOURNAL).unwrap();
+    a.begin_resync().unwrap();
+    a.apply(Seq(0), snap_piece(21, "t1", &[vec![Some("1"), Some("new")]])).unwrap();
+    a.apply(Seq(0), snap_piece(22, "t2", &[vec![Some("2"), Some("new")]])).unwrap();
+    assert!(!a.st.copiers.has("public", "t1"), "after a copier failure, tables stay on the main connection");
+    a.apply(Seq(0), snap_end(9000)).unwrap();
+    a.end_resync().unwrap();
+    assert!(a.commit(pos(6)).unwrap());
+    assert_eq!(kv_rows(&db, "t1"), vec![row("1", Some("new"))]);
+    assert_eq!(kv_rows(&db, "t2"), vec![row("2", Some("new"))]);
+    assert_eq!(db.count("SELECT count(*) FROM t3"), 4000, "a table the snapshot does not mention is left alone");
+}
+
 #[test]
 fn pg_position_survives_reopening() {
     let pg = Cluster::start();

@@ -1,0 +1,317 @@
+//! Filling tables in parallel during a resync.
+//!
+//! A snapshot arrives as pieces of COPY data, each naming its table; the agent copies a few
+//! tables at a time, so pieces of different tables interleave. Applied on the one standby
+//! connection, the standby's COPY (parsing every value) runs on one core while the rest of the
+//! pipeline waits. Here each table whose columns all have built-in types is handed, at its
+//! first piece, to one of a few *copiers*: a thread with a connection of its own and an open
+//! transaction, which creates or empties the table and runs its COPYs. Tables with
+//! user-defined types (created on the main connection, invisible to others until it commits)
+//! and tables in schemas the standby lacks stay on the main connection.
+//!
+//! Atomicity: a copier commits only when the whole snapshot has arrived and every copier has
+//! applied its share ([`Copiers::finish`]), right before the main transaction commits with the
+//! new position ([`Copiers::commit`]). Until then nothing of the resync is visible, and an
+//! error, a lost session or a crash rolls back every copier (its connection closes). A crash in
+//! the moment between the copiers' commits and the main commit leaves the new tables with the
+//! old position; the agent then resyncs again, because whatever made it resync (no position,
+//! a position outside its journal or below a source's floor) still holds until the new
+//! position commits.
+//!
+//! A copier waits at most [`LOCK_TIMEOUT`] for a lock on its table (someone else holding it);
+//! after any copier failure the applier fills tables on the main connection only.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::SinkExt;
+use lockstep_common::pgtls::PgConn;
+use lockstep_common::proto::PgRelation;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Client, Statement};
+
+use super::{db_err, schema, sql, target_err};
+use crate::applier::ApplyError;
+
+/// Copiers per resync (PostgreSQL's subscriptions sync two tables at a time by default).
+const COPIERS: usize = 2;
+/// Pieces (about 1 MiB each) queued per copier before the applier waits for it.
+const QUEUE: usize = 16;
+/// How long a copier waits for a lock on its table.
+const LOCK_TIMEOUT: &str = "10s";
+/// Types with OIDs below this are built in: the same on every server.
+const FIRST_USER_OID: u32 = 16384;
+
+type Table = (String, String);
+
+enum Job {
+    /// Take on `rel`'s table: create or empty it. Answers false when its schema is missing.
+    Take {
+        rel: Box<PgRelation>,
+        reply: oneshot::Sender<Result<bool, String>>,
+    },
+    Copy {
+        table: Table,
+        data: Bytes,
+    },
+    /// Answers once every job before it is done; with `commit`, commits first.
+    Finish {
+        commit: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+struct Worker {
+    jobs: mpsc::Sender<Job>,
+    /// Bytes queued and not yet copied.
+    queued: Arc<AtomicUsize>,
+    /// The first error, as soon as it happens.
+    failed: Arc<Mutex<Option<String>>>,
+}
+
+/// The copiers of one resync.
+pub(super) struct Copiers {
+    conn: PgConn,
+    workers: Vec<Worker>,
+    tables: HashMap<Table, usize>,
+    /// Every copier applied its share and waits to commit.
+    finished: bool,
+    /// A copier failed: resyncs use the main connection only.
+    off: bool,
+}
+
+impl Copiers {
+    pub(super) fn new(conn: PgConn) -> Copiers {
+        Copiers { conn, workers: Vec::new(), tables: HashMap::new(), finished: false, off: false }
+    }
+
+    /// Whether any table went to a copier in this resync.
+    pub(super) fn in_use(&self) -> bool {
+        !self.tables.is_empty()
+    }
+
+    /// Whether `table` is filled by a copier in this resync.
+    pub(super) fn has(&self, schema: &str, name: &str) -> bool {
+        self.tables.contains_key(&(schema.to_string(), name.to_string()))
+    }
+
+    /// Rolls back and forgets this resync's copiers (dropping a copier's queue ends its thread,
+    /// which closes its connection). After a failure (`failed`), no more copiers.
+    pub(super) fn reset(&mut self, failed: bool) {
+        if failed && self.in_use() {
+            self.off = true;
+            tracing::warn!("a resync with parallel table copies failed; later resyncs fill tables one at a time");
+        }
+        self.workers.clear();
+        self.tables.clear();
+        self.finished = false;
+    }
+
+    /// Offers `rel`'s table (first seen in this resync) to a copier: true when one took it.
+    pub(super) async fn take(&mut self, rel: &PgRelation) -> Result<bool, ApplyError> {
+        if self.off || rel.columns.iter().any(|c| c.type_oid >= FIRST_USER_OID) {
+            return Ok(false);
+        }
+        if self.workers.len() < COPIERS {
+            self.workers.push(spawn(self.conn.clone())?);
+        }
+        let w = (0..self.workers.len())
+            .min_by_key(|&i| self.workers[i].queued.load(Ordering::Relaxed))
+            .expect("at least one copier");
+        let (reply, answer) = oneshot::channel();
+        self.send(w, Job::Take { rel: Box::new(rel.clone()), reply }).await?;
+        let took = answer.await.map_err(|_| gone())?.map_err(copier_err)?;
+        if took {
+            self.tables.insert((rel.schema.clone(), rel.name.clone()), w);
+        }
+        Ok(took)
+    }
+
+    /// Queues COPY data for a table a copier took.
+    pub(super) async fn copy(&mut self, schema: &str, name: &str, data: Bytes) -> Result<(), ApplyError> {
+        let table = (schema.to_string(), name.to_string());
+        let w = *self.tables.get(&table).expect("table taken by a copier");
+        if let Some(e) = self.workers[w].failed.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(copier_err(e));
+        }
+        self.workers[w].queued.fetch_add(data.len(), Ordering::Relaxed);
+        self.send(w, Job::Copy { table, data }).await
+    }
+
+    /// Waits until every copier has applied its share (the snapshot is complete).
+    pub(super) async fn finish(&mut self) -> Result<(), ApplyError> {
+        self.all(false).await?;
+        self.finished = !self.workers.is_empty();
+        Ok(())
+    }
+
+    /// Commits every copier (right before the main transaction commits).
+    pub(super) async fn commit(&mut self) -> Result<(), ApplyError> {
+        if !self.finished {
+            return Ok(());
+        }
+        self.all(true).await?;
+        self.reset(false);
+        Ok(())
+    }
+
+    async fn all(&mut self, commit: bool) -> Result<(), ApplyError> {
+        let mut answers = Vec::with_capacity(self.workers.len());
+        for w in 0..self.workers.len() {
+            let (reply, answer) = oneshot::channel();
+            self.send(w, Job::Finish { commit, reply }).await?;
+            answers.push(answer);
+        }
+        for a in answers {
+            a.await.map_err(|_| gone())?.map_err(copier_err)?;
+        }
+        Ok(())
+    }
+
+    async fn send(&self, w: usize, job: Job) -> Result<(), ApplyError> {
+        self.workers[w].jobs.send(job).await.map_err(|_| gone())
+    }
+}
+
+fn gone() -> ApplyError {
+    target_err("parallel table copy", "a copier stopped")
+}
+
+fn copier_err(e: String) -> ApplyError {
+    target_err("parallel table copy", e)
+}
+
+fn spawn(conn: PgConn) -> Result<Worker, ApplyError> {
+    let (jobs, rx) = mpsc::channel(QUEUE);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(Mutex::new(None));
+    let (q, f) = (queued.clone(), failed.clone());
+    std::thread::Builder::new()
+        .name("pg-copier".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    *f.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("start a copier: {e}"));
+                    return;
+                }
+            };
+            rt.block_on(run(conn, rx, q, f));
+        })
+        .map_err(|e| ApplyError::Io { context: "start a copier thread".into(), error: e })?;
+    Ok(Worker { jobs, queued, failed })
+}
+
+/// One copier: its connection, one transaction, the jobs in order. After the first error it
+/// only answers (with that error) until its queue is dropped.
+async fn run(
+    conn: PgConn,
+    mut jobs: mpsc::Receiver<Job>,
+    queued: Arc<AtomicUsize>,
+    failed: Arc<Mutex<Option<String>>>,
+) {
+    let mut c = Copier { client: None, stmts: HashMap::new() };
+    let mut error = match c.open(&conn).await {
+        Ok(()) => None,
+        Err(e) => Some(e.to_string()),
+    };
+    let fail = |e: ApplyError, error: &mut Option<String>| {
+        let msg = e.to_string();
+        *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg.clone());
+        *error = Some(msg);
+    };
+    while let Some(job) = jobs.recv().await {
+        match job {
+            Job::Take { rel, reply } => {
+                let r = match &error {
+                    Some(e) => Err(e.clone()),
+                    None => match c.take(&rel).await {
+                        Ok(took) => Ok(took),
+                        Err(e) => {
+                            fail(e, &mut error);
+                            Err(error.clone().unwrap_or_default())
+                        }
+                    },
+                };
+                let _ = reply.send(r);
+            }
+            Job::Copy { table, data } => {
+                let n = data.len();
+                if error.is_none() {
+                    if let Err(e) = c.copy(&table, data).await {
+                        fail(e, &mut error);
+                    }
+                }
+                queued.fetch_sub(n, Ordering::Relaxed);
+            }
+            Job::Finish { commit, reply } => {
+                if error.is_none() && commit {
+                    if let Err(e) = c.commit().await {
+                        fail(e, &mut error);
+                    }
+                }
+                let _ = reply.send(error.clone().map_or(Ok(()), Err));
+                if commit {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct Copier {
+    client: Option<Client>,
+    /// COPY statements of the tables taken.
+    stmts: HashMap<Table, (String, Statement)>,
+}
+
+impl Copier {
+    async fn open(&mut self, conn: &PgConn) -> Result<(), ApplyError> {
+        let client = super::open_session(conn).await?;
+        client
+            .batch_execute(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'; BEGIN"))
+            .await
+            .map_err(db_err("begin a copier's transaction"))?;
+        self.client = Some(client);
+        Ok(())
+    }
+
+    fn client(&self) -> Result<&Client, ApplyError> {
+        self.client.as_ref().ok_or_else(gone)
+    }
+
+    async fn take(&mut self, rel: &PgRelation) -> Result<bool, ApplyError> {
+        let client = self.client()?;
+        let schema_exists: bool = client
+            .query_one("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)", &[&rel.schema])
+            .await
+            .map_err(db_err(format!("look up schema {}", sql::ident(&rel.schema))))?
+            .get(0);
+        if !schema_exists {
+            return Ok(false);
+        }
+        schema::ensure_table(client, rel, None, true).await?;
+        let table = sql::qualified(&rel.schema, &rel.name);
+        let text = sql::copy_in(rel);
+        let stmt = client.prepare(&text).await.map_err(db_err(format!("prepare {text}")))?;
+        self.stmts.insert((rel.schema.clone(), rel.name.clone()), (table, stmt));
+        Ok(true)
+    }
+
+    async fn copy(&mut self, table: &Table, data: Bytes) -> Result<(), ApplyError> {
+        let (name, stmt) = self.stmts.get(table).ok_or_else(|| target_err("parallel table copy", "unknown table"))?;
+        let ctx = || format!("copy snapshot data into {name}");
+        let sink = self.client()?.copy_in::<_, Bytes>(stmt).await.map_err(db_err(ctx()))?;
+        futures::pin_mut!(sink);
+        sink.send(data).await.map_err(db_err(ctx()))?;
+        sink.as_mut().finish().await.map_err(db_err(ctx()))?;
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), ApplyError> {
+        self.client()?.batch_execute("COMMIT").await.map_err(db_err("commit a copier's transaction"))?;
+        Ok(())
+    }
+}
