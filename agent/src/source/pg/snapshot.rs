@@ -4,7 +4,7 @@
 //! its consistent point splits history exactly: transactions committed before it are visible
 //! in the snapshot, later ones are decoded from slots. Each published table is copied with
 //! `COPY ... TO STDOUT` inside a transaction that imports the snapshot, and sent as its
-//! catalog definition plus COPY text data in ~1 MiB pieces of whole lines. Two connections,
+//! catalog definition plus COPY text data in ~1 MiB pieces of whole lines. Up to two connections,
 //! each with the snapshot imported, copy tables at the same time; their pieces interleave
 //! (each piece names its table), so the receiver can fill tables in parallel too. A closing
 //! `PgSnapshotEnd` carries the consistent point, so the receiver skips the journal's
@@ -96,8 +96,16 @@ async fn take(shared: &Shared, tx: &mpsc::Sender<Change>) -> Result<(), SourceEr
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let mut clients = vec![first];
+    // The extra connections only speed the copy up: without them (a server short of
+    // connections, say) the copy goes on with fewer.
     while clients.len() < SNAPSHOT_CONNECTIONS.min(tables.len()) {
-        clients.push(import().await?);
+        match import().await {
+            Ok(c) => clients.push(c),
+            Err(e) => {
+                tracing::warn!(source = %shared.name, error = %e, "no extra connection for the snapshot; copying one table at a time");
+                break;
+            }
+        }
     }
     // The snapshot is imported; the exporting session (and its temporary slot) may go.
     drop(repl);

@@ -98,9 +98,11 @@ impl Copiers {
     }
 
     /// Rolls back and forgets this resync's copiers (dropping a copier's queue ends its thread,
-    /// which closes its connection). After a failure (`failed`), no more copiers.
+    /// which closes its connection). After a resync with copiers failed (`failed`: for any
+    /// reason, a standby refusing the extra connections included), no more copiers: the retry
+    /// fills every table on the main connection.
     pub(super) fn reset(&mut self, failed: bool) {
-        if failed && self.in_use() {
+        if failed && !self.workers.is_empty() {
             self.off = true;
             tracing::warn!("a resync with parallel table copies failed; later resyncs fill tables one at a time");
         }
