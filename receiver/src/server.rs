@@ -79,6 +79,8 @@ struct Round {
     repairs: Vec<proto::Repair>,
     result: Result<(), Status>,
     commit: Option<PendingCommit>,
+    /// Messages after a ResyncEnd, for the next round.
+    rest: Vec<AgentMessage>,
 }
 
 impl Session {
@@ -305,18 +307,27 @@ impl Session {
         }
     }
 
+    /// Applies `msgs` and prepares the commit. A round ends at a `ResyncEnd`: the rest waits
+    /// for the next round (returned in `Round::rest`), so a snapshot commits before anything
+    /// after it is applied (see `applier::pg::copiers`).
     fn round(&mut self, msgs: Vec<AgentMessage>) -> Round {
         let mut repairs = Vec::new();
         let mut result = Ok(());
         let t0 = Instant::now();
         let n = msgs.len();
         tracing::trace!(messages = n, "round begins");
-        for msg in msgs {
+        let mut msgs = msgs.into_iter();
+        for msg in msgs.by_ref() {
+            let resync_end = matches!(msg.msg, Some(AMsg::ResyncEnd(_)));
             if let Err(s) = self.handle(msg, &mut repairs) {
                 result = Err(s);
                 break;
             }
+            if resync_end {
+                break;
+            }
         }
+        let rest: Vec<AgentMessage> = if result.is_ok() { msgs.collect() } else { Vec::new() };
         let applied = t0.elapsed();
         // Commit what was applied even when the round failed part-way: it is all valid.
         let prepared = self.prepare_commits();
@@ -330,8 +341,8 @@ impl Session {
             );
         }
         match prepared {
-            Ok(p) => Round { repairs, result, commit: Some(p) },
-            Err(e) => Round { repairs, result: result.and(Err(e)), commit: None },
+            Ok(p) => Round { repairs, result, commit: Some(p), rest },
+            Err(e) => Round { repairs, result: result.and(Err(e)), commit: None, rest: Vec::new() },
         }
     }
 }
@@ -596,34 +607,38 @@ async fn session_rounds(
     commits: &mpsc::Sender<PendingCommit>,
     done: &mut mpsc::Receiver<CommitDone>,
 ) -> Result<(), Status> {
+    // Messages a round left for the next one (it ended at a ResyncEnd).
+    let mut carried: Vec<AgentMessage> = Vec::new();
+    let mut closed = false;
     loop {
-        // Wait for the next message; meanwhile acknowledge commits as they land.
-        let first = loop {
-            let next = tokio::time::timeout(Duration::from_secs(120), inbound.message());
-            tokio::select! {
-                Some(d) = done.recv() => finish_commit(holder, d, out).await?,
-                m = next => break m,
+        let mut msgs = std::mem::take(&mut carried);
+        if msgs.is_empty() {
+            if closed {
+                return Ok(());
             }
-        };
-        let first = match first {
-            Err(_) => return Err(Status::deadline_exceeded("agent silent for 120 s")),
-            Ok(Err(s)) => return Err(s),
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(m))) => m,
-        };
-        let mut bytes = approx_size(&first);
-        let mut msgs = vec![first];
-        let mut closed = false;
-        while bytes < GROUP_BYTES {
+            // Wait for the next message; meanwhile acknowledge commits as they land.
+            let first = loop {
+                let next = tokio::time::timeout(Duration::from_secs(120), inbound.message());
+                tokio::select! {
+                    Some(d) = done.recv() => finish_commit(holder, d, out).await?,
+                    m = next => break m,
+                }
+            };
+            match first {
+                Err(_) => return Err(Status::deadline_exceeded("agent silent for 120 s")),
+                Ok(Err(s)) => return Err(s),
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Ok(Some(m))) => msgs.push(m),
+            }
+        }
+        let mut bytes: usize = msgs.iter().map(approx_size).sum();
+        while bytes < GROUP_BYTES && !closed {
             match inbound.message().now_or_never() {
                 Some(Ok(Some(m))) => {
                     bytes += approx_size(&m);
                     msgs.push(m);
                 }
-                Some(Ok(None)) => {
-                    closed = true;
-                    break;
-                }
+                Some(Ok(None)) => closed = true,
                 Some(Err(_)) | None => break,
             }
         }
@@ -647,9 +662,7 @@ async fn session_rounds(
             permit.send(p);
         }
         round.result?;
-        if closed {
-            return Ok(());
-        }
+        carried = round.rest;
     }
 }
 

@@ -11,18 +11,23 @@
 //!
 //! Atomicity: a copier commits only when the whole snapshot has arrived and every copier has
 //! applied its share ([`Copiers::finish`]), right before the main transaction commits with the
-//! new position ([`Copiers::commit`]). Until then nothing of the resync is visible, and an
-//! error, a lost session or a crash rolls back every copier (its connection closes). A crash in
-//! the moment between the copiers' commits and the main commit leaves the new tables with the
-//! old position; the agent then resyncs again, because whatever made it resync (no position,
-//! a position outside its journal or below a source's floor) still holds until the new
-//! position commits.
+//! new position ([`Copiers::commit`]; the session ends a round at the resync's end, so nothing
+//! else comes between). Until then nothing of the resync is visible, and an error, a lost
+//! session or a crash rolls back every copier (its connection closes). The copiers' commits
+//! and the main one are still separate: so that a crash or a failed main commit in between
+//! can never leave new tables under the old position, the applier deletes its position row
+//! (committed on a connection of its own) before it hands the first table to a copier — the
+//! standby then has no position until the resync's own commit, and the agent resyncs it
+//! again if that never comes.
 //!
-//! A copier waits at most [`LOCK_TIMEOUT`] for a lock on its table (someone else holding it);
-//! after any copier failure the applier fills tables on the main connection only.
+//! No connection waits for a lock forever while copiers run: each copier, and the main
+//! connection's transaction, give up after [`LOCK_TIMEOUT`] (a lock another connection holds
+//! until the resync's end could otherwise stall it for good, unseen by PostgreSQL's deadlock
+//! detector). After any failure of a resync with copiers, the applier fills tables on the
+//! main connection only.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -39,8 +44,8 @@ use crate::applier::ApplyError;
 const COPIERS: usize = 2;
 /// Pieces (about 1 MiB each) queued per copier before the applier waits for it.
 const QUEUE: usize = 16;
-/// How long a copier waits for a lock on its table.
-const LOCK_TIMEOUT: &str = "10s";
+/// How long a connection of a resync with copiers waits for a lock.
+pub(super) const LOCK_TIMEOUT: &str = "10s";
 /// Types with OIDs below this are built in: the same on every server.
 const FIRST_USER_OID: u32 = 16384;
 
@@ -69,6 +74,14 @@ struct Worker {
     queued: Arc<AtomicUsize>,
     /// The first error, as soon as it happens.
     failed: Arc<Mutex<Option<String>>>,
+    /// Set when the resync is abandoned: the copier stops at its next job.
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The copiers of one resync.
@@ -111,11 +124,25 @@ impl Copiers {
         self.finished = false;
     }
 
+    /// Whether a copier may fill `rel`'s table: copiers are on and its columns all have
+    /// built-in types.
+    pub(super) fn eligible(&self, rel: &PgRelation) -> bool {
+        !self.off && rel.columns.iter().all(|c| c.type_oid < FIRST_USER_OID)
+    }
+
     /// Offers `rel`'s table (first seen in this resync) to a copier: true when one took it.
     pub(super) async fn take(&mut self, rel: &PgRelation) -> Result<bool, ApplyError> {
-        if self.off || rel.columns.iter().any(|c| c.type_oid >= FIRST_USER_OID) {
+        if !self.eligible(rel) {
             return Ok(false);
         }
+        let took = self.try_take(rel).await;
+        if took.is_err() {
+            self.off = true;
+        }
+        took
+    }
+
+    async fn try_take(&mut self, rel: &PgRelation) -> Result<bool, ApplyError> {
         if self.workers.len() < COPIERS {
             self.workers.push(spawn(self.conn.clone())?);
         }
@@ -189,7 +216,8 @@ fn spawn(conn: PgConn) -> Result<Worker, ApplyError> {
     let (jobs, rx) = mpsc::channel(QUEUE);
     let queued = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(Mutex::new(None));
-    let (q, f) = (queued.clone(), failed.clone());
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let (q, f, c) = (queued.clone(), failed.clone(), cancelled.clone());
     std::thread::Builder::new()
         .name("pg-copier".into())
         .spawn(move || {
@@ -200,10 +228,10 @@ fn spawn(conn: PgConn) -> Result<Worker, ApplyError> {
                     return;
                 }
             };
-            rt.block_on(run(conn, rx, q, f));
+            rt.block_on(run(conn, rx, q, f, c));
         })
         .map_err(|e| ApplyError::Io { context: "start a copier thread".into(), error: e })?;
-    Ok(Worker { jobs, queued, failed })
+    Ok(Worker { jobs, queued, failed, cancelled })
 }
 
 /// One copier: its connection, one transaction, the jobs in order. After the first error it
@@ -213,6 +241,7 @@ async fn run(
     mut jobs: mpsc::Receiver<Job>,
     queued: Arc<AtomicUsize>,
     failed: Arc<Mutex<Option<String>>>,
+    cancelled: Arc<AtomicBool>,
 ) {
     let mut c = Copier { client: None, stmts: HashMap::new() };
     let mut error = match c.open(&conn).await {
@@ -225,6 +254,10 @@ async fn run(
         *error = Some(msg);
     };
     while let Some(job) = jobs.recv().await {
+        if cancelled.load(Ordering::Relaxed) {
+            // Abandoned: close the connection (rolling back) without working through the rest.
+            return;
+        }
         match job {
             Job::Take { rel, reply } => {
                 let r = match &error {

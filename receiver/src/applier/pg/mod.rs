@@ -115,6 +115,8 @@ struct Resync {
     seen: HashSet<(String, String)>,
     /// The snapshot's end, once its PgSnapshotEnd arrived.
     end_lsn: Option<u64>,
+    /// The position row is deleted (before the first table went to a copier).
+    position_dropped: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -882,11 +884,23 @@ impl State {
                 return Ok(false);
             }
             sql::check_relation(rel).map_err(ApplyError::Refused)?;
-            // A relation renamed since it was last seen is renamed here, on the main connection.
-            let renamed = self.rels.get(&rel.id).is_some_and(|c| c.msg.schema != rel.schema || c.msg.name != rel.name);
-            if renamed || !self.copiers.take(rel).await? {
+            // A relation renamed since it was last seen, or a table whose name another relation
+            // had (dropped and created again, or renamed away), is handled here, on the main
+            // connection: renames touch two tables.
+            let renamed = self.rels.iter().any(|(id, c)| {
+                (*id == rel.id && (c.msg.schema != rel.schema || c.msg.name != rel.name))
+                    || (*id != rel.id && c.msg.schema == rel.schema && c.msg.name == rel.name)
+            });
+            if renamed || !self.copiers.eligible(rel) {
                 return Ok(false);
             }
+            if !rs.position_dropped {
+                self.drop_position().await?;
+            }
+            if !self.copiers.take(rel).await? {
+                return Ok(false);
+            }
+            let Some(rs) = &mut self.resync else { return Ok(false) };
             rs.seen.insert(key);
             // The main connection checks the table again after the resync.
             let mut stale: HashSet<u32> = HashSet::from([rel.id]);
@@ -906,6 +920,31 @@ impl State {
             self.copiers.copy(&rel.schema, &rel.name, data.clone()).await?;
         }
         Ok(true)
+    }
+
+    /// Before the first table of a resync goes to a copier: deletes the position row, committed
+    /// on a connection of its own, so that no crash or failure between the copiers' commits and
+    /// the main one can leave their tables under the old position (see [`copiers`]); and makes
+    /// the main transaction's lock waits end (a copier may hold a lock until the resync ends).
+    async fn drop_position(&mut self) -> Result<(), ApplyError> {
+        let client = open_session(&self.conn).await?;
+        client
+            .execute(
+                "DELETE FROM lockstep.applied_position WHERE agent = $1 AND source = $2",
+                &[&self.agent, &self.source],
+            )
+            .await
+            .map_err(db_err("delete the position row before a parallel resync"))?;
+        drop(client);
+        self.client()?
+            .batch_execute(&format!("SET LOCAL lock_timeout = '{}'", copiers::LOCK_TIMEOUT))
+            .await
+            .map_err(db_err("limit lock waits during a parallel resync"))?;
+        self.position = None;
+        if let Some(rs) = &mut self.resync {
+            rs.position_dropped = true;
+        }
+        Ok(())
     }
 
     /// Refuses work on the main connection for a table a copier fills (it would wait for the
@@ -949,6 +988,9 @@ impl State {
         }
         let previous =
             cached.map(|c| (c.msg.schema.clone(), c.msg.name.clone())).filter(|(s, n)| *s != r.schema || *n != r.name);
+        if let Some((s, n)) = &previous {
+            self.not_a_copier_table(s, n)?;
+        }
         schema::ensure_table(
             self.client()?,
             r,

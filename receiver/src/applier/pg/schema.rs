@@ -183,17 +183,21 @@ async fn rename(client: &Client, old_schema: &str, old_name: &str, rel: &PgRelat
 
 /// Empties a table for a resync. TRUNCATE refuses a table other tables reference by foreign
 /// key (unless they are truncated in the same statement); those are emptied with DELETE,
-/// which checks no foreign keys in replica mode.
+/// which checks no foreign keys in replica mode. Only the table itself: an inheritance child
+/// is a table of its own in the snapshot (and may have been filled already); a partitioned
+/// table (published via its root) is emptied with its partitions.
 async fn clear_table(client: &Client, oid: u32, table: &str) -> Result<(), ApplyError> {
-    let referenced: bool = client
+    let row = client
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint WHERE contype = 'f' AND confrelid = $1 AND conrelid <> $1)",
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint WHERE contype = 'f' AND confrelid = $1 AND conrelid <> $1), \
+             (SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = $1)",
             &[&oid],
         )
         .await
-        .map_err(db_err(format!("look up foreign keys referencing {table}")))?
-        .get(0);
-    let stmt = if referenced { format!("DELETE FROM {table}") } else { format!("TRUNCATE {table}") };
+        .map_err(db_err(format!("look up foreign keys referencing {table}")))?;
+    let (referenced, partitioned): (bool, Option<bool>) = (row.get(0), row.get(1));
+    let only = if partitioned == Some(true) { "" } else { "ONLY " };
+    let stmt = if referenced { format!("DELETE FROM {only}{table}") } else { format!("TRUNCATE {only}{table}") };
     client.execute(stmt.as_str(), &[]).await.map_err(db_err(format!("empty {table} for the resync")))?;
     Ok(())
 }

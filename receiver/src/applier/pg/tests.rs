@@ -851,6 +851,8 @@ fn pg_resync_fills_tables_in_parallel_and_commits_them_with_the_position() {
     // its old rows until the resync commits.
     db.exec("CREATE TABLE t1 (id int PRIMARY KEY, v text); INSERT INTO t1 VALUES (1, 'old');");
     db.exec("CREATE TABLE t1_child (id int PRIMARY KEY, t1_id int REFERENCES t1(id))");
+    apply_commit(&mut a, 1, tx(100, vec![kv_relation(2, "t1"), insert(2, &[vec![Some("2"), Some("old")]])]));
+    db.exec("DELETE FROM t1 WHERE id = 2");
     db.exec("CREATE TYPE mood AS ENUM ('ok', 'meh')");
     let mood = PgRelation {
         id: 30,
@@ -889,6 +891,12 @@ fn pg_resync_fills_tables_in_parallel_and_commits_them_with_the_position() {
     .unwrap();
     assert!(a.st.copiers.has("public", "t2"), "a table of built-in types goes to a copier");
     assert!(!a.st.copiers.has("public", "moods"), "a table of a user-defined type stays on the main connection");
+    assert!(!a.st.copiers.has("public", "t1"), "a table another relation id named stays on the main connection");
+    assert_eq!(
+        db.count("SELECT count(*) FROM lockstep.applied_position"),
+        0,
+        "the position row is gone while copiers hold tables"
+    );
     a.apply(Seq(0), snap_end(7000)).unwrap();
     a.end_resync().unwrap();
     assert_eq!(kv_rows(&db, "t1"), vec![row("1", Some("old"))], "nothing of the resync visible before its commit");
@@ -904,14 +912,14 @@ fn pg_resync_fills_tables_in_parallel_and_commits_them_with_the_position() {
         vec![vec![Some("3".into()), Some("7000".into())]]
     );
     // After the resync the tables take changes on the main connection.
-    apply_commit(&mut a, 4, tx(7001, vec![kv_relation(1, "t2"), insert(1, &[vec![Some("5000"), Some("after")]])]));
+    apply_commit(&mut a, 4, tx(7001, vec![kv_relation(22, "t2"), insert(22, &[vec![Some("5000"), Some("after")]])]));
     assert_eq!(db.count("SELECT count(*) FROM t2"), 4001);
 
     // A copier that fails (a value its column refuses) fails the resync: nothing of it is
     // committed, other copiers' tables included, and the next resync fills every table on the
     // main connection.
     a.begin_resync().unwrap();
-    a.apply(Seq(0), snap_piece(21, "t1", &[vec![Some("1"), Some("new")]])).unwrap();
+    a.apply(Seq(0), snap_piece(23, "t3", &[vec![Some("1"), Some("new")]])).unwrap();
     let bad = a
         .apply(Seq(0), snap_piece(22, "t2", &[vec![Some("not a number"), Some("x")]]))
         .and_then(|_| a.apply(Seq(0), snap_end(8000)))
@@ -919,19 +927,34 @@ fn pg_resync_fills_tables_in_parallel_and_commits_them_with_the_position() {
     let e = bad.expect_err("a copier's COPY error fails the resync");
     assert!(e.to_string().contains("t2"), "{e}");
     assert!(a.prepare_commit(pos(5)).unwrap().is_none());
-    assert_eq!(db.count("SELECT count(*) FROM t1"), 4000);
+    assert_eq!(db.count("SELECT count(*) FROM t3"), 4000);
     assert_eq!(db.count("SELECT count(*) FROM t2"), 4001);
+    assert_eq!(db.count("SELECT count(*) FROM lockstep.applied_position"), 0, "no position until a resync commits");
     a.session_start(JOURNAL).unwrap();
     a.begin_resync().unwrap();
     a.apply(Seq(0), snap_piece(21, "t1", &[vec![Some("1"), Some("new")]])).unwrap();
     a.apply(Seq(0), snap_piece(22, "t2", &[vec![Some("2"), Some("new")]])).unwrap();
-    assert!(!a.st.copiers.has("public", "t1"), "after a copier failure, tables stay on the main connection");
+    assert!(!a.st.copiers.has("public", "t2"), "after a copier failure, tables stay on the main connection");
     a.apply(Seq(0), snap_end(9000)).unwrap();
     a.end_resync().unwrap();
     assert!(a.commit(pos(6)).unwrap());
     assert_eq!(kv_rows(&db, "t1"), vec![row("1", Some("new"))]);
     assert_eq!(kv_rows(&db, "t2"), vec![row("2", Some("new"))]);
     assert_eq!(db.count("SELECT count(*) FROM t3"), 4000, "a table the snapshot does not mention is left alone");
+    assert_eq!(db.rows("SELECT seq::text FROM lockstep.applied_position"), vec![vec![Some("6".into())]]);
+
+    // An inheritance child is a table of its own in a snapshot: emptying its parent, whose
+    // piece may come later, leaves the child's rows alone.
+    db.exec("CREATE TABLE par (id int PRIMARY KEY, v text); CREATE TABLE kid () INHERITS (par);");
+    db.exec("INSERT INTO par VALUES (1, 'old parent'); INSERT INTO kid VALUES (2, 'old kid');");
+    a.begin_resync().unwrap();
+    a.apply(Seq(0), snap_piece(41, "kid", &[vec![Some("20"), Some("kid")]])).unwrap();
+    a.apply(Seq(0), snap_piece(40, "par", &[vec![Some("10"), Some("parent")]])).unwrap();
+    a.apply(Seq(0), snap_end(9500)).unwrap();
+    a.end_resync().unwrap();
+    assert!(a.commit(pos(7)).unwrap());
+    assert_eq!(kv_rows(&db, "ONLY par"), vec![row("10", Some("parent"))]);
+    assert_eq!(kv_rows(&db, "kid"), vec![row("20", Some("kid"))]);
 }
 
 #[test]
