@@ -124,6 +124,11 @@ impl Copiers {
         self.finished = false;
     }
 
+    /// No copiers for this applier from now on.
+    pub(super) fn turn_off(&mut self) {
+        self.off = true;
+    }
+
     /// Whether a copier may fill `rel`'s table: copiers are on and its columns all have
     /// built-in types.
     pub(super) fn eligible(&self, rel: &PgRelation) -> bool {

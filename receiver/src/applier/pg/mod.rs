@@ -117,6 +117,8 @@ struct Resync {
     end_lsn: Option<u64>,
     /// The position row is deleted (before the first table went to a copier).
     position_dropped: bool,
+    /// Tables the main connection renamed (from and to) in this resync: never a copier's.
+    renamed: HashSet<(String, String)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -887,15 +889,16 @@ impl State {
             // A relation renamed since it was last seen, or a table whose name another relation
             // had (dropped and created again, or renamed away), is handled here, on the main
             // connection: renames touch two tables.
-            let renamed = self.rels.iter().any(|(id, c)| {
-                (*id == rel.id && (c.msg.schema != rel.schema || c.msg.name != rel.name))
-                    || (*id != rel.id && c.msg.schema == rel.schema && c.msg.name == rel.name)
-            });
+            let renamed = rs.renamed.contains(&key)
+                || self.rels.iter().any(|(id, c)| {
+                    (*id == rel.id && (c.msg.schema != rel.schema || c.msg.name != rel.name))
+                        || (*id != rel.id && c.msg.schema == rel.schema && c.msg.name == rel.name)
+                });
             if renamed || !self.copiers.eligible(rel) {
                 return Ok(false);
             }
-            if !rs.position_dropped {
-                self.drop_position().await?;
+            if !rs.position_dropped && !self.drop_position().await? {
+                return Ok(false);
             }
             if !self.copiers.take(rel).await? {
                 return Ok(false);
@@ -926,16 +929,29 @@ impl State {
     /// on a connection of its own, so that no crash or failure between the copiers' commits and
     /// the main one can leave their tables under the old position (see [`copiers`]); and makes
     /// the main transaction's lock waits end (a copier may hold a lock until the resync ends).
-    async fn drop_position(&mut self) -> Result<(), ApplyError> {
-        let client = open_session(&self.conn).await?;
-        client
-            .execute(
-                "DELETE FROM lockstep.applied_position WHERE agent = $1 AND source = $2",
-                &[&self.agent, &self.source],
-            )
-            .await
-            .map_err(db_err("delete the position row before a parallel resync"))?;
-        drop(client);
+    /// False when the row cannot be deleted (no connection to spare, no DELETE privilege):
+    /// then copiers are off and every table is filled on the main connection.
+    async fn drop_position(&mut self) -> Result<bool, ApplyError> {
+        let deleted = async {
+            let client = open_session(&self.conn).await?;
+            client
+                .batch_execute(&format!("SET lock_timeout = '{}'", copiers::LOCK_TIMEOUT))
+                .await
+                .map_err(db_err("limit lock waits"))?;
+            client
+                .execute(
+                    "DELETE FROM lockstep.applied_position WHERE agent = $1 AND source = $2",
+                    &[&self.agent, &self.source],
+                )
+                .await
+                .map_err(db_err("delete the position row before a parallel resync"))
+        }
+        .await;
+        if let Err(e) = deleted {
+            warn!(error = %e, "cannot fill tables in parallel; filling them one at a time");
+            self.copiers.turn_off();
+            return Ok(false);
+        }
         self.client()?
             .batch_execute(&format!("SET LOCAL lock_timeout = '{}'", copiers::LOCK_TIMEOUT))
             .await
@@ -944,7 +960,7 @@ impl State {
         if let Some(rs) = &mut self.resync {
             rs.position_dropped = true;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Refuses work on the main connection for a table a copier fills (it would wait for the
@@ -990,6 +1006,10 @@ impl State {
             cached.map(|c| (c.msg.schema.clone(), c.msg.name.clone())).filter(|(s, n)| *s != r.schema || *n != r.name);
         if let Some((s, n)) = &previous {
             self.not_a_copier_table(s, n)?;
+            if let Some(rs) = &mut self.resync {
+                rs.renamed.insert((s.clone(), n.clone()));
+                rs.renamed.insert((r.schema.clone(), r.name.clone()));
+            }
         }
         schema::ensure_table(
             self.client()?,
@@ -1168,7 +1188,22 @@ impl State {
         if tables.is_empty() {
             return Ok(());
         }
-        let mut stmt = format!("TRUNCATE {}", tables.join(", "));
+        // The source names every table it truncated: each is truncated alone (ONLY), as in
+        // native apply, except a partitioned table, which is truncated with its partitions.
+        let mut targets = Vec::with_capacity(tables.len());
+        for table in &tables {
+            let partitioned: bool = self
+                .client()?
+                .query_one(
+                    "SELECT coalesce((SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = pg_catalog.to_regclass($1)), false)",
+                    &[table],
+                )
+                .await
+                .map_err(db_err(format!("look up {table}")))?
+                .get(0);
+            targets.push(if partitioned { table.clone() } else { format!("ONLY {table}") });
+        }
+        let mut stmt = format!("TRUNCATE {}", targets.join(", "));
         if t.restart_identity {
             stmt.push_str(" RESTART IDENTITY");
         }

@@ -591,6 +591,14 @@ fn pg_truncate() {
     let db = pg.db();
     assert_eq!(db.count("SELECT (SELECT count(*) FROM t1) + (SELECT count(*) FROM t2)"), 0);
     assert_eq!(db.count("SELECT count(*) FROM t3"), 1);
+    // Only the tables the source names: an inheritance child on the standby keeps its rows.
+    db.exec("CREATE TABLE t3_kid () INHERITS (t3); INSERT INTO t3_kid VALUES (2, 'kid')");
+    let truncate = PgOp {
+        op: Some(pg_op::Op::Truncate(proto::PgTruncate { rels: vec![3], cascade: false, restart_identity: false })),
+    };
+    apply_commit(&mut a, 3, tx(300, vec![kv_relation(3, "t3"), truncate]));
+    assert_eq!(db.count("SELECT count(*) FROM ONLY t3"), 0);
+    assert_eq!(db.count("SELECT count(*) FROM t3_kid"), 1);
 }
 
 #[test]
@@ -944,17 +952,20 @@ fn pg_resync_fills_tables_in_parallel_and_commits_them_with_the_position() {
     assert_eq!(db.rows("SELECT seq::text FROM lockstep.applied_position"), vec![vec![Some("6".into())]]);
 
     // An inheritance child is a table of its own in a snapshot: emptying its parent, whose
-    // piece may come later, leaves the child's rows alone.
+    // piece may come later, leaves the child's rows alone — with copiers (a fresh applier) and
+    // without (this one).
     db.exec("CREATE TABLE par (id int PRIMARY KEY, v text); CREATE TABLE kid () INHERITS (par);");
-    db.exec("INSERT INTO par VALUES (1, 'old parent'); INSERT INTO kid VALUES (2, 'old kid');");
-    a.begin_resync().unwrap();
-    a.apply(Seq(0), snap_piece(41, "kid", &[vec![Some("20"), Some("kid")]])).unwrap();
-    a.apply(Seq(0), snap_piece(40, "par", &[vec![Some("10"), Some("parent")]])).unwrap();
-    a.apply(Seq(0), snap_end(9500)).unwrap();
-    a.end_resync().unwrap();
-    assert!(a.commit(pos(7)).unwrap());
-    assert_eq!(kv_rows(&db, "ONLY par"), vec![row("10", Some("parent"))]);
-    assert_eq!(kv_rows(&db, "kid"), vec![row("20", Some("kid"))]);
+    for (applier, seq) in [(&mut pg.open(), 7), (&mut a, 8)] {
+        db.exec("TRUNCATE par; INSERT INTO par VALUES (1, 'old parent'); INSERT INTO kid VALUES (2, 'old kid');");
+        applier.begin_resync().unwrap();
+        applier.apply(Seq(0), snap_piece(41, "kid", &[vec![Some("20"), Some("kid")]])).unwrap();
+        applier.apply(Seq(0), snap_piece(40, "par", &[vec![Some("10"), Some("parent")]])).unwrap();
+        applier.apply(Seq(0), snap_end(9500)).unwrap();
+        applier.end_resync().unwrap();
+        assert!(applier.commit(pos(seq)).unwrap());
+        assert_eq!(kv_rows(&db, "ONLY par"), vec![row("10", Some("parent"))]);
+        assert_eq!(kv_rows(&db, "kid"), vec![row("20", Some("kid"))]);
+    }
 }
 
 #[test]
