@@ -154,18 +154,7 @@ fn lockstep_round(
     } else {
         format!("host={} port={} user=postgres dbname=src", src.dir().display(), src.port())
     };
-    let mut s = Setup::new()?;
-    let mut a = std::fs::read_to_string(&s.agent_cfg)?;
-    a.push_str(&format!(
-        "\n[[sources]]\nname = \"shop\"\nkind = \"postgres\"\ndsn = \"{agent_dsn}\"\nslot = \"lockstep_bench\"\n"
-    ));
-    std::fs::write(&s.agent_cfg, a)?;
-    let mut r = std::fs::read_to_string(&s.receiver_cfg)?;
-    r.push_str(&format!(
-        "\n[[targets]]\nagent = \"web-1\"\nsource = \"shop\"\nkind = \"postgres\"\ndsn = \"{}\"\n",
-        dst.dsn(db)
-    ));
-    std::fs::write(&s.receiver_cfg, r)?;
+    let mut s = pg_setup("shop", &agent_dsn, "lockstep_bench", &dst.dsn(db))?;
     s.start()?;
     // Seeded (empty tables) and streaming.
     wait_until("lockstep streaming", Duration::from_secs(60), || {
@@ -184,6 +173,23 @@ fn lockstep_round(
         "SELECT pg_drop_replication_slot('lockstep_bench'); DROP PUBLICATION lockstep; TRUNCATE lat, bulk;",
     )?;
     Ok(round)
+}
+
+/// A test setup whose agent reads PostgreSQL source `name` (slot `slot`) and whose receiver
+/// applies it to the standby database at `standby_dsn`.
+fn pg_setup(name: &str, agent_dsn: &str, slot: &str, standby_dsn: &str) -> Result<Setup> {
+    let s = Setup::new()?;
+    let mut a = std::fs::read_to_string(&s.agent_cfg)?;
+    a.push_str(&format!(
+        "\n[[sources]]\nname = \"{name}\"\nkind = \"postgres\"\ndsn = \"{agent_dsn}\"\nslot = \"{slot}\"\n"
+    ));
+    std::fs::write(&s.agent_cfg, a)?;
+    let mut r = std::fs::read_to_string(&s.receiver_cfg)?;
+    r.push_str(&format!(
+        "\n[[targets]]\nagent = \"web-1\"\nsource = \"{name}\"\nkind = \"postgres\"\ndsn = \"{standby_dsn}\"\n"
+    ));
+    std::fs::write(&s.receiver_cfg, r)?;
+    Ok(s)
 }
 
 /// One native round: a subscription into a fresh database `db`.
@@ -246,18 +252,7 @@ fn snap_complete(dst: &PgCluster, db: &str) -> bool {
 /// committed) and every row is there.
 fn lockstep_snapshot(src: &PgCluster, dst: &PgCluster, db: &str) -> Result<f64> {
     let agent_dsn = format!("host={} port={} user=postgres dbname=snap", src.dir().display(), src.port());
-    let mut s = Setup::new()?;
-    let mut a = std::fs::read_to_string(&s.agent_cfg)?;
-    a.push_str(&format!(
-        "\n[[sources]]\nname = \"snap\"\nkind = \"postgres\"\ndsn = \"{agent_dsn}\"\nslot = \"lockstep_snap\"\n"
-    ));
-    std::fs::write(&s.agent_cfg, a)?;
-    let mut r = std::fs::read_to_string(&s.receiver_cfg)?;
-    r.push_str(&format!(
-        "\n[[targets]]\nagent = \"web-1\"\nsource = \"snap\"\nkind = \"postgres\"\ndsn = \"{}\"\n",
-        dst.dsn(db)
-    ));
-    std::fs::write(&s.receiver_cfg, r)?;
+    let mut s = pg_setup("snap", &agent_dsn, "lockstep_snap", &dst.dsn(db))?;
     let t0 = Instant::now();
     s.start()?;
     wait_until("lockstep initial copy", Duration::from_secs(600), || {

@@ -906,18 +906,7 @@ impl State {
             let Some(rs) = &mut self.resync else { return Ok(false) };
             rs.seen.insert(key);
             // The main connection checks the table again after the resync.
-            let mut stale: HashSet<u32> = HashSet::from([rel.id]);
-            for (id, c) in self.rels.iter_mut() {
-                if c.msg.schema == rel.schema && c.msg.name == rel.name {
-                    c.checked = false;
-                    stale.insert(*id);
-                }
-            }
-            self.stmts.retain(|k, _| !stale.contains(&k.rel));
-            self.rels.insert(
-                rel.id,
-                Rel { msg: rel.clone(), table: sql::qualified(&rel.schema, &rel.name), checked: false },
-            );
+            self.remember_relation(rel, false);
         }
         if let Some(data) = data.filter(|d| !d.is_empty()) {
             self.copiers.copy(&rel.schema, &rel.name, data.clone()).await?;
@@ -1018,8 +1007,14 @@ impl State {
             first_in_resync,
         )
         .await?;
-        // Other relation ids naming the same table (dropped and recreated on the source) may
-        // hold statements for its old shape.
+        self.remember_relation(r, true);
+        Ok(())
+    }
+
+    /// Caches relation `r` (`checked`: its standby table matches it). Other relation ids naming
+    /// the same table (dropped and recreated on the source) may hold statements for its old
+    /// shape: they are checked again before use.
+    fn remember_relation(&mut self, r: &PgRelation, checked: bool) {
         let mut stale: HashSet<u32> = HashSet::from([r.id]);
         for (id, c) in self.rels.iter_mut() {
             if c.msg.schema == r.schema && c.msg.name == r.name {
@@ -1028,8 +1023,7 @@ impl State {
             }
         }
         self.stmts.retain(|k, _| !stale.contains(&k.rel));
-        self.rels.insert(r.id, Rel { msg: r.clone(), table: sql::qualified(&r.schema, &r.name), checked: true });
-        Ok(())
+        self.rels.insert(r.id, Rel { msg: r.clone(), table: sql::qualified(&r.schema, &r.name), checked });
     }
 
     async fn statement(
