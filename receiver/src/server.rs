@@ -532,21 +532,18 @@ async fn run_session(
         info!(source = %r.source, path = %String::from_utf8_lossy(&r.path), reason = %r.reason, "repair asked for again after a restart");
         let _ = out.send(Ok(ReceiverMessage { msg: Some(RMsg::Repair(r)) })).await;
     }
-    let mut holder = Some(session);
-    let end = session_loop(&mut holder, &mut inbound, &out).await;
+    let end = session_loop(&mut session, &mut inbound, &out).await;
     if let Err(s) = &end {
         info!(code = ?s.code(), error = %s.message(), "session ended");
         let _ = out.send(Err(s.clone())).await;
     } else {
         debug!("session closed by agent");
     }
-    if let Some(session) = holder {
-        for t in session.targets.values() {
-            let mut st = t.target.status();
-            st.connected = false;
-            if let Err(s) = &end {
-                st.last_error = Some(s.message().to_string());
-            }
+    for t in session.targets.values() {
+        let mut st = t.target.status();
+        st.connected = false;
+        if let Err(s) = &end {
+            st.last_error = Some(s.message().to_string());
         }
     }
 }
@@ -555,27 +552,26 @@ async fn run_session(
 const COMMIT_QUEUE: usize = 16;
 
 /// Gathers what has arrived and applies it in place (`block_in_place`: no hand-off to another
-/// thread on the way to visibility). Each round's commit (the
-/// durable half) is queued to a commit task that runs them one at a time, in order, on
+/// thread on the way to visibility). Each round's commit (the durable half) is queued to a commit task that runs them one at a time, in order, on
 /// blocking threads — while later rounds are gathered and applied, so a slow flush delays
 /// acknowledgements, never the next apply. An acknowledgement goes out when its commit is
 /// durable. A failed commit stops the queue: nothing after it is committed.
 async fn session_loop(
-    holder: &mut Option<Session>,
+    session: &mut Session,
     inbound: &mut Streaming<AgentMessage>,
     out: &mpsc::Sender<Result<ReceiverMessage, Status>>,
 ) -> Result<(), Status> {
     let (ptx, prx) = mpsc::channel::<PendingCommit>(COMMIT_QUEUE);
     let (dtx, mut drx) = mpsc::channel::<CommitDone>(COMMIT_QUEUE);
     let task = tokio::spawn(commit_task(prx, dtx));
-    let mut result = session_rounds(holder, inbound, out, &ptx, &mut drx).await;
+    let mut result = session_rounds(session, inbound, out, &ptx, &mut drx).await;
     drop(ptx);
     // Let queued commits finish before the targets are released to another session, so
     // positions are never written out of order.
     while let Some(done) = drx.recv().await {
         if result.is_ok() {
-            result = finish_commit(holder, done, out).await;
-        } else if let Some(session) = holder.as_mut() {
+            result = finish_commit(session, done, out).await;
+        } else {
             session.committed(&done.done);
         }
     }
@@ -601,7 +597,7 @@ async fn commit_task(mut rx: mpsc::Receiver<PendingCommit>, done: mpsc::Sender<C
 }
 
 async fn session_rounds(
-    holder: &mut Option<Session>,
+    session: &mut Session,
     inbound: &mut Streaming<AgentMessage>,
     out: &mpsc::Sender<Result<ReceiverMessage, Status>>,
     commits: &mpsc::Sender<PendingCommit>,
@@ -620,7 +616,7 @@ async fn session_rounds(
             let first = loop {
                 let next = tokio::time::timeout(Duration::from_secs(120), inbound.message());
                 tokio::select! {
-                    Some(d) = done.recv() => finish_commit(holder, d, out).await?,
+                    Some(d) = done.recv() => finish_commit(session, d, out).await?,
                     m = next => break m,
                 }
             };
@@ -642,7 +638,6 @@ async fn session_rounds(
                 Some(Err(_)) | None => break,
             }
         }
-        let session = holder.as_mut().expect("session present between rounds");
         let round = tokio::task::block_in_place(|| session.round(msgs));
         for r in round.repairs {
             if out.send(Ok(ReceiverMessage { msg: Some(RMsg::Repair(r)) })).await.is_err() {
@@ -655,7 +650,7 @@ async fn session_rounds(
             let permit = loop {
                 tokio::select! {
                     biased;
-                    Some(d) = done.recv() => finish_commit(holder, d, out).await?,
+                    Some(d) = done.recv() => finish_commit(session, d, out).await?,
                     r = commits.reserve() => break r.map_err(|_| Status::internal("commit queue stopped"))?,
                 }
             };
@@ -668,11 +663,10 @@ async fn session_rounds(
 
 /// Records a finished commit and acknowledges it.
 async fn finish_commit(
-    holder: &mut Option<Session>,
+    session: &mut Session,
     done: CommitDone,
     out: &mpsc::Sender<Result<ReceiverMessage, Status>>,
 ) -> Result<(), Status> {
-    let session = holder.as_mut().expect("session present between rounds");
     session.committed(&done.done);
     done.result?;
     // A closed outbound stream means the agent is gone; the next session starts from the

@@ -159,10 +159,8 @@ fn lockstep_round(
     // Seeded (empty tables) and streaming.
     wait_until("lockstep streaming", Duration::from_secs(60), || {
         s.check_alive()?;
-        Ok(s.agent_status().ok().is_some_and(|st| {
-            let r = &st["receivers"][0];
-            r["connected"] == true && r["resyncing"].is_null() && r["events_behind"] == 0
-        }) && dst.query(db, "SELECT count(*) FROM lockstep.applied_position").is_ok_and(|r| r.len() == 1))
+        Ok(s.agent_status().ok().is_some_and(|st| lockstep_tests::receiver_caught_up(&st))
+            && dst.query(db, "SELECT count(*) FROM lockstep.applied_position").is_ok_and(|r| r.len() == 1))
     })
     .map_err(|e| e.context(s.logs_tail()))?;
     let round = measure(rt, src, dst, db, secs)?;

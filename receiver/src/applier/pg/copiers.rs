@@ -89,15 +89,13 @@ pub(super) struct Copiers {
     conn: PgConn,
     workers: Vec<Worker>,
     tables: HashMap<Table, usize>,
-    /// Every copier applied its share and waits to commit.
-    finished: bool,
     /// A copier failed: resyncs use the main connection only.
     off: bool,
 }
 
 impl Copiers {
     pub(super) fn new(conn: PgConn) -> Copiers {
-        Copiers { conn, workers: Vec::new(), tables: HashMap::new(), finished: false, off: false }
+        Copiers { conn, workers: Vec::new(), tables: HashMap::new(), off: false }
     }
 
     /// Whether any table went to a copier in this resync.
@@ -121,7 +119,6 @@ impl Copiers {
         }
         self.workers.clear();
         self.tables.clear();
-        self.finished = false;
     }
 
     /// No copiers for this applier from now on.
@@ -136,10 +133,8 @@ impl Copiers {
     }
 
     /// Offers `rel`'s table (first seen in this resync) to a copier: true when one took it.
+    /// Call only for an [`eligible`](Self::eligible) one.
     pub(super) async fn take(&mut self, rel: &PgRelation) -> Result<bool, ApplyError> {
-        if !self.eligible(rel) {
-            return Ok(false);
-        }
         let took = self.try_take(rel).await;
         if took.is_err() {
             self.off = true;
@@ -176,14 +171,14 @@ impl Copiers {
 
     /// Waits until every copier has applied its share (the snapshot is complete).
     pub(super) async fn finish(&mut self) -> Result<(), ApplyError> {
-        self.all(false).await?;
-        self.finished = !self.workers.is_empty();
-        Ok(())
+        self.all(false).await
     }
 
-    /// Commits every copier (right before the main transaction commits).
+    /// Commits every copier (right before the main transaction commits). Copiers exist at a
+    /// commit only after [`finish`](Self::finish): an open resync declines to commit, and a
+    /// failed or abandoned one resets them.
     pub(super) async fn commit(&mut self) -> Result<(), ApplyError> {
-        if !self.finished {
+        if self.workers.is_empty() {
             return Ok(());
         }
         self.all(true).await?;
@@ -239,8 +234,8 @@ fn spawn(conn: PgConn) -> Result<Worker, ApplyError> {
     Ok(Worker { jobs, queued, failed, cancelled })
 }
 
-/// One copier: its connection, one transaction, the jobs in order. After the first error it
-/// only answers (with that error) until its queue is dropped.
+/// One copier: its connection, one transaction, the jobs in order. Its first error goes to
+/// `failed` (seen by the applier at once); after it, the copier only answers with it.
 async fn run(
     conn: PgConn,
     mut jobs: mpsc::Receiver<Job>,
@@ -248,16 +243,16 @@ async fn run(
     failed: Arc<Mutex<Option<String>>>,
     cancelled: Arc<AtomicBool>,
 ) {
-    let mut c = Copier { client: None, stmts: HashMap::new() };
-    let mut error = match c.open(&conn).await {
-        Ok(()) => None,
-        Err(e) => Some(e.to_string()),
-    };
-    let fail = |e: ApplyError, error: &mut Option<String>| {
+    let error = || failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let fail = |e: ApplyError| {
         let msg = e.to_string();
-        *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg.clone());
-        *error = Some(msg);
+        failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(msg.clone());
+        msg
     };
+    let mut c = Copier { client: None, stmts: HashMap::new() };
+    if let Err(e) = c.open(&conn).await {
+        fail(e);
+    }
     while let Some(job) = jobs.recv().await {
         if cancelled.load(Ordering::Relaxed) {
             // Abandoned: close the connection (rolling back) without working through the rest.
@@ -265,34 +260,28 @@ async fn run(
         }
         match job {
             Job::Take { rel, reply } => {
-                let r = match &error {
-                    Some(e) => Err(e.clone()),
-                    None => match c.take(&rel).await {
-                        Ok(took) => Ok(took),
-                        Err(e) => {
-                            fail(e, &mut error);
-                            Err(error.clone().unwrap_or_default())
-                        }
-                    },
+                let r = match error() {
+                    Some(e) => Err(e),
+                    None => c.take(&rel).await.map_err(fail),
                 };
                 let _ = reply.send(r);
             }
             Job::Copy { table, data } => {
                 let n = data.len();
-                if error.is_none() {
+                if error().is_none() {
                     if let Err(e) = c.copy(&table, data).await {
-                        fail(e, &mut error);
+                        fail(e);
                     }
                 }
                 queued.fetch_sub(n, Ordering::Relaxed);
             }
             Job::Finish { commit, reply } => {
-                if error.is_none() && commit {
+                if commit && error().is_none() {
                     if let Err(e) = c.commit().await {
-                        fail(e, &mut error);
+                        fail(e);
                     }
                 }
-                let _ = reply.send(error.clone().map_or(Ok(()), Err));
+                let _ = reply.send(error().map_or(Ok(()), Err));
                 if commit {
                     return;
                 }

@@ -1184,19 +1184,23 @@ impl State {
         }
         // The source names every table it truncated: each is truncated alone (ONLY), as in
         // native apply, except a partitioned table, which is truncated with its partitions.
-        let mut targets = Vec::with_capacity(tables.len());
-        for table in &tables {
-            let partitioned: bool = self
-                .client()?
-                .query_one(
-                    "SELECT coalesce((SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = pg_catalog.to_regclass($1)), false)",
-                    &[table],
-                )
-                .await
-                .map_err(db_err(format!("look up {table}")))?
-                .get(0);
-            targets.push(if partitioned { table.clone() } else { format!("ONLY {table}") });
-        }
+        let partitioned: Vec<bool> = self
+            .client()?
+            .query(
+                "SELECT coalesce(c.relkind = 'p', false) FROM unnest($1::text[]) WITH ORDINALITY AS t(name, n) \
+                 LEFT JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(t.name) ORDER BY t.n",
+                &[&tables],
+            )
+            .await
+            .map_err(db_err(format!("look up {}", tables.join(", "))))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let targets: Vec<String> = tables
+            .iter()
+            .zip(partitioned.iter().chain(std::iter::repeat(&false)))
+            .map(|(t, &p)| if p { t.clone() } else { format!("ONLY {t}") })
+            .collect();
         let mut stmt = format!("TRUNCATE {}", targets.join(", "));
         if t.restart_identity {
             stmt.push_str(" RESTART IDENTITY");
