@@ -77,6 +77,9 @@ pub struct Tracker {
 #[derive(Default)]
 struct Inner {
     records: BTreeMap<u64, Rec>,
+    /// Highest seq removed from the journal: a record reported durable after its removal
+    /// (the reports travel apart from shipping and acknowledgement) is not tracked again.
+    truncated: u64,
     receivers: HashMap<String, ReceiverState>,
 }
 
@@ -101,7 +104,8 @@ impl Tracker {
     /// Records that became durable in the journal.
     pub fn recorded(&self, metas: &[RecordMeta]) {
         let mut g = self.lock();
-        for m in metas {
+        let removed = g.truncated;
+        for m in metas.iter().filter(|m| m.seq.0 > removed) {
             g.records
                 .insert(m.seq.0, Rec { source: m.source.clone(), captured_at_us: m.captured_at_us, bytes: m.bytes });
         }
@@ -112,6 +116,7 @@ impl Tracker {
         let mut g = self.lock();
         let keep = g.records.split_off(&(through.0 + 1));
         g.records = keep;
+        g.truncated = g.truncated.max(through.0);
     }
 
     pub fn set_acked(&self, receiver: &str, seq: Seq) {
@@ -273,6 +278,21 @@ mod tests {
         t.set_acked("r", Seq(3));
         let s = &t.snapshot(4_000_000)[0];
         assert_eq!((s.events_behind, s.lag_seconds), (0, 0.0));
+    }
+
+    #[test]
+    fn a_record_reported_after_its_removal_is_not_tracked() {
+        let t = Tracker::new();
+        t.add_receiver("r", ["a".to_string()], Seq(0));
+        let m = |s: u64| RecordMeta { seq: Seq(s), source: "a".into(), captured_at_us: 1_000_000, bytes: 10 };
+        t.recorded(&[m(1)]);
+        t.set_acked("r", Seq(2));
+        t.truncated(Seq(2));
+        // Seq 2 was shipped, acknowledged and removed before its durable report arrived.
+        t.recorded(&[m(2), m(3)]);
+        assert_eq!(t.lock().records.keys().copied().collect::<Vec<_>>(), vec![3]);
+        let s = &t.snapshot(4_000_000)[0];
+        assert_eq!((s.events_behind, s.bytes_behind), (1, 10));
     }
 
     #[test]

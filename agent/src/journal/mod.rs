@@ -211,14 +211,15 @@ impl JournalWriter {
             })();
             match result {
                 Ok(metas) => {
-                    let last = metas.iter().rev().find_map(|m| m.last().map(|x| x.seq));
+                    // Shippers first: they are on the way to the standby; the sources'
+                    // answers and the lag tracker's reports are not.
+                    if let Some(last) = metas.iter().rev().find_map(|m| m.last().map(|x| x.seq)) {
+                        tracing::trace!(seq = last.0, "journal durable");
+                        self.durable_tx.send_replace(last);
+                    }
                     for (req, m) in group.into_iter().zip(metas) {
                         let _ = self.on_durable.send(m.clone());
                         let _ = req.reply.send(Ok(m));
-                    }
-                    if let Some(last) = last {
-                        tracing::trace!(seq = last.0, "journal durable");
-                        self.durable_tx.send_replace(last);
                     }
                 }
                 Err(e) => {
