@@ -15,10 +15,15 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
 /// directory, each followed by `fdatasync`, 5 ms apart. Returns (p50, p99, max) in ms — the
 /// floor under any path with an fsync on it, such as the agent's journal.
 pub fn fsync_latency() -> Result<(f64, f64, f64)> {
+    fsync_probe(500)
+}
+
+/// [`fsync_latency`] with `n` probes (5 ms apart: about `n / 200` seconds).
+pub fn fsync_probe(n: usize) -> Result<(f64, f64, f64)> {
     let dir = tempfile::tempdir()?;
     let mut f = std::fs::File::create(dir.path().join("probe"))?;
     let mut ms = Vec::new();
-    for _ in 0..500 {
+    for _ in 0..n {
         f.write_all(&[b'x'; 200])?;
         let t = Instant::now();
         f.sync_data()?;

@@ -13,6 +13,9 @@
 //!     standby) or creating the subscription (native, `copy_data = true`, tables created
 //!     beforehand) until every row is on the standby.
 //!
+//! Before the rounds it probes the disk's `fdatasync` latency, idle and while the source takes
+//! the latency workload alone (the floor under the journal flush on lockstep's path).
+//!
 //! lockstep runs with its full path: journal fsync, mutual TLS, receiver commit with
 //! `synchronous_commit = on`. Native logical replication uses its defaults (the subscription
 //! applies with `synchronous_commit = off`).
@@ -26,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
-use lockstep_tests::measure::{fsync_latency, percentile};
+use lockstep_tests::measure::{fsync_latency, fsync_probe, percentile};
 use lockstep_tests::pg::PgCluster;
 use lockstep_tests::Setup;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -316,6 +319,28 @@ struct Round {
     after_commit_s: f64,
 }
 
+/// The disk's fdatasync latency (as [`fsync_latency`]) while the source takes the latency
+/// workload alone — `RATE` single-row commits/s for `secs`, nothing replicating: what a
+/// journal flush costs on this disk during the latency runs, before any replication load.
+fn fsync_under_load(rt: &tokio::runtime::Runtime, src: &PgCluster, secs: u64) -> Result<(f64, f64, f64)> {
+    // 5 ms apart plus the flush itself: a little under `secs`.
+    let probe = std::thread::spawn(move || fsync_probe(secs as usize * 180));
+    rt.block_on(async {
+        let (client, conn) = src.dsn("src").parse::<tokio_postgres::Config>()?.connect(NoTls).await?;
+        tokio::spawn(conn);
+        let insert = client.prepare("INSERT INTO lat (id, pad) VALUES ($1, 'x')").await?;
+        let start = Instant::now();
+        for i in 0..(secs * RATE) as i64 {
+            tokio::time::sleep_until((start + Duration::from_micros(i as u64 * 1_000_000 / RATE)).into()).await;
+            client.execute(&insert, &[&i]).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let r = probe.join().map_err(|_| anyhow::anyhow!("fsync probe thread panicked"))??;
+    src.psql("src", "TRUNCATE lat;")?;
+    Ok(r)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     percentile(&mut v, 0.5)
 }
@@ -338,6 +363,10 @@ fn main() -> Result<()> {
     src.create_db("src")?;
     src.psql("src", TABLES)?;
     let rt = tokio::runtime::Runtime::new()?;
+    let (l50, l99, lmax) = fsync_under_load(&rt, &src, secs)?;
+    println!(
+        "this disk under the source's {RATE} commits/s alone: fdatasync p50 {l50:.2} ms, p99 {l99:.2} ms, max {lmax:.2} ms"
+    );
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         for (who, list) in [("lockstep", &mut ours), ("native", &mut theirs)] {
