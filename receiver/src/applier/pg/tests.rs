@@ -968,6 +968,44 @@ fn pg_resync_fills_tables_in_parallel_and_commits_them_with_the_position() {
     }
 }
 
+/// A crash after the copiers committed their tables but before the main transaction committed
+/// the new position: the standby must not show the old position (the agent would resume from
+/// it with tables already replaced by the snapshot), so it shows none and the agent resyncs.
+#[test]
+fn pg_crash_between_the_copiers_commit_and_the_position_leads_to_a_resync() {
+    let pg = Cluster::start();
+    let db = pg.db();
+    let mut a = pg.open();
+    apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
+    assert_eq!(a.position(), Some(pos(1)));
+    a.begin_resync().unwrap();
+    a.apply(Seq(0), snap_piece(1, "kv", &[vec![Some("1"), Some("snap")], vec![Some("2"), Some("snap")]])).unwrap();
+    a.apply(Seq(0), snap_piece(3, "fresh", &[vec![Some("7"), Some("new table")]])).unwrap();
+    assert!(a.st.copiers.has("public", "kv") && a.st.copiers.has("public", "fresh"));
+    a.apply(Seq(0), snap_end(5000)).unwrap();
+    a.end_resync().unwrap();
+    // The copiers' half of prepare_commit, then the process dies before the main commit.
+    let rt = a.rt.take().expect("runtime");
+    rt.block_on(a.st.copiers.commit()).unwrap();
+    a.rt = Some(rt);
+    drop(a);
+    assert_eq!(kv_rows(&db, "kv"), vec![row("1", Some("snap")), row("2", Some("snap"))], "the copiers committed");
+    let mut b = pg.open();
+    assert_eq!(b.position(), None, "no position: the agent resyncs instead of resuming from seq 1");
+    b.session_start(JOURNAL).unwrap();
+    b.begin_resync().unwrap();
+    b.apply(Seq(0), snap_piece(1, "kv", &[vec![Some("1"), Some("again")]])).unwrap();
+    b.apply(Seq(0), snap_piece(3, "fresh", &[vec![Some("7"), Some("again")]])).unwrap();
+    b.apply(Seq(0), snap_end(6000)).unwrap();
+    b.end_resync().unwrap();
+    assert!(b.commit(pos(2)).unwrap());
+    assert_eq!(kv_rows(&db, "kv"), vec![row("1", Some("again"))]);
+    assert_eq!(kv_rows(&db, "fresh"), vec![row("7", Some("again"))]);
+    assert_eq!(b.position(), Some(pos(2)));
+    drop(b);
+    assert_eq!(pg.open().position(), Some(pos(2)));
+}
+
 #[test]
 fn pg_position_survives_reopening() {
     let pg = Cluster::start();
