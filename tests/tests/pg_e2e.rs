@@ -140,6 +140,16 @@ fn pg_snapshot_stream_types_toast_truncate_ddl() -> Result<()> {
          SELECT pg_logical_emit_message(false, 'lockstep-test', 'outside');
          UPDATE items SET qty = qty + 1 WHERE id <= 100;",
     )?;
+    // A message emitted outside the transaction that emits it (decoded at once, ahead of the
+    // transaction) ends where the transaction's commit record begins: the transaction is not
+    // taken for one already journaled.
+    pg.psql(
+        "shop",
+        "BEGIN;
+         INSERT INTO items (name) VALUES ('behind a barrier');
+         SELECT pg_logical_emit_message(false, 'lockstep-test', 'barrier');
+         COMMIT;",
+    )?;
     wait_equal(&mut s, &pg, Duration::from_secs(60))?;
     // The TOASTed values are really there on the standby (not placeholders).
     let big = pg.query("shop_standby", "SELECT count(*) FROM typed WHERE big IS NOT NULL AND length(big) = 12800")?;

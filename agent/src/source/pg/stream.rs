@@ -378,18 +378,24 @@ impl Streamer<'_> {
                 t.push(op);
             }
             _ => {
-                // Outside any transaction: an event of its own, ordered by its LSN.
-                if lsn >= self.last_end {
+                // Outside any transaction: an event of its own, ordered by its LSN. PostgreSQL
+                // gives a message the LSN where its WAL record ends — where the next record
+                // begins, which may be the commit of a transaction decoded after it (one that
+                // emitted it non-transactionally, say). So the event spans [lsn - 1, lsn): a
+                // commit at `lsn` is not taken for one already journaled (here, in the slot's
+                // confirmed position, or in the receiver's dedupe), and the message itself is
+                // journaled once.
+                if lsn > self.last_end {
                     let ev = proto::PgTransaction {
-                        commit_lsn: lsn,
-                        end_lsn: lsn + 1,
+                        commit_lsn: lsn - 1,
+                        end_lsn: lsn,
                         commit_time_us: now_us(),
                         xid: 0,
                         chunk: 0,
                         last: true,
                         ops: vec![op],
                     };
-                    self.submit(ev, lsn + 1).await?;
+                    self.submit(ev, lsn).await?;
                 }
             }
         }
