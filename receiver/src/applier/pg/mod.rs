@@ -90,6 +90,7 @@ pub struct PgApplier {
 }
 
 /// A relation as last described by the source.
+#[derive(Clone, Debug)]
 struct Rel {
     msg: PgRelation,
     /// `"schema"."name"`.
@@ -106,6 +107,10 @@ struct SourceTx {
     commit_lsn: u64,
     next_chunk: u32,
     skip: bool,
+    /// The relation cache as it was at the transaction's savepoint: a rollback to it also
+    /// undoes the standby DDL (added, dropped, retyped or renamed columns and tables) its
+    /// chunks caused, so the cache goes back with it.
+    rels_before: HashMap<u32, Rel>,
 }
 
 /// A resync in progress.
@@ -713,6 +718,8 @@ impl State {
                         .batch_execute("ROLLBACK TO SAVEPOINT lockstep_tx; RELEASE SAVEPOINT lockstep_tx")
                         .await
                         .map_err(db_err("roll back a cut-off transaction"))?;
+                    self.rels = cur.rels_before;
+                    self.forget_statements();
                 }
             }
             let skip = tx.commit_lsn < self.applied_lsn;
@@ -725,14 +732,17 @@ impl State {
                 );
             }
             if !tx.last {
+                let mut rels_before = HashMap::new();
                 if !skip {
                     self.begin().await?;
                     self.client()?
                         .batch_execute("SAVEPOINT lockstep_tx")
                         .await
                         .map_err(db_err("start a chunked transaction"))?;
+                    rels_before = self.rels.clone();
                 }
-                self.source_tx = Some(SourceTx { xid: tx.xid, commit_lsn: tx.commit_lsn, next_chunk: 1, skip });
+                self.source_tx =
+                    Some(SourceTx { xid: tx.xid, commit_lsn: tx.commit_lsn, next_chunk: 1, skip, rels_before });
             }
             return Ok(!skip);
         }

@@ -968,6 +968,40 @@ fn pg_resync_fills_tables_in_parallel_and_commits_them_with_the_position() {
     }
 }
 
+/// A transaction cut off by an agent restart is rolled back to its savepoint, standby DDL its
+/// chunks caused included (a rename, an added column); the relation cache goes back with it, so
+/// the transaction sent again in full makes the same changes again instead of trusting the
+/// cache.
+#[test]
+fn pg_cut_off_transaction_undoes_its_ddl_and_the_cache_with_it() {
+    let pg = Cluster::start();
+    let db = pg.db();
+    let mut a = pg.open();
+    apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
+    let renamed = || kv_relation(1, "kv2");
+    let wider =
+        || relation(1, "kv2", "d", vec![col("id", "integer", true), col("v", "text", false), col("w", "text", false)]);
+    let first = || chunk(200, 0, false, vec![renamed(), insert(1, &[vec![Some("2"), Some("b")]])]);
+    let second = || chunk(200, 1, false, vec![wider(), insert(1, &[vec![Some("3"), Some("c"), Some("w")]])]);
+    // Cut off after two chunks (table renamed, column added), then sent again in full.
+    a.apply(Seq(2), first()).unwrap();
+    a.apply(Seq(3), second()).unwrap();
+    a.apply(Seq(4), first()).unwrap();
+    a.apply(Seq(5), second()).unwrap();
+    a.apply(Seq(6), chunk(200, 2, true, vec![wider(), insert(1, &[vec![Some("4"), Some("d"), Some("x")]])])).unwrap();
+    assert!(a.commit(pos(6)).unwrap());
+    assert_eq!(db.one("SELECT to_regclass('public.kv')::text"), None);
+    assert_eq!(
+        db.rows("SELECT id::text, v, w FROM kv2 ORDER BY id"),
+        vec![
+            vec![Some("1".into()), Some("a".into()), None],
+            vec![Some("2".into()), Some("b".into()), None],
+            vec![Some("3".into()), Some("c".into()), Some("w".into())],
+            vec![Some("4".into()), Some("d".into()), Some("x".into())],
+        ]
+    );
+}
+
 /// A crash after the copiers committed their tables but before the main transaction committed
 /// the new position: the standby must not show the old position (the agent would resume from
 /// it with tables already replaced by the snapshot), so it shows none and the agent resyncs.
