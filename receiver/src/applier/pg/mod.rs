@@ -199,6 +199,9 @@ struct State {
     enum_labels: HashMap<(String, String), Vec<String>>,
     /// Makes asynchronously committed rounds durable (see [`flush`]).
     flusher: flush::Flusher,
+    /// When the standby server the connection reached started (`pg_postmaster_start_time()` as
+    /// epoch seconds in text: the same whatever the session's date style or time zone).
+    server_started: String,
     /// Fill tables in parallel during a resync (see [`copiers`]).
     copiers: copiers::Copiers,
     /// Updates and deletes of the current event that found no row.
@@ -439,6 +442,7 @@ impl PgApplier {
             types: HashSet::new(),
             enum_labels: HashMap::new(),
             flusher: flush::Flusher::new(conn.clone())?,
+            server_started: String::new(),
             copiers: copiers::Copiers::new(conn.clone()),
             deferred: None,
             missing: 0,
@@ -558,14 +562,16 @@ impl State {
                 Err(e) => return Err(e),
             }
         };
-        self.can_emit = client
+        let row = client
             .query_one(
-                "SELECT pg_catalog.has_function_privilege('pg_catalog.pg_logical_emit_message(boolean, text, bytea)', 'EXECUTE')",
+                "SELECT pg_catalog.has_function_privilege('pg_catalog.pg_logical_emit_message(boolean, text, bytea)', 'EXECUTE'), \
+                 extract(epoch FROM pg_catalog.pg_postmaster_start_time())::text",
                 &[],
             )
             .await
-            .map_err(db_err("check privileges on the standby"))?
-            .get(0);
+            .map_err(db_err("check privileges on the standby"))?;
+        self.can_emit = row.get(0);
+        self.server_started = row.get(1);
         if !self.can_emit {
             warn!(target_db = %self.where_(), "the standby role may not call pg_logical_emit_message; logical messages are not passed through");
         }
@@ -690,14 +696,22 @@ impl State {
         self.failed = false;
         if self.client.is_some() {
             match self.read_position().await {
-                Ok(()) => return Ok(()),
+                Ok(()) => return self.position_durable().await,
                 Err(e) => {
                     info!(error = %e, "standby connection unusable; reconnecting");
                     self.client = None;
                 }
             }
         }
-        self.connect().await
+        self.connect().await?;
+        self.position_durable().await
+    }
+
+    /// Waits until the position just read is durable: it may come from a commit whose flush
+    /// barrier never ran (a receiver killed right after the commit), and acknowledgements
+    /// report it as stored.
+    async fn position_durable(&mut self) -> Result<(), ApplyError> {
+        self.flusher.barrier_now(self.server_started.clone()).await
     }
 
     /// Dedupe and chunk bookkeeping for a journal event: whether to apply it. A transaction
@@ -1374,7 +1388,7 @@ impl State {
         self.committed_lsn = self.applied_lsn;
         if was_in_tx {
             // Committed asynchronously: visible now, durable once the barrier returns.
-            return Ok(Some(Box::new(self.flusher.barrier())));
+            return Ok(Some(Box::new(self.flusher.barrier(self.server_started.clone()))));
         }
         Ok(Some(done))
     }
