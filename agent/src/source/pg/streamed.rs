@@ -121,6 +121,11 @@ impl Spills {
     /// Keeps `d`, a message of a streamed block of `xid`, without its xid (that of `xid` itself
     /// or of one of its subtransactions, noted for [`Spills::abort`]).
     pub(crate) fn append(&mut self, xid: u32, d: &[u8]) -> Result<(), String> {
+        // The first block of a transaction replayed from another origin (the source is itself
+        // a subscriber) names that origin, with no xid: nothing to keep, as in protocol 1.
+        if d.first() == Some(&b'O') {
+            return Ok(());
+        }
         let (sub, tag, body) = split_xid(d)?;
         let s = self.open.get_mut(&xid).ok_or_else(|| format!("a change of transaction {xid} outside its stream"))?;
         s.starts.entry(sub).or_insert(s.len);
@@ -229,6 +234,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spills::new(dir.path().join("spill"));
         s.start(100, true).unwrap();
+        // An Origin message (no xid) opens the first block of a replicated-in transaction.
+        let mut origin = vec![b'O'];
+        origin.extend_from_slice(&0x99u64.to_be_bytes());
+        origin.extend_from_slice(b"pg_16384\0");
+        s.append(100, &origin).unwrap();
         for (sub, body) in [(100, "a"), (101, "b"), (100, "c"), (102, "d"), (103, "e"), (102, "f")] {
             s.append(100, &msg(b'I', sub, body.as_bytes())).unwrap();
         }
