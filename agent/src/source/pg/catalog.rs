@@ -58,7 +58,15 @@ pub(crate) struct SlotInfo {
 
 /// Checks everything logical replication needs, creating the publication (FOR ALL TABLES) and
 /// the slot when missing. Returns the slot's state.
-pub(crate) async fn preflight(shared: &Shared, client: &Client, used_before: bool) -> Result<SlotInfo, Refusal> {
+/// `will_recreate` runs before a slot this source used is replaced (dropped as invalidated, or
+/// created anew because it is gone): it records durably that the receivers need a resync, so a
+/// crash between the new slot's creation and the resync's start does not lose the gap.
+pub(crate) async fn preflight(
+    shared: &Shared,
+    client: &Client,
+    used_before: bool,
+    will_recreate: &(dyn Fn() -> Result<(), String> + Sync),
+) -> Result<SlotInfo, Refusal> {
     let fatal = |p: String| Refusal::Fatal(shared.err(p));
     let retry = |e: SourceError| Refusal::Retry(e);
     let server = shared.conn.server();
@@ -143,6 +151,9 @@ pub(crate) async fn preflight(shared: &Shared, client: &Client, used_before: boo
         .await
         .map_err(|e| retry(sql_err(shared, "read replication slots")(e)))?;
     let lost = row.as_ref().is_some_and(|r| r.get::<_, Option<String>>(5).as_deref() == Some("lost"));
+    if lost || (row.is_none() && used_before) {
+        will_recreate().map_err(|e| fatal(format!("record that receivers need a resync: {e}")))?;
+    }
     if lost {
         tracing::error!(source = %shared.name, slot = %slot, server = %server,
             "replication slot was invalidated: PostgreSQL removed WAL it still needed (raise max_slot_wal_keep_size, or keep the agent running); the changes in between are lost to the stream. Dropping the invalid slot, creating a new one and resyncing every receiver of this source from a fresh snapshot");

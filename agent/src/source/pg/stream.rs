@@ -109,13 +109,21 @@ async fn run_here(shared: Arc<Shared>, ctx: SourceContext) -> Result<(), SourceE
 const LAST_END_KEY: &[u8] = b"last_end_lsn";
 /// Set once this source has streamed from its slot: a missing slot then means one was lost.
 const SLOT_USED_KEY: &[u8] = b"slot_used";
+/// Set (durably) before a used slot is replaced, cleared once the receivers' resync is under
+/// way: a restart in between still resyncs them.
+const RESYNC_PENDING_KEY: &[u8] = b"slot_resync_pending";
 
 /// One replication session: preflight, then stream until an error or cancellation.
 async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Result<(), Refusal> {
     let client = catalog::connect(shared).await.map_err(Refusal::Retry)?;
     let used_before = tree.get(SLOT_USED_KEY).ok().flatten().is_some();
-    let slot = catalog::preflight(shared, &client, used_before).await?;
-    if slot.recreated {
+    let will_recreate = || -> Result<(), String> {
+        tree.insert(RESYNC_PENDING_KEY, &[1u8]).map_err(|e| e.to_string())?;
+        tree.flush().map(|_| ()).map_err(|e| e.to_string())
+    };
+    let slot = catalog::preflight(shared, &client, used_before, &will_recreate).await?;
+    let pending = tree.get(RESYNC_PENDING_KEY).ok().flatten().is_some();
+    if slot.recreated || pending {
         // Everything journaled so far can no longer bring a receiver up to date: raise the
         // floor, journal a record above it, and make the shippers re-decide.
         let floor = ctx.resync_floor.clone();
@@ -134,6 +142,8 @@ async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Res
             .await
             .map_err(|e| Refusal::Fatal(SourceError::Journal(e, shared.name.to_string())))?;
         ctx.resync_floor.kick();
+        // Durable with the next journal flush; until then a restart only resyncs again.
+        let _ = tree.remove(RESYNC_PENDING_KEY);
         error!(source = %shared.name, floor = raised.0, "receivers behind the new slot will be resynced");
     }
     let _ = tree.insert(SLOT_USED_KEY, &[1u8]);
