@@ -233,6 +233,10 @@ impl Session {
     fn prepare_commits(&mut self) -> Result<PendingCommit, Status> {
         let last = self.last_seq;
         let mut fns = Vec::new();
+        // The committed position of targets in the middle of a transaction: the acknowledgement
+        // (which the agent's lag and `acked_seq` show) must not pass it, or lag would read 0
+        // while the standby has not committed a large transaction yet.
+        let mut open_tx: Option<Seq> = None;
         for (source, t) in self.targets.iter_mut() {
             if t.resyncing {
                 continue;
@@ -248,7 +252,10 @@ impl Session {
             match t.applier().prepare_commit(pos) {
                 Ok(Some(f)) => fns.push(((source.clone(), t.applied, t.resync_gen), f)),
                 // Mid-transaction: stays dirty, committed with a later round.
-                Ok(None) => continue,
+                Ok(None) => {
+                    open_tx = Some(open_tx.map_or(t.committed, |s| s.min(t.committed)));
+                    continue;
+                }
                 Err(e) => {
                     let mut st = t.target.status();
                     st.apply_errors += 1;
@@ -261,6 +268,7 @@ impl Session {
             t.target.status().applied_seq = t.applied.0;
         }
         let ack_seq = self.targets.values().filter(|t| !t.resyncing).map(|t| t.applied).min().unwrap_or(self.last_seq);
+        let ack_seq = open_tx.map_or(ack_seq, |s| ack_seq.min(s));
         Ok(PendingCommit { fns, ack_seq: ack_seq.min(self.last_seq), batches: self.batches })
     }
 

@@ -198,6 +198,31 @@ fn pg_snapshot_stream_types_toast_truncate_ddl() -> Result<()> {
     // One large transaction: travels in chunks, applied atomically.
     pg.psql("shop", "CREATE TABLE bulk (id bigint PRIMARY KEY, payload text);")?;
     pg.psql("shop", "INSERT INTO bulk SELECT g, md5(g::text) FROM generate_series(1, 1000000) g;")?;
+    // While its chunks are applied, the agent's view of the receiver (acked_seq, and so lag)
+    // never runs ahead of what the standby committed: lag 0 means the standby has it all.
+    let t0 = Instant::now();
+    let mut samples = 0;
+    let arrived = || -> Result<bool> {
+        // The standby's table is created with the transaction's first chunk.
+        Ok(!pg.query("shop_standby", "SELECT 1 FROM pg_class WHERE relname = 'bulk'")?.is_empty()
+            && pg.query("shop_standby", "SELECT count(*) FROM bulk")?[0][0].as_deref() == Some("1000000"))
+    };
+    while !arrived()? {
+        let acked = s.agent_status()?["receivers"][0]["acked_seq"].as_u64().unwrap_or(0);
+        let st = s.receiver_status()?;
+        let committed = st["targets"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["source"] == "shop"))
+            .and_then(|t| t["committed_seq"].as_u64())
+            .unwrap_or(0);
+        assert!(acked <= committed, "the agent holds seq {acked} acknowledged, the standby committed {committed}");
+        samples += 1;
+        if t0.elapsed() > Duration::from_secs(180) {
+            bail!("the bulk insert did not arrive\n{}", s.logs_tail());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(samples > 0, "no sample taken while the bulk insert was applied");
     wait_equal(&mut s, &pg, Duration::from_secs(180))?;
     let n = pg.query("shop_standby", "SELECT count(*) FROM bulk")?;
     assert_eq!(n[0][0].as_deref(), Some("1000000"));
