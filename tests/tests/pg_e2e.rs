@@ -224,6 +224,17 @@ fn pg_snapshot_stream_types_toast_truncate_ddl() -> Result<()> {
     }
     assert!(samples > 0, "no sample taken while the bulk insert was applied");
     wait_equal(&mut s, &pg, Duration::from_secs(180))?;
+
+    // A transaction of 40 MB of logical messages (more than one gRPC message may carry) is
+    // journaled in chunks like one of many rows; what follows it arrives.
+    pg.psql(
+        "shop",
+        "BEGIN;
+         SELECT count(pg_logical_emit_message(true, 'lockstep-test', repeat('m', 1000000))) FROM generate_series(1, 40);
+         INSERT INTO items (name) VALUES ('after 40 MB of messages');
+         COMMIT;",
+    )?;
+    wait_equal(&mut s, &pg, Duration::from_secs(120))?;
     let n = pg.query("shop_standby", "SELECT count(*) FROM bulk")?;
     assert_eq!(n[0][0].as_deref(), Some("1000000"));
     Ok(())

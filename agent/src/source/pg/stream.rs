@@ -381,11 +381,15 @@ impl Streamer<'_> {
     }
 
     async fn message(&mut self, transactional: bool, lsn: u64, prefix: String, content: Bytes) -> Result<(), Refusal> {
+        let size = 64 + prefix.len() + content.len();
         let op = proto::PgOp { op: Some(Op::Message(proto::PgMessage { transactional, prefix, content, lsn })) };
         match (&mut self.txn, transactional) {
             (Some(t), true) => {
-                t.bytes += 64;
+                // Counted at its size: a transaction of many large messages is cut into chunks
+                // like one of many rows.
+                t.bytes += size;
                 t.push(op);
+                self.maybe_chunk().await?;
             }
             _ => {
                 // Outside any transaction: an event of its own, ordered by its LSN. PostgreSQL
