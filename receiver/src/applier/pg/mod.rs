@@ -107,10 +107,8 @@ struct SourceTx {
     commit_lsn: u64,
     next_chunk: u32,
     skip: bool,
-    /// The relation cache as it was at the transaction's savepoint: a rollback to it also
-    /// undoes the standby DDL (added, dropped, retyped or renamed columns and tables) its
-    /// chunks caused, so the cache goes back with it.
-    rels_before: HashMap<u32, Rel>,
+    /// Length of [`State::rels_undo`] at the transaction's savepoint.
+    undo_mark: usize,
 }
 
 /// A resync in progress.
@@ -187,6 +185,9 @@ struct State {
     failed: bool,
     resync: Option<Resync>,
     rels: HashMap<u32, Rel>,
+    /// What [`State::remember_relation`] replaced since the last commit, oldest first (see
+    /// [`State::undo_relations`]).
+    rels_undo: Vec<(u32, Option<Rel>)>,
     stmts: HashMap<StmtKey, Statement>,
     upsert: Option<Statement>,
     emit: Option<Statement>,
@@ -434,6 +435,7 @@ impl PgApplier {
             failed: false,
             resync: None,
             rels: HashMap::new(),
+            rels_undo: Vec::new(),
             stmts: HashMap::new(),
             upsert: None,
             emit: None,
@@ -637,6 +639,23 @@ impl State {
         Ok(())
     }
 
+    /// Puts the relation cache back as it was when [`State::rels_undo`] held `mark` entries:
+    /// a rollback also undoes the standby DDL (added, dropped, retyped or renamed columns and
+    /// tables) done since, which the cache described.
+    fn undo_relations(&mut self, mark: usize) {
+        while self.rels_undo.len() > mark {
+            match self.rels_undo.pop() {
+                Some((id, Some(rel))) => {
+                    self.rels.insert(id, rel);
+                }
+                Some((id, None)) => {
+                    self.rels.remove(&id);
+                }
+                None => break,
+            }
+        }
+    }
+
     fn forget_statements(&mut self) {
         self.stmts.clear();
         self.types.clear();
@@ -662,6 +681,7 @@ impl State {
         self.resync = None;
         self.copiers.reset(false);
         self.applied_lsn = self.committed_lsn;
+        self.undo_relations(0);
         self.forget_statements();
     }
 
@@ -732,7 +752,7 @@ impl State {
                         .batch_execute("ROLLBACK TO SAVEPOINT lockstep_tx; RELEASE SAVEPOINT lockstep_tx")
                         .await
                         .map_err(db_err("roll back a cut-off transaction"))?;
-                    self.rels = cur.rels_before;
+                    self.undo_relations(cur.undo_mark);
                     self.forget_statements();
                 }
             }
@@ -746,17 +766,16 @@ impl State {
                 );
             }
             if !tx.last {
-                let mut rels_before = HashMap::new();
+                let undo_mark = self.rels_undo.len();
                 if !skip {
                     self.begin().await?;
                     self.client()?
                         .batch_execute("SAVEPOINT lockstep_tx")
                         .await
                         .map_err(db_err("start a chunked transaction"))?;
-                    rels_before = self.rels.clone();
                 }
                 self.source_tx =
-                    Some(SourceTx { xid: tx.xid, commit_lsn: tx.commit_lsn, next_chunk: 1, skip, rels_before });
+                    Some(SourceTx { xid: tx.xid, commit_lsn: tx.commit_lsn, next_chunk: 1, skip, undo_mark });
             }
             return Ok(!skip);
         }
@@ -1047,7 +1066,8 @@ impl State {
             }
         }
         self.stmts.retain(|k, _| !stale.contains(&k.rel));
-        self.rels.insert(r.id, Rel { msg: r.clone(), table: sql::qualified(&r.schema, &r.name), checked });
+        let before = self.rels.insert(r.id, Rel { msg: r.clone(), table: sql::qualified(&r.schema, &r.name), checked });
+        self.rels_undo.push((r.id, before));
     }
 
     async fn statement(
@@ -1382,6 +1402,7 @@ impl State {
             return Err(self.fail(e).await);
         }
         // write_position opened the next transaction right behind the commit.
+        self.rels_undo.clear();
         self.in_tx = was_in_tx;
         self.tx_used = false;
         self.position = Some(pos);

@@ -1002,6 +1002,26 @@ fn pg_cut_off_transaction_undoes_its_ddl_and_the_cache_with_it() {
     );
 }
 
+/// A round that fails after a transaction renamed a table rolls the rename back with
+/// everything else; the relation cache goes back too, so the re-sent transaction renames the
+/// table again instead of creating an empty one under the new name.
+#[test]
+fn pg_failed_round_undoes_its_ddl_and_the_cache_with_it() {
+    let pg = Cluster::start();
+    let db = pg.db();
+    let mut a = pg.open();
+    apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
+    let renaming = || tx(200, vec![kv_relation(1, "kv2"), insert(1, &[vec![Some("2"), Some("b")]])]);
+    a.apply(Seq(2), renaming()).unwrap();
+    apply_commit_err(&mut a, 3, tx(300, vec![kv_relation(1, "kv2"), insert(1, &[vec![Some("x"), Some("c")]])]));
+    a.session_start(JOURNAL).unwrap();
+    assert_eq!(db.one("SELECT to_regclass('public.kv2')::text"), None, "the rename was rolled back");
+    a.apply(Seq(2), renaming()).unwrap();
+    apply_commit(&mut a, 3, tx(300, vec![kv_relation(1, "kv2"), insert(1, &[vec![Some("3"), Some("c")]])]));
+    assert_eq!(db.one("SELECT to_regclass('public.kv')::text"), None);
+    assert_eq!(kv_rows(&db, "kv2"), vec![row("1", Some("a")), row("2", Some("b")), row("3", Some("c"))]);
+}
+
 /// A crash after the copiers committed their tables but before the main transaction committed
 /// the new position: the standby must not show the old position (the agent would resume from
 /// it with tables already replaced by the snapshot), so it shows none and the agent resyncs.
