@@ -8,10 +8,10 @@
 //! record, which lies after every commit that returned before it; so once the barrier returns,
 //! the round's transaction (and its position row) is on disk.
 //!
-//! A barrier proves nothing across a restart of the standby: the commits it should cover may
-//! have been lost with the unflushed WAL, and a barrier on the restarted server succeeds. So
-//! each barrier carries the server start time the applier's connection saw, and fails when the
-//! server it ran on started at another time (a restart, or another host of a multi-host dsn).
+//! A barrier proves nothing about commits a crash of the standby already threw away (a
+//! crash-restart after a backend was killed, an immediate shutdown, a failover): it would
+//! succeed on the recovered server. So the barrier transaction also reads the position row and
+//! fails unless it shows at least the seq the barrier is to make durable.
 //!
 //! The barrier connection lives on its own thread with its own runtime, so it runs while the
 //! applier's thread applies the next round.
@@ -28,10 +28,11 @@ use crate::applier::ApplyError;
 
 type Reply = oneshot::Sender<Result<(), String>>;
 
-/// A barrier request: where to answer, and the server start time of the commits it covers.
+/// A barrier request: where to answer, and the seq whose commit it covers (`None`: whatever
+/// is committed).
 struct Request {
     reply: Reply,
-    started: String,
+    seq: Option<u64>,
 }
 
 /// Runs WAL flush barriers against the standby.
@@ -41,26 +42,26 @@ pub(super) struct Flusher {
 }
 
 impl Flusher {
-    pub(super) fn new(conn: PgConn) -> Result<Flusher, ApplyError> {
+    /// Barriers for the position row of `agent`/`source`.
+    pub(super) fn new(conn: PgConn, agent: String, source: String) -> Result<Flusher, ApplyError> {
         let (tx, rx) = mpsc::channel::<Request>();
         let thread = std::thread::Builder::new()
             .name("pg-flush".into())
-            .spawn(move || run(conn, rx))
+            .spawn(move || run(conn, agent, source, rx))
             .map_err(|e| ApplyError::Io { context: "start the standby flush thread".into(), error: e })?;
         Ok(Flusher { tx: Some(tx), thread: Some(thread) })
     }
 
     /// Asks for a barrier now; the function it returns waits until everything committed before
-    /// this call, on the server that started at `started` (see `State::server_started`), is
-    /// durable.
-    pub(super) fn barrier(&self, started: String) -> impl FnOnce() -> Result<(), ApplyError> + Send + 'static {
-        let rx = self.request(started);
+    /// this call is durable, and fails when the standby's position row is below `seq` (lost).
+    pub(super) fn barrier(&self, seq: Option<u64>) -> impl FnOnce() -> Result<(), ApplyError> + Send + 'static {
+        let rx = self.request(seq);
         move || answer(rx.and_then(|rx| rx.blocking_recv().ok()))
     }
 
     /// [`barrier`](Self::barrier), awaited.
-    pub(super) async fn barrier_now(&self, started: String) -> Result<(), ApplyError> {
-        let rx = self.request(started);
+    pub(super) async fn barrier_now(&self, seq: Option<u64>) -> Result<(), ApplyError> {
+        let rx = self.request(seq);
         let reply = match rx {
             Some(rx) => rx.await.ok(),
             None => None,
@@ -68,9 +69,9 @@ impl Flusher {
         answer(reply)
     }
 
-    fn request(&self, started: String) -> Option<oneshot::Receiver<Result<(), String>>> {
+    fn request(&self, seq: Option<u64>) -> Option<oneshot::Receiver<Result<(), String>>> {
         let (reply, rx) = oneshot::channel();
-        self.tx.as_ref()?.send(Request { reply, started }).ok()?;
+        self.tx.as_ref()?.send(Request { reply, seq }).ok()?;
         Some(rx)
     }
 }
@@ -92,10 +93,10 @@ fn answer(reply: Option<Result<(), String>>) -> Result<(), ApplyError> {
     }
 }
 
-fn run(conn: PgConn, rx: mpsc::Receiver<Request>) {
+fn run(conn: PgConn, agent: String, source: String, rx: mpsc::Receiver<Request>) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
     let mut client: Option<tokio_postgres::Client> = None;
-    while let Ok(Request { reply, started }) = rx.recv() {
+    while let Ok(Request { reply, seq }) = rx.recv() {
         let r = rt.block_on(async {
             // One reconnect per request: a broken connection shows up as the barrier failing.
             for attempt in 0..2 {
@@ -107,35 +108,43 @@ fn run(conn: PgConn, rx: mpsc::Receiver<Request>) {
                                     debug!(error = %e, "standby flush connection ended");
                                 }
                             });
+                            if let Err(e) = c.batch_execute("SET synchronous_commit = on").await {
+                                return Err(format!("set up the flush connection: {}", describe(&e)));
+                            }
                             client = Some(c);
                         }
                         Err(e) => return Err(format!("connect: {}", describe(&e))),
                     }
                 }
                 let c = client.as_ref().expect("connected above");
+                // One autocommit transaction that takes a transaction id commits synchronously
+                // (set for the session at connect), after reading the position row.
                 let barrier = c
-                    .simple_query(
-                        "SET synchronous_commit = on; \
-                         SELECT pg_catalog.txid_current(), extract(epoch FROM pg_catalog.pg_postmaster_start_time())::text",
+                    .query_one(
+                        "SELECT pg_catalog.txid_current(), \
+                         (SELECT seq FROM lockstep.applied_position WHERE agent = $1 AND source = $2)",
+                        &[&agent, &source],
                     )
                     .await;
                 match barrier {
-                    Ok(msgs) => {
-                        let now = msgs.iter().find_map(|m| match m {
-                            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(1).map(str::to_string),
-                            _ => None,
-                        });
-                        return match now {
-                            Some(now) if now == started => Ok(()),
-                            now => Err(format!(
-                                "the standby server started at {} since these commits (then {started}); \
-                                 commits not yet flushed before that may be lost, so they are sent again",
-                                now.as_deref().unwrap_or("an unknown time")
-                            )),
+                    Ok(row) => {
+                        let kept: Option<i64> = row.get(1);
+                        return match (seq, kept) {
+                            (None, _) => Ok(()),
+                            (Some(want), Some(kept)) if kept as u64 >= want => Ok(()),
+                            (Some(want), kept) => {
+                                // Perhaps another server (a multi-host dsn): connect afresh next time.
+                                client = None;
+                                Err(format!(
+                                    "the standby's position row shows seq {} where commits up to {want} were made: \
+                                     the standby lost them (a crash-restart or failover), so they are sent again",
+                                    kept.map_or("none".to_string(), |k| k.to_string())
+                                ))
+                            }
                         };
                     }
-                    // A terminated or broken session: the barrier is harmless to repeat (a restarted
-                    // server shows in its start time).
+                    // A terminated or broken session: the barrier is harmless to repeat (commits a
+                    // restart lost show in the position row).
                     Err(_) if attempt == 0 => client = None,
                     Err(e) => {
                         client = None;

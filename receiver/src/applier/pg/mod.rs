@@ -200,9 +200,6 @@ struct State {
     enum_labels: HashMap<(String, String), Vec<String>>,
     /// Makes asynchronously committed rounds durable (see [`flush`]).
     flusher: flush::Flusher,
-    /// When the standby server the connection reached started (`pg_postmaster_start_time()` as
-    /// epoch seconds in text: the same whatever the session's date style or time zone).
-    server_started: String,
     /// Fill tables in parallel during a resync (see [`copiers`]).
     copiers: copiers::Copiers,
     /// Updates and deletes of the current event that found no row.
@@ -443,8 +440,7 @@ impl PgApplier {
             last_message: None,
             types: HashSet::new(),
             enum_labels: HashMap::new(),
-            flusher: flush::Flusher::new(conn.clone())?,
-            server_started: String::new(),
+            flusher: flush::Flusher::new(conn.clone(), cfg.agent.clone(), cfg.source.clone())?,
             copiers: copiers::Copiers::new(conn.clone()),
             deferred: None,
             missing: 0,
@@ -564,16 +560,14 @@ impl State {
                 Err(e) => return Err(e),
             }
         };
-        let row = client
+        self.can_emit = client
             .query_one(
-                "SELECT pg_catalog.has_function_privilege('pg_catalog.pg_logical_emit_message(boolean, text, bytea)', 'EXECUTE'), \
-                 extract(epoch FROM pg_catalog.pg_postmaster_start_time())::text",
+                "SELECT pg_catalog.has_function_privilege('pg_catalog.pg_logical_emit_message(boolean, text, bytea)', 'EXECUTE')",
                 &[],
             )
             .await
-            .map_err(db_err("check privileges on the standby"))?;
-        self.can_emit = row.get(0);
-        self.server_started = row.get(1);
+            .map_err(db_err("check privileges on the standby"))?
+            .get(0);
         if !self.can_emit {
             warn!(target_db = %self.where_(), "the standby role may not call pg_logical_emit_message; logical messages are not passed through");
         }
@@ -731,7 +725,7 @@ impl State {
     /// barrier never ran (a receiver killed right after the commit), and acknowledgements
     /// report it as stored.
     async fn position_durable(&mut self) -> Result<(), ApplyError> {
-        self.flusher.barrier_now(self.server_started.clone()).await
+        self.flusher.barrier_now(self.position.map(|p| p.seq.0)).await
     }
 
     /// Dedupe and chunk bookkeeping for a journal event: whether to apply it. A transaction
@@ -1409,7 +1403,7 @@ impl State {
         self.committed_lsn = self.applied_lsn;
         if was_in_tx {
             // Committed asynchronously: visible now, durable once the barrier returns.
-            return Ok(Some(Box::new(self.flusher.barrier(self.server_started.clone()))));
+            return Ok(Some(Box::new(self.flusher.barrier(Some(pos.seq.0)))));
         }
         Ok(Some(done))
     }
