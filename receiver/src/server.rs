@@ -560,10 +560,11 @@ async fn run_session(
 const COMMIT_QUEUE: usize = 16;
 
 /// Gathers what has arrived and applies it in place (`block_in_place`: no hand-off to another
-/// thread on the way to visibility). Each round's commit (the durable half) is queued to a commit task that runs them one at a time, in order, on
-/// blocking threads — while later rounds are gathered and applied, so a slow flush delays
-/// acknowledgements, never the next apply. An acknowledgement goes out when its commit is
-/// durable. A failed commit stops the queue: nothing after it is committed.
+/// thread on the way to visibility). Each round's commit (the durable half) is queued to a
+/// commit task that runs them one at a time, in order, on blocking threads — while later
+/// rounds are gathered and applied, so a slow flush delays acknowledgements, never the next
+/// apply. An acknowledgement goes out when its commit is durable. A failed commit stops the
+/// queue: nothing after it is committed.
 async fn session_loop(
     session: &mut Session,
     inbound: &mut Streaming<AgentMessage>,

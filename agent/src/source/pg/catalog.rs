@@ -51,9 +51,6 @@ pub(crate) fn db_message(e: &tokio_postgres::Error) -> String {
 /// The slot as the server sees it.
 pub(crate) struct SlotInfo {
     pub confirmed_flush: u64,
-    /// The slot this source had used was gone or invalidated and has been created afresh:
-    /// changes between the old one's position and the new one's start are lost to the stream.
-    pub recreated: bool,
 }
 
 /// Checks everything logical replication needs, creating the publication (FOR ALL TABLES) and
@@ -174,7 +171,7 @@ pub(crate) async fn preflight(
             .map_err(|e| fatal(format!("create replication slot {slot:?} on {server}: {}", db_message(&e))))?;
         let lsn: String = r.get(0);
         tracing::info!(source = %shared.name, slot = %slot, lsn = %lsn, "created logical replication slot");
-        return Ok(SlotInfo { confirmed_flush: parse_lsn(&lsn).unwrap_or(0), recreated: used_before || lost });
+        return Ok(SlotInfo { confirmed_flush: parse_lsn(&lsn).unwrap_or(0) });
     };
     let plugin: Option<String> = row.get(0);
     let slot_type: String = row.get(1);
@@ -199,7 +196,7 @@ pub(crate) async fn preflight(
             pid.map_or("?".to_string(), |p| p.to_string())
         ))));
     }
-    Ok(SlotInfo { confirmed_flush: confirmed.as_deref().and_then(parse_lsn).unwrap_or(0), recreated: false })
+    Ok(SlotInfo { confirmed_flush: confirmed.as_deref().and_then(parse_lsn).unwrap_or(0) })
 }
 
 /// The user's tables (`schema.table`, quoted as needed, in name order) that meet `condition`

@@ -122,8 +122,8 @@ async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Res
         tree.flush().map(|_| ()).map_err(|e| e.to_string())
     };
     let slot = catalog::preflight(shared, &client, used_before, &will_recreate).await?;
-    let pending = tree.get(RESYNC_PENDING_KEY).ok().flatten().is_some();
-    if slot.recreated || pending {
+    // Set by `will_recreate` now, or by a session that died before the resync was under way.
+    if tree.get(RESYNC_PENDING_KEY).ok().flatten().is_some() {
         // Everything journaled so far can no longer bring a receiver up to date: raise the
         // floor, journal a record above it, and make the shippers re-decide.
         let floor = ctx.resync_floor.clone();

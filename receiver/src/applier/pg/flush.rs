@@ -95,7 +95,8 @@ fn answer(reply: Option<Result<(), String>>) -> Result<(), ApplyError> {
 
 fn run(conn: PgConn, agent: String, source: String, rx: mpsc::Receiver<Request>) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-    let mut client: Option<tokio_postgres::Client> = None;
+    // The connection and its prepared barrier statement.
+    let mut client: Option<(tokio_postgres::Client, tokio_postgres::Statement)> = None;
     while let Ok(Request { reply, seq }) = rx.recv() {
         let r = rt.block_on(async {
             // One reconnect per request: a broken connection shows up as the barrier failing.
@@ -108,24 +109,26 @@ fn run(conn: PgConn, agent: String, source: String, rx: mpsc::Receiver<Request>)
                                     debug!(error = %e, "standby flush connection ended");
                                 }
                             });
-                            if let Err(e) = c.batch_execute("SET synchronous_commit = on").await {
-                                return Err(format!("set up the flush connection: {}", describe(&e)));
+                            // One autocommit transaction that takes a transaction id commits
+                            // synchronously, after reading the position row.
+                            let setup = async {
+                                c.batch_execute("SET synchronous_commit = on").await?;
+                                c.prepare(
+                                    "SELECT pg_catalog.txid_current(), (SELECT seq FROM lockstep.applied_position \
+                                     WHERE agent = $1 AND source = $2)",
+                                )
+                                .await
+                            };
+                            match setup.await {
+                                Ok(stmt) => client = Some((c, stmt)),
+                                Err(e) => return Err(format!("set up the flush connection: {}", describe(&e))),
                             }
-                            client = Some(c);
                         }
                         Err(e) => return Err(format!("connect: {}", describe(&e))),
                     }
                 }
-                let c = client.as_ref().expect("connected above");
-                // One autocommit transaction that takes a transaction id commits synchronously
-                // (set for the session at connect), after reading the position row.
-                let barrier = c
-                    .query_one(
-                        "SELECT pg_catalog.txid_current(), \
-                         (SELECT seq FROM lockstep.applied_position WHERE agent = $1 AND source = $2)",
-                        &[&agent, &source],
-                    )
-                    .await;
+                let (c, stmt) = client.as_ref().expect("connected above");
+                let barrier = c.query_one(stmt, &[&agent, &source]).await;
                 match barrier {
                     Ok(row) => {
                         let kept: Option<i64> = row.get(1);

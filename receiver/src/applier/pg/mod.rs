@@ -90,7 +90,6 @@ pub struct PgApplier {
 }
 
 /// A relation as last described by the source.
-#[derive(Clone, Debug)]
 struct Rel {
     msg: PgRelation,
     /// `"schema"."name"`.
@@ -186,7 +185,7 @@ struct State {
     resync: Option<Resync>,
     rels: HashMap<u32, Rel>,
     /// What [`State::remember_relation`] replaced since the last commit, oldest first (see
-    /// [`State::undo_relations`]).
+    /// [`State::rolled_back`]).
     rels_undo: Vec<(u32, Option<Rel>)>,
     stmts: HashMap<StmtKey, Statement>,
     upsert: Option<Statement>,
@@ -633,21 +632,17 @@ impl State {
         Ok(())
     }
 
-    /// Puts the relation cache back as it was when [`State::rels_undo`] held `mark` entries:
-    /// a rollback also undoes the standby DDL (added, dropped, retyped or renamed columns and
-    /// tables) done since, which the cache described.
-    fn undo_relations(&mut self, mark: usize) {
-        while self.rels_undo.len() > mark {
-            match self.rels_undo.pop() {
-                Some((id, Some(rel))) => {
-                    self.rels.insert(id, rel);
-                }
-                Some((id, None)) => {
-                    self.rels.remove(&id);
-                }
-                None => break,
-            }
+    /// After a rollback to when [`State::rels_undo`] held `mark` entries: the rollback also
+    /// undid the standby DDL (added, dropped, retyped or renamed columns and tables) done
+    /// since, so the relation cache goes back too, and every table is checked again.
+    fn rolled_back(&mut self, mark: usize) {
+        for (id, before) in self.rels_undo.drain(mark..).rev() {
+            match before {
+                Some(rel) => self.rels.insert(id, rel),
+                None => self.rels.remove(&id),
+            };
         }
+        self.forget_statements();
     }
 
     fn forget_statements(&mut self) {
@@ -675,8 +670,7 @@ impl State {
         self.resync = None;
         self.copiers.reset(false);
         self.applied_lsn = self.committed_lsn;
-        self.undo_relations(0);
-        self.forget_statements();
+        self.rolled_back(0);
     }
 
     async fn fail(&mut self, e: ApplyError) -> ApplyError {
@@ -746,8 +740,7 @@ impl State {
                         .batch_execute("ROLLBACK TO SAVEPOINT lockstep_tx; RELEASE SAVEPOINT lockstep_tx")
                         .await
                         .map_err(db_err("roll back a cut-off transaction"))?;
-                    self.undo_relations(cur.undo_mark);
-                    self.forget_statements();
+                    self.rolled_back(cur.undo_mark);
                 }
             }
             let skip = tx.commit_lsn < self.applied_lsn;
@@ -1395,8 +1388,8 @@ impl State {
         if let Err(e) = self.write_position(pos).await {
             return Err(self.fail(e).await);
         }
-        // write_position opened the next transaction right behind the commit.
         self.rels_undo.clear();
+        // write_position opened the next transaction right behind the commit.
         self.in_tx = was_in_tx;
         self.tx_used = false;
         self.position = Some(pos);
