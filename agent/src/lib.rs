@@ -234,6 +234,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             tls: config.tls.clone(),
             store: store.clone(),
             durable: handle.durable(),
+            appended: handle.appended(),
             sources: wanted,
             tracker: tracker.clone(),
             heartbeat: config.heartbeat_interval,
@@ -303,7 +304,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
     let st = store.clone();
-    let _ = tokio::task::spawn_blocking(move || st.flush()).await;
+    let _ = tokio::task::spawn_blocking(move || st.release_horizon()).await;
     match failure {
         Some(e) => Err(e),
         None => Ok(()),

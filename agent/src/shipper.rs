@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lockstep_common::config::{ReceiverEndpoint, TlsConfig};
-use lockstep_common::event::{Change, Seq};
+use lockstep_common::event::{Change, Seq, SourceKind};
 use lockstep_common::proto::agent_message::Msg as AMsg;
 use lockstep_common::proto::receiver_message::Msg as RMsg;
 use lockstep_common::proto::replication_client::ReplicationClient;
@@ -102,6 +102,9 @@ pub struct Shipper {
     pub tls: TlsConfig,
     pub store: Arc<dyn JournalStore>,
     pub durable: watch::Receiver<Seq>,
+    /// The journal's appended end: records of `early` sources go out from here, before
+    /// they are durable (see `send_all`).
+    pub appended: watch::Receiver<Seq>,
     pub sources: Vec<Arc<SourceHandle>>,
     pub tracker: Arc<Tracker>,
     pub heartbeat: Duration,
@@ -213,14 +216,18 @@ impl Shipper {
         let mut resync = Vec::new();
         for s in &self.sources {
             let floor = self.resync_floor.get(&s.name);
+            // A position inside a range of seqs the journal skipped (records shipped early,
+            // then lost to a crash here) stands for the end of that range: the source
+            // captures those changes again above it, and the receiver skips what it has.
+            let at = reported.get(&*s.name).map(|p| self.store.skip_gap(Seq(p.seq).next()).prev());
             match reported.get(&*s.name) {
                 Some(p) if p.known && p.seq < floor.0 && p.seq <= durable_now.0 => {
                     warn!(source = %s.name, position = p.seq, floor = floor.0,
                         "the source lost changes upstream after this receiver's position; resyncing it from a new snapshot");
                     resync.push(s.clone());
                 }
-                Some(p) if p.known && p.seq + 1 >= first.0 && p.seq <= durable_now.0 => {
-                    positions.insert(s.name.clone(), Seq(p.seq));
+                Some(p) if p.known && at.is_some_and(|at| at.next() >= first && at <= durable_now) => {
+                    positions.insert(s.name.clone(), at.expect("checked"));
                 }
                 Some(p) => {
                     if p.known {
@@ -343,6 +350,14 @@ impl Shipper {
         kick.mark_unchanged();
         let mut next = positions.values().copied().min().unwrap_or(Seq::ZERO).next();
         let mut durable = self.durable.clone();
+        let mut appended = self.appended.clone();
+        // Sources whose records may go out before they are durable. A crash can then lose
+        // a record here that a receiver has applied; the source captures that change again
+        // (its upstream position had not moved past it) under a new seq, so the receiver
+        // must recognise it: PostgreSQL transactions carry their commit LSN, which the
+        // applier skips when already applied.
+        let early: std::collections::HashSet<&str> =
+            self.sources.iter().filter(|s| s.kind == SourceKind::Postgres).map(|s| &*s.name).collect();
         let mut last_sent = Instant::now();
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -351,9 +366,13 @@ impl Shipper {
                 return Err(ShipError::Cancelled);
             }
             let durable_end = *durable.borrow_and_update();
-            if next <= durable_end {
+            let appended_end = *appended.borrow_and_update();
+            let end =
+                if early.is_empty() { durable_end } else { durable_end.max(appended_end.min(self.store.ship_limit())) };
+            next = self.store.skip_gap(next);
+            if next <= end {
                 let from = next;
-                let events = if durable_end.0 - next.0 < LIVE_TAIL {
+                let events = if end.0 - next.0 < LIVE_TAIL {
                     // Just journaled, so in the journal's cache: read in place, without a
                     // thread hand-off on every small transaction's way out.
                     self.store.read_from(from, LIVE_TAIL as usize, LIVE_TAIL_BYTES)?
@@ -363,10 +382,24 @@ impl Shipper {
                         .await
                         .map_err(|e| ShipError::Stream(e.to_string()))??
                 };
-                let events: Vec<proto::Event> = events.into_iter().filter(|e| e.seq <= durable_end.0).collect();
+                let mut events: Vec<proto::Event> = events.into_iter().filter(|e| e.seq <= end.0).collect();
+                if let Some(cut) =
+                    events.iter().position(|e| e.seq > durable_end.0 && !early.contains(e.source.as_str()))
+                {
+                    events.truncate(cut);
+                    if events.is_empty() {
+                        // Only a flush lets this record out; wait for it.
+                        tokio::select! {
+                            r = durable.changed() => if r.is_err() { return Err(ShipError::Cancelled) },
+                            _ = dead.cancelled() => return Err(ShipError::Stream("receiver stream closed".into())),
+                            _ = self.cancel.cancelled() => return Err(ShipError::Cancelled),
+                        }
+                        continue;
+                    }
+                }
                 let Some(first) = events.first() else {
                     return Err(ShipError::Protocol(format!(
-                        "journal has no record at {next} though {durable_end} is durable"
+                        "journal has no record at {next} though {end} is written"
                     )));
                 };
                 if first.seq != next.0 {
@@ -396,6 +429,7 @@ impl Shipper {
             }
             tokio::select! {
                 r = durable.changed() => if r.is_err() { return Err(ShipError::Cancelled) },
+                r = appended.changed(), if !early.is_empty() => if r.is_err() { return Err(ShipError::Cancelled) },
                 _ = kick.changed() => {
                     return Err(ShipError::Stream("a source needs its receivers resynced; reconnecting".into()))
                 }

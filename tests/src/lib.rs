@@ -72,6 +72,8 @@ pub struct Setup {
     pub agent_metrics: SocketAddr,
     pub receiver2_cfg: PathBuf,
     pub dst2: PathBuf,
+    /// Extra environment for the agent process from its next start on.
+    pub agent_env: Vec<(String, String)>,
     agent: Option<Child>,
     receiver: Option<Child>,
     receiver2: Option<Child>,
@@ -208,6 +210,7 @@ path = "standby"
             receiver2_cfg,
             dst2,
             starts: 0,
+            agent_env: Vec::new(),
         })
     }
 
@@ -238,7 +241,7 @@ path = "standby"
         Ok((src, dst))
     }
 
-    fn spawn(&mut self, binary: &str, cfg: &Path, log: &str) -> Result<Child> {
+    fn spawn(&mut self, binary: &str, cfg: &Path, log: &str, env: &[(String, String)]) -> Result<Child> {
         self.starts += 1;
         let log_path = self.root().join(format!("{log}.{}.log", self.starts));
         let log = std::fs::File::create(&log_path)?;
@@ -247,6 +250,7 @@ path = "standby"
             .arg("--config")
             .arg(cfg)
             .env("RUST_LOG", std::env::var("LOCKSTEP_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -257,21 +261,21 @@ path = "standby"
     pub fn start_agent(&mut self) -> Result<()> {
         assert!(self.agent.is_none(), "agent already running");
         let cfg = self.agent_cfg.clone();
-        self.agent = Some(self.spawn("lockstep-agent", &cfg, "agent")?);
+        self.agent = Some(self.spawn("lockstep-agent", &cfg, "agent", &self.agent_env.clone())?);
         Ok(())
     }
 
     pub fn start_receiver(&mut self) -> Result<()> {
         assert!(self.receiver.is_none(), "receiver already running");
         let cfg = self.receiver_cfg.clone();
-        self.receiver = Some(self.spawn("lockstep-receiver", &cfg, "receiver")?);
+        self.receiver = Some(self.spawn("lockstep-receiver", &cfg, "receiver", &[])?);
         Ok(())
     }
 
     pub fn start_receiver2(&mut self) -> Result<()> {
         assert!(self.receiver2.is_none(), "receiver2 already running");
         let cfg = self.receiver2_cfg.clone();
-        self.receiver2 = Some(self.spawn("lockstep-receiver", &cfg, "receiver2")?);
+        self.receiver2 = Some(self.spawn("lockstep-receiver", &cfg, "receiver2", &[])?);
         Ok(())
     }
 

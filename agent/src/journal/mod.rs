@@ -5,7 +5,9 @@
 //! Sources hand changes to the [`JournalWriter`] task through a bounded channel; it appends
 //! whatever has queued up, flushes once for the whole group, and only then answers each
 //! source — so a source's upstream position advances only after its changes are durable.
-//! Shippers follow the durable end through a `watch` channel and read records back.
+//! Shippers follow the appended and durable ends through `watch` channels and read records
+//! back; records not yet durable go out only where a lost record cannot harm a receiver (see
+//! [`JournalStore::ship_limit`] and `shipper`).
 
 mod sled_store;
 
@@ -58,6 +60,16 @@ pub trait JournalStore: Send + Sync + 'static {
     fn append(&self, records: &[NewRecord]) -> Result<Vec<RecordMeta>, JournalError>;
     /// Makes every appended record durable.
     fn flush(&self) -> Result<(), JournalError>;
+    /// Appended records up to this seq may be shipped before they are durable: a crash that
+    /// loses them also makes the reopened journal continue above it, so a receiver that
+    /// applied them never sees their seqs reused for other changes.
+    fn ship_limit(&self) -> Seq;
+    /// `seq`, or the first seq after it when it lies in a range that was never used (seqs
+    /// skipped on reopening after records were lost).
+    fn skip_gap(&self, seq: Seq) -> Seq;
+    /// Flushes everything and withdraws the reservation above the last seq, for a clean stop
+    /// after which nothing is appended: the next open then leaves no gap.
+    fn release_horizon(&self) -> Result<(), JournalError>;
     /// Records with seq >= `from`, in order, until `max_bytes` of payload (at least one record).
     fn read_from(&self, from: Seq, max_records: usize, max_bytes: usize) -> Result<Vec<proto::Event>, JournalError>;
     /// Oldest record still held, or `last_seq + 1` when empty.
@@ -76,9 +88,12 @@ pub trait JournalStore: Send + Sync + 'static {
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), JournalError>;
 }
 
+/// Where a source learns that its records are durable (or that appending them failed).
+type Reply = oneshot::Sender<Result<Vec<RecordMeta>, String>>;
+
 struct AppendRequest {
     records: Vec<NewRecord>,
-    reply: oneshot::Sender<Result<Vec<RecordMeta>, String>>,
+    reply: Reply,
 }
 
 /// Cloneable handle sources use to append.
@@ -86,6 +101,7 @@ struct AppendRequest {
 pub struct JournalHandle {
     tx: mpsc::Sender<AppendRequest>,
     durable: watch::Receiver<Seq>,
+    appended: watch::Receiver<Seq>,
 }
 
 impl JournalHandle {
@@ -112,6 +128,11 @@ impl JournalHandle {
     /// Follows the durable end of the journal.
     pub fn durable(&self) -> watch::Receiver<Seq> {
         self.durable.clone()
+    }
+
+    /// Follows the appended end of the journal (ahead of the durable end while a flush runs).
+    pub fn appended(&self) -> watch::Receiver<Seq> {
+        self.appended.clone()
     }
 }
 
@@ -144,11 +165,22 @@ impl AppendTicket {
 }
 
 /// The group-commit task: the only writer of the journal.
+///
+/// Two threads: one appends whatever has queued up and announces it on the `appended` watch
+/// (shippers may send it right away, within the store's [`JournalStore::ship_limit`]); the
+/// other flushes the appended groups, announces the durable end and only then answers the
+/// sources. So a slow fsync delays the sources' upstream positions, not the standby.
 pub struct JournalWriter {
     store: Arc<dyn JournalStore>,
     rx: mpsc::Receiver<AppendRequest>,
+    appended_tx: watch::Sender<Seq>,
     durable_tx: watch::Sender<Seq>,
     on_durable: mpsc::UnboundedSender<Vec<RecordMeta>>,
+}
+
+/// Appended groups waiting for the flush thread.
+struct FlushJob {
+    group: Vec<(Reply, Vec<RecordMeta>)>,
 }
 
 impl JournalWriter {
@@ -160,76 +192,136 @@ impl JournalWriter {
     ) -> (Self, JournalHandle) {
         let (tx, rx) = mpsc::channel(1024);
         let (durable_tx, durable) = watch::channel(store.last_seq());
-        (JournalWriter { store, rx, durable_tx, on_durable }, JournalHandle { tx, durable })
+        let (appended_tx, appended) = watch::channel(store.last_seq());
+        (JournalWriter { store, rx, appended_tx, durable_tx, on_durable }, JournalHandle { tx, durable, appended })
     }
 
     /// Runs until every handle is dropped. A storage error is fatal.
     ///
-    /// The loop runs on a thread of its own: a flush blocks, and handing each group to the
+    /// Both loops run on threads of their own: a flush blocks, and handing each group to the
     /// blocking pool would add two thread wake-ups to every small transaction's latency.
     pub async fn run(self) -> Result<(), JournalError> {
-        let (done, finished) = oneshot::channel();
+        let JournalWriter { store, rx, appended_tx, durable_tx, on_durable } = self;
+        let spawn_err = |e| JournalError::Storage { path: "journal writer thread".into(), source: sled::Error::Io(e) };
+        // Bounded: the appender waits when the disk falls this many groups behind.
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel::<FlushJob>(64);
+        let (a_done, a_finished) = oneshot::channel();
+        let a_store = store.clone();
         std::thread::Builder::new()
-            .name("journal".into())
+            .name("journal-append".into())
             .spawn(move || {
-                let _ = done.send(self.run_blocking());
+                let _ = a_done.send(append_loop(&*a_store, rx, &appended_tx, &jobs_tx));
             })
-            .map_err(|e| JournalError::Storage { path: "journal writer thread".into(), source: sled::Error::Io(e) })?;
-        finished.await.unwrap_or(Err(JournalError::Closed))
+            .map_err(spawn_err)?;
+        let (f_done, f_finished) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("journal-flush".into())
+            .spawn(move || {
+                let _ = f_done.send(flush_loop(&*store, jobs_rx, &durable_tx, &on_durable));
+            })
+            .map_err(spawn_err)?;
+        // The flush thread ends after the appender (its channel closes), or first on a
+        // storage error: then the appender, which may be waiting for requests, is left to
+        // fail on its next hand-off while the agent stops.
+        f_finished.await.unwrap_or(Err(JournalError::Closed))?;
+        a_finished.await.unwrap_or(Err(JournalError::Closed))
     }
+}
 
-    fn run_blocking(mut self) -> Result<(), JournalError> {
-        const MAX_GROUP_BYTES: usize = 16 << 20;
-        while let Some(first) = self.rx.blocking_recv() {
-            let mut group = vec![first];
-            let mut bytes: usize = group[0].records.iter().map(|r| r.payload.len()).sum();
-            while bytes < MAX_GROUP_BYTES {
-                match self.rx.try_recv() {
-                    Ok(req) => {
-                        bytes += req.records.iter().map(|r| r.payload.len()).sum::<usize>();
-                        group.push(req);
-                    }
-                    Err(_) => break,
+fn append_loop(
+    store: &dyn JournalStore,
+    mut rx: mpsc::Receiver<AppendRequest>,
+    appended_tx: &watch::Sender<Seq>,
+    jobs: &std::sync::mpsc::SyncSender<FlushJob>,
+) -> Result<(), JournalError> {
+    const MAX_GROUP_BYTES: usize = 16 << 20;
+    while let Some(first) = rx.blocking_recv() {
+        let mut requests = vec![first];
+        let mut bytes: usize = requests[0].records.iter().map(|r| r.payload.len()).sum();
+        while bytes < MAX_GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(req) => {
+                    bytes += req.records.iter().map(|r| r.payload.len()).sum::<usize>();
+                    requests.push(req);
                 }
+                Err(_) => break,
             }
-            let t = std::time::Instant::now();
-            let result = (|| -> Result<Vec<Vec<RecordMeta>>, JournalError> {
-                let mut metas = Vec::with_capacity(group.len());
-                for r in &group {
-                    metas.push(self.store.append(&r.records)?);
-                }
-                let appended = t.elapsed();
-                self.store.flush()?;
-                if t.elapsed() > std::time::Duration::from_millis(20) {
-                    tracing::debug!(
-                        append_ms = appended.as_millis() as u64,
-                        flush_ms = (t.elapsed() - appended).as_millis() as u64,
-                        "slow journal group"
-                    );
-                }
-                Ok(metas)
-            })();
-            match result {
-                Ok(metas) => {
-                    // Shippers first: they are on the way to the standby; the sources'
-                    // answers and the lag tracker's reports are not.
-                    if let Some(last) = metas.iter().rev().find_map(|m| m.last().map(|x| x.seq)) {
-                        tracing::trace!(seq = last.0, "journal durable");
-                        self.durable_tx.send_replace(last);
-                    }
-                    for (req, m) in group.into_iter().zip(metas) {
-                        let _ = self.on_durable.send(m.clone());
-                        let _ = req.reply.send(Ok(m));
-                    }
-                }
+        }
+        let mut group = Vec::with_capacity(requests.len());
+        let mut failed = None;
+        for req in requests {
+            if failed.is_some() {
+                let _ = req.reply.send(Err("an earlier append failed".into()));
+                continue;
+            }
+            match store.append(&req.records) {
+                Ok(m) => group.push((req.reply, m)),
                 Err(e) => {
-                    for req in group {
-                        let _ = req.reply.send(Err(e.to_string()));
-                    }
-                    return Err(e);
+                    let _ = req.reply.send(Err(e.to_string()));
+                    failed = Some(e);
                 }
             }
         }
-        Ok(())
+        if let Some(last) = group.iter().rev().find_map(|(_, m)| m.last().map(|x| x.seq)) {
+            tracing::trace!(seq = last.0, "journal appended");
+            appended_tx.send_replace(last);
+        }
+        // Records appended before a failure still get their flush and answers.
+        if jobs.send(FlushJob { group }).is_err() {
+            return Err(failed.unwrap_or(JournalError::Closed));
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
     }
+    Ok(())
+}
+
+fn flush_loop(
+    store: &dyn JournalStore,
+    jobs: std::sync::mpsc::Receiver<FlushJob>,
+    durable_tx: &watch::Sender<Seq>,
+    on_durable: &mpsc::UnboundedSender<Vec<RecordMeta>>,
+) -> Result<(), JournalError> {
+    let delay = test_flush_delay();
+    while let Ok(first) = jobs.recv() {
+        let mut group = first.group;
+        while let Ok(more) = jobs.try_recv() {
+            group.extend(more.group);
+        }
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
+        let t = std::time::Instant::now();
+        if let Err(e) = store.flush() {
+            for (reply, _) in group {
+                let _ = reply.send(Err(e.to_string()));
+            }
+            return Err(e);
+        }
+        if t.elapsed() > std::time::Duration::from_millis(20) {
+            tracing::debug!(flush_ms = t.elapsed().as_millis() as u64, "slow journal flush");
+        }
+        // Shippers first: records they have not sent early are on their way to the standby;
+        // the sources' answers and the lag tracker's reports are not.
+        if let Some(last) = group.iter().rev().find_map(|(_, m)| m.last().map(|x| x.seq)) {
+            tracing::trace!(seq = last.0, "journal durable");
+            durable_tx.send_replace(last);
+        }
+        for (reply, m) in group {
+            let _ = on_durable.send(m.clone());
+            let _ = reply.send(Ok(m));
+        }
+    }
+    Ok(())
+}
+
+/// Test hook: `LOCKSTEP_TEST_JOURNAL_FLUSH_DELAY_MS` holds every journal flush back this long
+/// (and stops sled's own periodic flush), so tests can kill the agent while records are
+/// shipped but not yet durable. Not for production use.
+pub(crate) fn test_flush_delay() -> Option<std::time::Duration> {
+    std::env::var("LOCKSTEP_TEST_JOURNAL_FLUSH_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis)
 }

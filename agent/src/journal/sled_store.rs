@@ -1,10 +1,17 @@
 //! The sled-backed `JournalStore`. Records live in tree `events` keyed by big-endian seq, each
 //! value a framed (version + crc32) encoded `proto::Event`; `meta` holds the journal id,
-//! receiver cursors and source positions. sled stays behind this file.
+//! receiver cursors, source positions, the reserved seq horizon and the gaps it left. sled
+//! stays behind this file.
+//!
+//! Records may be shipped before they are flushed (see [`JournalStore::ship_limit`]), so a
+//! crash can lose seqs a receiver has already applied. Such seqs must never be handed out
+//! again: every flush also makes durable a horizon a little ahead of the last seq, only seqs
+//! at or below a durable horizon go out early, and a reopened journal continues above the
+//! horizon, recording the unused seqs in between as a gap.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use lockstep_common::event::{JournalId, Seq};
 use lockstep_common::{frame, proto};
@@ -23,15 +30,29 @@ pub struct SledJournal {
     last: AtomicU64,
     bytes: AtomicU64,
     append_lock: Mutex<()>,
+    /// Highest seq reserved in `meta` (written, maybe not yet flushed).
+    horizon: AtomicU64,
+    /// Highest seq reserved by a completed flush: records up to here may be shipped early.
+    horizon_durable: AtomicU64,
+    /// Seq ranges never used (left by reopening above a horizon), oldest first.
+    gaps: RwLock<Vec<(u64, u64)>>,
 }
+
+/// How far ahead of the last seq the horizon is reserved. A crash skips at most this many
+/// seqs; the horizon is rewritten (one small metadata write) every `HORIZON / 2` records.
+const HORIZON: u64 = 4096;
+const HORIZON_KEY: &str = "horizon";
+const GAPS_KEY: &str = "gaps";
 
 impl SledJournal {
     /// Opens (or creates) the journal under `dir`.
     pub fn open(dir: &Path) -> Result<Self, JournalError> {
         let path = dir.display().to_string();
         let st = |source| JournalError::Storage { path: path.clone(), source };
-        let db =
-            sled::Config::new().path(dir).cache_capacity(256 << 20).flush_every_ms(Some(1000)).open().map_err(st)?;
+        // sled's own periodic flush makes metadata (cursors, positions) durable when no
+        // records arrive; the test hook that holds flushes back stops it too.
+        let every = if super::test_flush_delay().is_some() { None } else { Some(1000) };
+        let db = sled::Config::new().path(dir).cache_capacity(256 << 20).flush_every_ms(every).open().map_err(st)?;
         let events = db.open_tree("events").map_err(st)?;
         let meta = db.open_tree("meta").map_err(st)?;
         let id = match meta.get("journal_id").map_err(st)? {
@@ -59,6 +80,31 @@ impl SledJournal {
             let (_, v) = kv.map_err(st)?;
             bytes += v.len() as u64;
         }
+        let first = match events.first().map_err(st)? {
+            Some((k, _)) => key_seq(&k),
+            None => last + 1,
+        };
+        let mut gaps = decode_gaps(meta.get(GAPS_KEY).map_err(st)?.as_deref());
+        let horizon = meta.get(HORIZON_KEY).map_err(st)?.and_then(|v| <[u8; 8]>::try_from(&v[..]).ok());
+        if let Some(h) = horizon.map(u64::from_be_bytes).filter(|h| *h > last) {
+            // Seqs above `last` up to the horizon may have reached a receiver before the
+            // crash (or stop) that lost them here: never reuse them.
+            match gaps.last_mut() {
+                // Restarts with nothing appended in between: one gap.
+                Some(g) if g.1 == last => g.1 = h,
+                _ => gaps.push((last + 1, h)),
+            }
+            last = h;
+            meta.insert("last_seq", &last.to_be_bytes()).map_err(st)?;
+        }
+        // Gaps wholly below what is held no longer matter (adjacent gaps are merged, so a
+        // position in a gap still leads to the first held record).
+        gaps.retain(|&(_, end)| end + 1 >= first);
+        meta.insert(GAPS_KEY, encode_gaps(&gaps)).map_err(st)?;
+        // Reserve right away, so the first records after a start can go out early too.
+        let reserved = last + HORIZON;
+        meta.insert(HORIZON_KEY, &reserved.to_be_bytes()).map_err(st)?;
+        db.flush().map_err(st)?;
         Ok(SledJournal {
             path,
             db,
@@ -68,6 +114,9 @@ impl SledJournal {
             last: AtomicU64::new(last),
             bytes: AtomicU64::new(bytes),
             append_lock: Mutex::new(()),
+            horizon: AtomicU64::new(reserved),
+            horizon_durable: AtomicU64::new(reserved),
+            gaps: RwLock::new(gaps),
         })
     }
 
@@ -84,6 +133,14 @@ impl SledJournal {
 
 fn key_seq(k: &[u8]) -> u64 {
     u64::from_be_bytes(k.try_into().unwrap_or([0; 8]))
+}
+
+fn encode_gaps(gaps: &[(u64, u64)]) -> Vec<u8> {
+    gaps.iter().flat_map(|(a, b)| a.to_be_bytes().into_iter().chain(b.to_be_bytes())).collect()
+}
+
+fn decode_gaps(v: Option<&[u8]>) -> Vec<(u64, u64)> {
+    v.unwrap_or_default().chunks_exact(16).map(|c| (key_seq(&c[..8]), key_seq(&c[8..]))).collect()
 }
 
 fn decode(seq: u64, v: &[u8]) -> Result<proto::Event, JournalError> {
@@ -128,12 +185,45 @@ impl JournalStore for SledJournal {
             self.events.apply_batch(batch).map_err(self.st())?;
         }
         self.meta.insert("last_seq", &seq.to_be_bytes()).map_err(self.st())?;
+        if seq + HORIZON / 2 > self.horizon.load(Ordering::SeqCst) {
+            let h = seq + HORIZON;
+            self.meta.insert(HORIZON_KEY, &h.to_be_bytes()).map_err(self.st())?;
+            self.horizon.store(h, Ordering::SeqCst);
+        }
         self.last.store(seq, Ordering::SeqCst);
         self.bytes.fetch_add(added, Ordering::SeqCst);
         Ok(metas)
     }
 
     fn flush(&self) -> Result<(), JournalError> {
+        let h = self.horizon.load(Ordering::SeqCst);
+        self.db.flush().map_err(self.st())?;
+        self.horizon_durable.fetch_max(h, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn ship_limit(&self) -> Seq {
+        Seq(self.horizon_durable.load(Ordering::SeqCst))
+    }
+
+    fn skip_gap(&self, seq: Seq) -> Seq {
+        let gaps = self.gaps.read().unwrap_or_else(|e| e.into_inner());
+        let mut seq = seq.0;
+        // Oldest first.
+        for &(a, b) in gaps.iter() {
+            if (a..=b).contains(&seq) {
+                seq = b + 1;
+            }
+        }
+        Seq(seq)
+    }
+
+    fn release_horizon(&self) -> Result<(), JournalError> {
+        let _g = self.append_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let last = self.last.load(Ordering::SeqCst);
+        self.meta.insert(HORIZON_KEY, &last.to_be_bytes()).map_err(self.st())?;
+        self.horizon.store(last, Ordering::SeqCst);
+        self.horizon_durable.store(last, Ordering::SeqCst);
         self.db.flush().map_err(self.st())?;
         Ok(())
     }
@@ -216,7 +306,7 @@ mod tests {
     }
 
     #[test]
-    fn dense_seqs_survive_reopen_and_truncation() {
+    fn dense_seqs_survive_a_clean_reopen_and_truncation() {
         let dir = tempfile::tempdir().unwrap();
         let id;
         {
@@ -226,7 +316,7 @@ mod tests {
             assert_eq!(m.iter().map(|m| m.seq.0).collect::<Vec<_>>(), vec![1, 2, 3]);
             j.flush().unwrap();
             j.truncate_through(Seq(3)).unwrap();
-            j.flush().unwrap();
+            j.release_horizon().unwrap();
             assert_eq!(j.bytes(), 0);
         }
         let j = SledJournal::open(dir.path()).unwrap();
@@ -239,5 +329,80 @@ mod tests {
         assert_eq!(evs.len(), 1);
         assert_eq!(evs[0].seq, 4);
         assert_eq!(evs[0].crc32, crc32fast::hash(&evs[0].payload));
+    }
+
+    const CRASH_DIR: &str = "LOCKSTEP_JOURNAL_CRASH_DIR";
+
+    /// Run in a child process: appends 10 records durably, 5 more without a flush (as if
+    /// shipped early), and dies by SIGKILL.
+    fn crash_child(dir: &str) {
+        let j = SledJournal::open(Path::new(dir)).unwrap();
+        j.append(&(1..=10).map(rec).collect::<Vec<_>>()).unwrap();
+        j.flush().unwrap();
+        assert!(j.ship_limit() >= Seq(15), "the flushed horizon must cover the next records");
+        for i in 11..=15 {
+            j.append(&[rec(i)]).unwrap();
+        }
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+
+    /// Records shipped before their flush and then lost to a crash: their seqs are never
+    /// handed out again, and the skipped range is known as a gap, also after more restarts.
+    #[test]
+    fn seqs_that_may_have_been_shipped_are_never_reused() {
+        if let Ok(dir) = std::env::var(CRASH_DIR) {
+            crash_child(&dir);
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "journal::sled_store::tests::seqs_that_may_have_been_shipped_are_never_reused"])
+            .env(CRASH_DIR, dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success(), "the child must die by SIGKILL");
+        let j = SledJournal::open(dir.path()).unwrap();
+        assert!(j.last_seq() >= Seq(15), "last seq {} would reuse shipped seqs", j.last_seq());
+        let held: Vec<u64> = j.read_from(Seq(1), 100, 1 << 20).unwrap().iter().map(|e| e.seq).collect();
+        let lost = held.last().copied().unwrap_or(0);
+        assert!((10..=15).contains(&lost), "held {held:?}");
+        // Every seq after what is held up to the new last is a gap; the next record follows it.
+        let resume = j.skip_gap(Seq(lost + 1));
+        assert_eq!(resume, j.last_seq().next());
+        assert_eq!(j.skip_gap(Seq(3)), Seq(3));
+        let m = j.append(&[rec(99)]).unwrap();
+        assert_eq!(m[0].seq, resume);
+        j.flush().unwrap();
+        drop(j);
+
+        // A crash after that record leaves a second gap; crashes with nothing appended in
+        // between extend it, even once the records before it are truncated.
+        let j = SledJournal::open(dir.path()).unwrap();
+        assert!(j.last_seq() > resume, "the horizon reserved past {resume} must be skipped too");
+        j.truncate_through(resume).unwrap();
+        j.flush().unwrap();
+        drop(j);
+        let j = SledJournal::open(dir.path()).unwrap();
+        let after = j.last_seq();
+        assert_eq!(j.first_seq(), after.next());
+        assert_eq!(j.skip_gap(resume.next()), after.next(), "a position after the record leads past both crashes");
+        j.append(&[rec(100)]).unwrap();
+        j.flush().unwrap();
+        assert_eq!(j.skip_gap(Seq(lost + 1)), Seq(lost + 1), "the first gap lies below what is held");
+        // A clean stop withdraws the reservation: the next open continues without a gap.
+        j.release_horizon().unwrap();
+        let last = j.last_seq();
+        drop(j);
+        let j = SledJournal::open(dir.path()).unwrap();
+        assert_eq!(j.last_seq(), last);
+        assert_eq!(j.append(&[rec(101)]).unwrap()[0].seq, last.next());
+        // Truncating past a gap forgets it.
+        j.truncate_through(last).unwrap();
+        j.flush().unwrap();
+        drop(j);
+        let j = SledJournal::open(dir.path()).unwrap();
+        assert_eq!(j.skip_gap(Seq(lost + 1)), Seq(lost + 1), "gaps below the held records are forgotten");
     }
 }
