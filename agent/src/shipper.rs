@@ -358,6 +358,7 @@ impl Shipper {
         // applier skips when already applied.
         let early: std::collections::HashSet<&str> =
             self.sources.iter().filter(|s| s.kind == SourceKind::Postgres).map(|s| &*s.name).collect();
+        let wanted: std::collections::HashSet<&str> = self.sources.iter().map(|s| &*s.name).collect();
         let mut last_sent = Instant::now();
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -383,33 +384,37 @@ impl Shipper {
                         .map_err(|e| ShipError::Stream(e.to_string()))??
                 };
                 let mut events: Vec<proto::Event> = events.into_iter().filter(|e| e.seq <= end.0).collect();
-                if let Some(cut) =
-                    events.iter().position(|e| e.seq > durable_end.0 && !early.contains(e.source.as_str()))
-                {
-                    events.truncate(cut);
-                    if events.is_empty() {
-                        // Only a flush lets this record out; wait for it.
-                        tokio::select! {
-                            r = durable.changed() => if r.is_err() { return Err(ShipError::Cancelled) },
-                            _ = dead.cancelled() => return Err(ShipError::Stream("receiver stream closed".into())),
-                            _ = self.cancel.cancelled() => return Err(ShipError::Cancelled),
-                        }
-                        continue;
-                    }
-                }
-                let Some(first) = events.first() else {
+                let Some(first) = events.first().map(|e| e.seq) else {
                     return Err(ShipError::Protocol(format!(
                         "journal has no record at {next} though {end} is written"
                     )));
                 };
-                if first.seq != next.0 {
+                if first != next.0 {
                     // Truncated past this receiver while we were connected (size cap): the
                     // next session resyncs it.
                     return Err(ShipError::Protocol(format!(
-                        "journal no longer holds seq {next} (oldest is {}); reconnecting to resync",
-                        first.seq
+                        "journal no longer holds seq {next} (oldest is {first}); reconnecting to resync"
                     )));
                 }
+                // A record for this receiver that is not durable yet and may not go out early
+                // ends the batch; only a flush lets it out.
+                let held = events.iter().position(|e| {
+                    e.seq > durable_end.0 && wanted.contains(e.source.as_str()) && !early.contains(e.source.as_str())
+                });
+                if held == Some(0) {
+                    tokio::select! {
+                        r = durable.changed() => if r.is_err() { return Err(ShipError::Cancelled) },
+                        _ = dead.cancelled() => return Err(ShipError::Stream("receiver stream closed".into())),
+                        _ = self.cancel.cancelled() => return Err(ShipError::Cancelled),
+                    }
+                    continue;
+                }
+                if let Some(h) = held {
+                    events.truncate(h);
+                }
+                let resume = Seq(events.last().expect("non-empty").seq + 1);
+                // Records of sources this receiver does not get are passed over.
+                events.retain(|e| wanted.contains(e.source.as_str()));
                 // A source that lost changes upstream after this session's starting point
                 // (its resync floor rose past it): nothing more may go out before a resync.
                 // The floor is raised before any record above it is journaled, so it is seen
@@ -421,8 +426,11 @@ impl Shipper {
                         )));
                     }
                 }
-                next = Seq(events.last().expect("non-empty").seq + 1);
-                tracing::trace!(first = first.seq, last = next.0 - 1, "sending batch");
+                next = resume;
+                if events.is_empty() {
+                    continue;
+                }
+                tracing::trace!(first, last = next.0 - 1, "sending batch");
                 send_batch(events).await?;
                 last_sent = Instant::now();
                 continue;

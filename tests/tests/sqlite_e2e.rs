@@ -517,3 +517,39 @@ fn sqlite_generation_reset_before_the_agent_looks_is_not_lost() -> Result<()> {
     wait_equal(&mut sq, Duration::from_secs(30))
         .with_context(|| format!("the log was reset while the agent was stopped: {reset}"))
 }
+
+/// A receiver configured for some of the agent's sources (`sources = ["app"]`) gets only
+/// those: the agent passes over the other sources' records instead of sending what the
+/// receiver would refuse, across an agent restart, and the receiver keeps up.
+#[test]
+fn a_receiver_gets_only_its_sources() -> Result<()> {
+    let mut sq = sqlite_setup("")?;
+    let cfg = std::fs::read_to_string(&sq.s.agent_cfg)?;
+    let (head, tail) = cfg.split_once("[[receivers]]\n").expect("receivers table");
+    std::fs::write(&sq.s.agent_cfg, format!("{head}[[receivers]]\nsources = [\"app\"]\n{tail}"))?;
+    {
+        let c = open_app(&sq.src)?;
+        c.execute_batch(SCHEMA)?;
+    }
+    std::fs::write(sq.s.src.join("before.txt"), b"not for this receiver")?;
+    sq.s.start()?;
+    for round in 0..3 {
+        let c = open_app(&sq.src)?;
+        for i in 0..50 {
+            std::fs::write(sq.s.src.join(format!("f{round}-{i}.txt")), format!("{round} {i}"))?;
+            c.execute("INSERT INTO items (name, qty) VALUES (?1, ?2)", rusqlite::params![format!("r{round}-{i}"), i])?;
+        }
+        drop(c);
+        wait_equal(&mut sq, Duration::from_secs(60))?;
+        if round == 1 {
+            sq.s.kill_agent();
+            sq.s.start_agent()?;
+        }
+    }
+    let got: Vec<_> = std::fs::read_dir(&sq.s.dst)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(got.is_empty(), "the receiver got files of a source it is not configured for: {got:?}");
+    assert!(!sq.s.logs_contain("not announced"), "{}", sq.s.logs_tail());
+    Ok(())
+}
