@@ -207,9 +207,11 @@ impl Shipper {
             )));
         }
 
-        // Decide where each source resumes.
-        let durable_now = *self.durable.borrow();
+        // Decide where each source resumes. A receiver may hold records that were shipped
+        // before they were durable: anything up to the journal's last seq is in the journal
+        // (or, lost to a crash, in a gap it skipped).
         let first = self.store.first_seq();
+        let last_now = self.store.last_seq();
         let reported: HashMap<String, proto::SourcePosition> =
             welcome.positions.into_iter().map(|p| (p.source.clone(), p)).collect();
         let mut positions: HashMap<Arc<str>, Seq> = HashMap::new();
@@ -221,17 +223,17 @@ impl Shipper {
             // captures those changes again above it, and the receiver skips what it has.
             let at = reported.get(&*s.name).map(|p| self.store.skip_gap(Seq(p.seq).next()).prev());
             match reported.get(&*s.name) {
-                Some(p) if p.known && p.seq < floor.0 && p.seq <= durable_now.0 => {
+                Some(p) if p.known && p.seq < floor.0 && p.seq <= last_now.0 => {
                     warn!(source = %s.name, position = p.seq, floor = floor.0,
                         "the source lost changes upstream after this receiver's position; resyncing it from a new snapshot");
                     resync.push(s.clone());
                 }
-                Some(p) if p.known && at.is_some_and(|at| at.next() >= first && at <= durable_now) => {
+                Some(p) if p.known && at.is_some_and(|at| at.next() >= first && at <= last_now) => {
                     positions.insert(s.name.clone(), at.expect("checked"));
                 }
                 Some(p) => {
                     if p.known {
-                        warn!(source = %s.name, position = p.seq, journal_first = first.0, journal_last = durable_now.0,
+                        warn!(source = %s.name, position = p.seq, journal_first = first.0, journal_last = last_now.0,
                             "receiver position is outside the journal (it lagged past the size cap, or was restored from another copy); resyncing");
                     } else {
                         info!(source = %s.name, "receiver has no position in this journal; seeding it with a full snapshot");
@@ -241,7 +243,7 @@ impl Shipper {
                 None => return Err(ShipError::Protocol(format!("welcome lacks source {}", s.name))),
             }
         }
-        let acked_now = positions.values().copied().min().unwrap_or(durable_now);
+        let acked_now = positions.values().copied().min().unwrap_or(*self.durable.borrow());
         self.tracker.reset_acked(&name, acked_now);
         // Mark the resync before "connected", so status never shows a connected, caught-up
         // receiver that is about to be reseeded.

@@ -723,7 +723,8 @@ fn pg_source_and_standby_servers_crash_mid_load() -> Result<()> {
 /// held back here by a test hook). An agent killed in that window loses the record though the
 /// standby applied it; restarted, it captures the transaction again from the slot under a new
 /// seq, and the receiver recognises it by commit LSN. Nothing may be lost, applied twice (the
-/// keyless table would show a doubled row) or resynced, and the stream must go on.
+/// keyless table would show a doubled row) or resynced, and the stream must go on. Once the
+/// receiver is restarted in that window too, coming back ahead of the journal's durable end.
 #[test]
 fn pg_agent_killed_between_shipping_and_journal_flush() -> Result<()> {
     let pg = PgCluster::start()?;
@@ -737,7 +738,7 @@ fn pg_agent_killed_between_shipping_and_journal_flush() -> Result<()> {
     wait_equal(&mut s, &pg, Duration::from_secs(60))?;
     for round in 0..3 {
         s.kill_agent();
-        s.agent_env = vec![("LOCKSTEP_TEST_JOURNAL_FLUSH_DELAY_MS".into(), "8000".into())];
+        s.agent_env = vec![("LOCKSTEP_TEST_JOURNAL_FLUSH_DELAY_MS".into(), "10000".into())];
         s.start_agent()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !s.agent_status().is_ok_and(|st| {
@@ -750,24 +751,34 @@ fn pg_agent_killed_between_shipping_and_journal_flush() -> Result<()> {
             std::thread::sleep(Duration::from_millis(50));
         }
         let t0 = Instant::now();
-        for i in 0..5 {
-            pg.psql(
-                "shop",
-                &format!("INSERT INTO nokey VALUES ({round}, 'early {i}'); INSERT INTO items VALUES ({round} * 100 + {i}, 'x');"),
-            )?;
-        }
-        loop {
-            let n = pg.query("shop_standby", &format!("SELECT count(*) FROM nokey WHERE a = {round}"))?;
-            if n[0][0].as_deref() == Some("5") {
-                break;
+        let insert_and_see = |s: &Setup, from: i64| -> Result<()> {
+            for i in from..from + 5 {
+                pg.psql(
+                    "shop",
+                    &format!("INSERT INTO nokey VALUES ({round}, 'early {i}'); INSERT INTO items VALUES ({round} * 100 + {i}, 'x');"),
+                )?;
             }
-            if t0.elapsed() > Duration::from_secs(5) {
-                bail!(
-                    "round {round}: the standby did not get the transactions before the journal's flush\n{}",
-                    s.logs_tail()
-                );
+            loop {
+                let n = pg.query("shop_standby", &format!("SELECT count(*) FROM nokey WHERE a = {round}"))?;
+                if n[0][0].as_deref() == Some((from + 5).to_string().as_str()) {
+                    return Ok(());
+                }
+                if t0.elapsed() > Duration::from_secs(7) {
+                    bail!(
+                        "round {round}: the standby did not get the transactions before the journal's flush\n{}",
+                        s.logs_tail()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
+        };
+        insert_and_see(&s, 0)?;
+        if round == 1 {
+            // The receiver comes back holding records the journal has not flushed yet: the
+            // agent resumes after them.
+            s.kill_receiver();
+            s.start_receiver()?;
+            insert_and_see(&s, 5)?;
         }
         s.kill_agent();
         s.agent_env.clear();

@@ -95,12 +95,15 @@ impl SledJournal {
                 _ => gaps.push((last + 1, h)),
             }
             last = h;
-            meta.insert("last_seq", &last.to_be_bytes()).map_err(st)?;
         }
         // Gaps wholly below what is held no longer matter (adjacent gaps are merged, so a
         // position in a gap still leads to the first held record).
         gaps.retain(|&(_, end)| end + 1 >= first);
+        // The gaps before the new last seq: sled keeps a prefix of these writes on a crash
+        // (its own flusher runs meanwhile), and a last seq without its gap would wedge a
+        // receiver positioned in it.
         meta.insert(GAPS_KEY, encode_gaps(&gaps)).map_err(st)?;
+        meta.insert("last_seq", &last.to_be_bytes()).map_err(st)?;
         // Reserve right away, so the first records after a start can go out early too.
         let reserved = last + HORIZON;
         meta.insert(HORIZON_KEY, &reserved.to_be_bytes()).map_err(st)?;
@@ -198,7 +201,10 @@ impl JournalStore for SledJournal {
     fn flush(&self) -> Result<(), JournalError> {
         let h = self.horizon.load(Ordering::SeqCst);
         self.db.flush().map_err(self.st())?;
-        self.horizon_durable.fetch_max(h, Ordering::SeqCst);
+        // Unless a release withdrew the reservation meanwhile (appends only raise it).
+        if self.horizon.load(Ordering::SeqCst) >= h {
+            self.horizon_durable.fetch_max(h, Ordering::SeqCst);
+        }
         Ok(())
     }
 
