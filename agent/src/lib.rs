@@ -244,6 +244,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         let name = format!("shipper {}", r.name);
         tasks.spawn(async move { (name, shipper.run().await.map_err(anyhow::Error::from)) });
     }
+    // From here only the sources hold the journal: on a clean stop the writer finishes (and
+    // flushes) once they have, instead of running into the shutdown timeout.
+    drop(handle);
 
     // Journal housekeeping: drop what every receiver acknowledged; enforce the size cap.
     {
