@@ -305,7 +305,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         }
     }
     cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(done) = tasks.join_next().await {
+            // A failure that lost the race to be reported first is still worth a line.
+            if let Ok((name, Err(e))) = done {
+                warn!(task = %name, error = %format!("{e:#}"), "task failed while the agent stopped");
+            }
+        }
+    })
+    .await;
     let st = store.clone();
     let _ = tokio::task::spawn_blocking(move || st.release_horizon()).await;
     match failure {

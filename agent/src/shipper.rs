@@ -430,6 +430,15 @@ impl Shipper {
                 }
                 next = resume;
                 if events.is_empty() {
+                    // Only other sources' records: nothing goes out, but a long run of them
+                    // must not leave the receiver without word (it would time out) or its
+                    // idle position behind (every session would pass over them again).
+                    // Everything of its sources below `resume` has been sent.
+                    if last_sent.elapsed() >= self.heartbeat {
+                        send(AMsg::Heartbeat(proto::Heartbeat { sent_at_us: now_us(), last_seq: resume.prev().0 }))
+                            .await?;
+                        last_sent = Instant::now();
+                    }
                     continue;
                 }
                 tracing::trace!(first, last = next.0 - 1, "sending batch");

@@ -738,19 +738,29 @@ fn pg_agent_killed_between_shipping_and_journal_flush() -> Result<()> {
     wait_equal(&mut s, &pg, Duration::from_secs(60))?;
     for round in 0..3 {
         s.kill_agent();
-        s.agent_env = vec![("LOCKSTEP_TEST_JOURNAL_FLUSH_DELAY_MS".into(), "10000".into())];
+        // Nothing this agent appends is durable before `started` + the delay: the kill must
+        // come before that for the test to mean anything.
+        const HELD: Duration = Duration::from_secs(30);
+        s.agent_env = vec![("LOCKSTEP_TEST_JOURNAL_FLUSH_DELAY_MS".into(), HELD.as_millis().to_string())];
+        let started = Instant::now();
         s.start_agent()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !s.agent_status().is_ok_and(|st| {
-            st["receivers"][0]["connected"] == true
-                && st["sources"].as_array().into_iter().flatten().all(|x| x["state"] == "streaming")
-        }) {
-            if Instant::now() > deadline {
-                bail!("agent did not reconnect\n{}", s.logs_tail());
+        let connected = |s: &Setup| {
+            s.agent_status().is_ok_and(|st| {
+                st["receivers"][0]["connected"] == true
+                    && st["sources"].as_array().into_iter().flatten().all(|x| x["state"] == "streaming")
+            })
+        };
+        let wait_connected = |s: &Setup| -> Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while !connected(s) {
+                if Instant::now() > deadline {
+                    bail!("agent did not (re)connect\n{}", s.logs_tail());
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let t0 = Instant::now();
+            Ok(())
+        };
+        wait_connected(&s)?;
         let insert_and_see = |s: &Setup, from: i64| -> Result<()> {
             for i in from..from + 5 {
                 pg.psql(
@@ -758,16 +768,14 @@ fn pg_agent_killed_between_shipping_and_journal_flush() -> Result<()> {
                     &format!("INSERT INTO nokey VALUES ({round}, 'early {i}'); INSERT INTO items VALUES ({round} * 100 + {i}, 'x');"),
                 )?;
             }
+            let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let n = pg.query("shop_standby", &format!("SELECT count(*) FROM nokey WHERE a = {round}"))?;
                 if n[0][0].as_deref() == Some((from + 5).to_string().as_str()) {
                     return Ok(());
                 }
-                if t0.elapsed() > Duration::from_secs(7) {
-                    bail!(
-                        "round {round}: the standby did not get the transactions before the journal's flush\n{}",
-                        s.logs_tail()
-                    );
+                if Instant::now() > deadline {
+                    bail!("round {round}: the standby did not get the transactions while the journal's flush was held back\n{}", s.logs_tail());
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -778,7 +786,11 @@ fn pg_agent_killed_between_shipping_and_journal_flush() -> Result<()> {
             // agent resumes after them.
             s.kill_receiver();
             s.start_receiver()?;
+            wait_connected(&s)?;
             insert_and_see(&s, 5)?;
+        }
+        if started.elapsed() >= HELD {
+            bail!("round {round}: too slow to kill the agent before its first journal flush ({:?})", started.elapsed());
         }
         s.kill_agent();
         s.agent_env.clear();
