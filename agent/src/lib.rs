@@ -5,6 +5,8 @@
 //! `run` is what `main` calls and what in-process tests call.
 
 pub mod certs;
+#[cfg(test)]
+mod crash_test;
 pub mod journal;
 pub mod lag;
 pub mod metrics;

@@ -337,8 +337,6 @@ mod tests {
         assert_eq!(evs[0].crc32, crc32fast::hash(&evs[0].payload));
     }
 
-    const CRASH_DIR: &str = "LOCKSTEP_JOURNAL_CRASH_DIR";
-
     /// Run in a child process: appends 10 records durably, 5 more without a flush (as if
     /// shipped early), and dies by SIGKILL.
     fn crash_child(dir: &str) {
@@ -349,26 +347,22 @@ mod tests {
         for i in 11..=15 {
             j.append(&[rec(i)]).unwrap();
         }
-        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        crate::crash_test::die();
     }
 
     /// Records shipped before their flush and then lost to a crash: their seqs are never
     /// handed out again, and the skipped range is known as a gap, also after more restarts.
     #[test]
     fn seqs_that_may_have_been_shipped_are_never_reused() {
-        if let Ok(dir) = std::env::var(CRASH_DIR) {
+        if let Some(dir) = crate::crash_test::child_dir() {
             crash_child(&dir);
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "journal::sled_store::tests::seqs_that_may_have_been_shipped_are_never_reused"])
-            .env(CRASH_DIR, dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(!status.success(), "the child must die by SIGKILL");
+        crate::crash_test::run_killed_child(
+            "journal::sled_store::tests::seqs_that_may_have_been_shipped_are_never_reused",
+            dir.path(),
+        );
         let j = SledJournal::open(dir.path()).unwrap();
         assert!(j.last_seq() >= Seq(15), "last seq {} would reuse shipped seqs", j.last_seq());
         let held: Vec<u64> = j.read_from(Seq(1), 100, 1 << 20).unwrap().iter().map(|e| e.seq).collect();

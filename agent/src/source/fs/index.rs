@@ -393,8 +393,6 @@ mod tests {
         assert_eq!(ix.get(&rp("z")).unwrap().unwrap().kind, Kind::Symlink);
     }
 
-    const CRASH_DIR: &str = "LOCKSTEP_INDEX_CRASH_DIR";
-
     /// Run in a child process: indexes `old` (with a file) and a stale marker at `new`, makes
     /// that durable, moves `old` to `new` (and, in the same way, replaces `old2` by a
     /// directory through a staged subtree removal) and dies by SIGKILL without any flush.
@@ -412,7 +410,7 @@ mod tests {
         ix.stage_remove(&rp("old2"), Kind::Dir);
         ix.stage_put(&rp("old2"), Entry::dir(0o700));
         ix.commit().unwrap();
-        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        crate::crash_test::die();
     }
 
     /// A process killed right after a subtree move (or a commit replacing a subtree) must
@@ -421,20 +419,16 @@ mod tests {
     /// to clear what a receiver may hold under the new path.
     #[test]
     fn a_kill_never_keeps_half_of_a_subtree_move() {
-        if let Ok(dir) = std::env::var(CRASH_DIR) {
+        if let Some(dir) = crate::crash_test::child_dir() {
             crash_child(&dir);
             return;
         }
         for attempt in 0..20 {
             let dir = tempfile::tempdir().unwrap();
-            let status = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "source::fs::index::tests::a_kill_never_keeps_half_of_a_subtree_move"])
-                .env(CRASH_DIR, dir.path())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .unwrap();
-            assert!(!status.success(), "the child must die by SIGKILL");
+            crate::crash_test::run_killed_child(
+                "source::fs::index::tests::a_kill_never_keeps_half_of_a_subtree_move",
+                dir.path(),
+            );
             let db = sled::open(dir.path()).unwrap();
             let ix = Index::open(&db, "t").unwrap();
             let keys = ix.keys(None).unwrap();
