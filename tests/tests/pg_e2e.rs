@@ -744,23 +744,7 @@ fn pg_agent_killed_between_shipping_and_journal_flush() -> Result<()> {
         s.agent_env = vec![("LOCKSTEP_TEST_JOURNAL_FLUSH_DELAY_MS".into(), HELD.as_millis().to_string())];
         let started = Instant::now();
         s.start_agent()?;
-        let connected = |s: &Setup| {
-            s.agent_status().is_ok_and(|st| {
-                st["receivers"][0]["connected"] == true
-                    && st["sources"].as_array().into_iter().flatten().all(|x| x["state"] == "streaming")
-            })
-        };
-        let wait_connected = |s: &Setup| -> Result<()> {
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while !connected(s) {
-                if Instant::now() > deadline {
-                    bail!("agent did not (re)connect\n{}", s.logs_tail());
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Ok(())
-        };
-        wait_connected(&s)?;
+        s.wait_caught_up(Duration::from_secs(15))?;
         let insert_and_see = |s: &Setup, from: i64| -> Result<()> {
             for i in from..from + 5 {
                 pg.psql(
@@ -786,7 +770,7 @@ fn pg_agent_killed_between_shipping_and_journal_flush() -> Result<()> {
             // agent resumes after them.
             s.kill_receiver();
             s.start_receiver()?;
-            wait_connected(&s)?;
+            s.wait_caught_up(Duration::from_secs(15))?;
             insert_and_see(&s, 5)?;
         }
         if started.elapsed() >= HELD {

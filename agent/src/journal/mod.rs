@@ -178,9 +178,12 @@ pub struct JournalWriter {
     on_durable: mpsc::UnboundedSender<Vec<RecordMeta>>,
 }
 
-/// Appended groups waiting for the flush thread.
-struct FlushJob {
-    group: Vec<(Reply, Vec<RecordMeta>)>,
+/// An appended group waiting for the flush thread: each source's reply with its records.
+type FlushJob = Vec<(Reply, Vec<RecordMeta>)>;
+
+/// The newest seq in a group.
+fn last_of(group: &FlushJob) -> Option<Seq> {
+    group.iter().rev().find_map(|(_, m)| m.last().map(|x| x.seq))
 }
 
 impl JournalWriter {
@@ -262,12 +265,12 @@ fn append_loop(
                 }
             }
         }
-        if let Some(last) = group.iter().rev().find_map(|(_, m)| m.last().map(|x| x.seq)) {
+        if let Some(last) = last_of(&group) {
             tracing::trace!(seq = last.0, "journal appended");
             appended_tx.send_replace(last);
         }
         // Records appended before a failure still get their flush and answers.
-        if jobs.send(FlushJob { group }).is_err() {
+        if jobs.send(group).is_err() {
             return Err(failed.unwrap_or(JournalError::Closed));
         }
         if let Some(e) = failed {
@@ -285,9 +288,9 @@ fn flush_loop(
 ) -> Result<(), JournalError> {
     let delay = test_flush_delay();
     while let Ok(first) = jobs.recv() {
-        let mut group = first.group;
+        let mut group = first;
         while let Ok(more) = jobs.try_recv() {
-            group.extend(more.group);
+            group.extend(more);
         }
         if let Some(d) = delay {
             std::thread::sleep(d);
@@ -304,7 +307,7 @@ fn flush_loop(
         }
         // Shippers first: records they have not sent early are on their way to the standby;
         // the sources' answers and the lag tracker's reports are not.
-        if let Some(last) = group.iter().rev().find_map(|(_, m)| m.last().map(|x| x.seq)) {
+        if let Some(last) = last_of(&group) {
             tracing::trace!(seq = last.0, "journal durable");
             durable_tx.send_replace(last);
         }

@@ -337,6 +337,11 @@ fn kv_relation(id: u32, name: &str) -> PgOp {
     relation(id, name, "d", vec![col("id", "integer", true), col("v", "text", false)])
 }
 
+/// Commits seq 1 (LSN 100): table `kv` (relation 1) with the row (1, 'a').
+fn commit_first_kv_row(a: &mut PgApplier) {
+    apply_commit(a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
+}
+
 fn kv_rows(db: &Db, table: &str) -> Vec<Vec<Option<String>>> {
     db.rows(&format!("SELECT id::text AS key, v FROM {table} ORDER BY id"))
 }
@@ -660,7 +665,7 @@ fn pg_chunked_transaction_commits_only_after_its_last_chunk() {
     let pg = Cluster::start();
     let mut a = pg.open();
     let db = pg.db();
-    apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
+    commit_first_kv_row(&mut a);
     a.apply(Seq(2), chunk(200, 0, false, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("2"), Some("b")]])]))
         .unwrap();
     assert!(a.prepare_commit(pos(2)).unwrap().is_none());
@@ -977,7 +982,7 @@ fn pg_cut_off_transaction_undoes_its_ddl_and_the_cache_with_it() {
     let pg = Cluster::start();
     let db = pg.db();
     let mut a = pg.open();
-    apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
+    commit_first_kv_row(&mut a);
     let renamed = || kv_relation(1, "kv2");
     let wider =
         || relation(1, "kv2", "d", vec![col("id", "integer", true), col("v", "text", false), col("w", "text", false)]);
@@ -1010,7 +1015,7 @@ fn pg_failed_round_undoes_its_ddl_and_the_cache_with_it() {
     let pg = Cluster::start();
     let db = pg.db();
     let mut a = pg.open();
-    apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
+    commit_first_kv_row(&mut a);
     let renaming = || tx(200, vec![kv_relation(1, "kv2"), insert(1, &[vec![Some("2"), Some("b")]])]);
     a.apply(Seq(2), renaming()).unwrap();
     apply_commit_err(&mut a, 3, tx(300, vec![kv_relation(1, "kv2"), insert(1, &[vec![Some("x"), Some("c")]])]));
@@ -1030,7 +1035,7 @@ fn pg_crash_between_the_copiers_commit_and_the_position_leads_to_a_resync() {
     let pg = Cluster::start();
     let db = pg.db();
     let mut a = pg.open();
-    apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
+    commit_first_kv_row(&mut a);
     assert_eq!(a.position(), Some(pos(1)));
     a.begin_resync().unwrap();
     a.apply(Seq(0), snap_piece(1, "kv", &[vec![Some("1"), Some("snap")], vec![Some("2"), Some("snap")]])).unwrap();
@@ -1083,7 +1088,7 @@ fn pg_refuses_bad_changes_and_commits_nothing_of_them() {
     let pg = Cluster::start();
     let mut a = pg.open();
     let db = pg.db();
-    apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
+    commit_first_kv_row(&mut a);
     let cases: Vec<(Change, &str)> = vec![
         (tx(200, vec![insert(99, &[vec![Some("1")]])]), "no PgRelation described"),
         (tx(200, vec![kv_relation(1, "kv"), update(1, None, false, tuple(vec![text("1")]))]), "has 1 values"),
@@ -1137,7 +1142,7 @@ fn pg_sql_errors_roll_back_and_name_the_table() {
     let pg = Cluster::start();
     let mut a = pg.open();
     let db = pg.db();
-    apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
+    commit_first_kv_row(&mut a);
     a.apply(Seq(2), tx(200, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("2"), Some("b")]])])).unwrap();
     let err =
         apply_commit_err(&mut a, 3, tx(300, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("dup")]])]));
@@ -1158,7 +1163,7 @@ fn pg_session_start_reconnects_after_the_connection_died() {
     let pg = Cluster::start();
     let mut a = pg.open();
     let db = pg.db();
-    apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
+    commit_first_kv_row(&mut a);
     db.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'lockstep-receiver'");
     std::thread::sleep(Duration::from_millis(100));
     let err =
@@ -1177,7 +1182,7 @@ fn pg_session_start_reconnects_after_the_connection_died() {
 fn pg_flush_barrier_fails_when_the_standby_lost_the_commit() {
     let pg = Cluster::start();
     let mut a = pg.open();
-    apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("1"), Some("a")]])]));
+    commit_first_kv_row(&mut a);
     a.apply(Seq(2), tx(200, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("2"), Some("b")]])])).unwrap();
     assert!(a.prepare_commit(pos(2)).unwrap().is_some());
     let out = pg_command("pg_ctl", &pg.dir)
