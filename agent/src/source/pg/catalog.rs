@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use lockstep_common::proto;
 use tokio_postgres::Client;
 
-use super::pgoutput;
+use super::{ddl, pgoutput};
 use super::{ident, Shared};
 use crate::source::SourceError;
 
@@ -120,6 +120,12 @@ pub(crate) async fn preflight(
                 )));
             }
         }
+    }
+
+    // Column identities across DDL (see `ddl`); without the trigger, lockstep still works.
+    if let Err(e) = ddl::ensure_trigger(client, &shared.name).await {
+        tracing::warn!(source = %shared.name, error = %db_message(&e),
+            "could not install the event trigger lockstep_columns; a renamed column may be kept aside on standbys");
     }
 
     // Tables whose updates and deletes cannot be replicated: PostgreSQL itself refuses those
@@ -270,29 +276,52 @@ impl TypeNames {
         Ok(n)
     }
 
-    /// The protocol form of a relation from the stream (no catalog extras).
+    /// The protocol form of a relation from the stream (no catalog extras), with each
+    /// column's attribute number when it is known (see [`stream_attnums`]). `recorded`: the
+    /// table's columns as the DDL trigger last recorded them in the stream (see `ddl`).
     pub async fn relation(
         &mut self,
         shared: &Shared,
         client: &Client,
         r: &pgoutput::Relation,
+        recorded: Option<&[ddl::Column]>,
     ) -> Result<proto::PgRelation, SourceError> {
-        // Values of columns added with a default, held by rows that predate them.
-        let missing: HashMap<String, String> = client
+        let attrs: Vec<Attribute> = client
             .query(
-                "SELECT attname::text, (attmissingval::text::text[])[1] FROM pg_catalog.pg_attribute
-                 WHERE attrelid = $1 AND atthasmissing AND NOT attisdropped",
+                "SELECT attnum, attname::text, atttypid, atttypmod, attisdropped OR attgenerated <> '',
+                        CASE WHEN atthasmissing AND NOT attisdropped THEN (attmissingval::text::text[])[1] END
+                 FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum > 0 ORDER BY attnum",
                 &[&r.id],
             )
             .await
-            .map_err(sql_err(shared, "read the values of added columns"))?
+            .map_err(sql_err(shared, "read the columns of a relation"))?
             .into_iter()
-            .filter_map(|row| Some((row.get(0), row.get::<_, Option<String>>(1)?)))
+            .map(|row| Attribute {
+                attnum: row.get(0),
+                name: row.get(1),
+                type_oid: row.get(2),
+                type_mod: row.get(3),
+                hidden: row.get(4),
+                missing_value: row.get(5),
+            })
             .collect();
+        let attnums = stream_attnums(r, recorded, &attrs);
+        if attnums.is_none() {
+            tracing::warn!(
+                table = %format!("{}.{}", r.namespace, r.name),
+                "the table's columns changed again after this point of the stream; the standby matches its columns by name here and keeps any it can no longer match (renamed aside) instead of dropping them"
+            );
+        }
         let mut columns = Vec::with_capacity(r.columns.len());
-        for c in &r.columns {
+        for (i, c) in r.columns.iter().enumerate() {
+            let attnum = attnums.as_ref().map_or(0, |a| a[i]);
+            // Values of columns added with a default, held by rows that predate them.
+            let missing_value = attrs
+                .iter()
+                .find(|a| if attnum != 0 { a.attnum == attnum } else { !a.hidden && a.name == c.name })
+                .and_then(|a| a.missing_value.clone());
             columns.push(proto::PgColumn {
-                missing_value: missing.get(&c.name).cloned(),
+                missing_value,
                 name: c.name.clone(),
                 type_name: self.name(shared, client, c.type_oid, c.type_mod).await?,
                 type_oid: c.type_oid,
@@ -300,6 +329,7 @@ impl TypeNames {
                 key: c.key,
                 not_null: false,
                 default_expr: String::new(),
+                attnum: i32::from(attnum),
             });
         }
         Ok(proto::PgRelation {
@@ -311,6 +341,47 @@ impl TypeNames {
             primary_key: Vec::new(),
         })
     }
+}
+
+/// One row of `pg_attribute` as the agent reads it now.
+struct Attribute {
+    attnum: i16,
+    name: String,
+    type_oid: u32,
+    type_mod: i32,
+    /// Dropped or generated: never in a relation message.
+    hidden: bool,
+    /// `attmissingval` in text form (columns added with a default).
+    missing_value: Option<String>,
+}
+
+/// The attribute numbers of a stream relation's columns: from the DDL trigger's record of the
+/// table at this point of the stream (`recorded`) when it describes these columns, else from
+/// the catalog as it is *now* (`attrs`), which may be ahead of the point of the stream the
+/// message describes (a backlog). Either is trusted only when its live columns are exactly the
+/// message's — same names, types and modifiers, in the same order: for the catalog, any
+/// rename, drop, add or type change since then makes them differ, and the receiver is told
+/// nothing rather than something wrong (`None`). What the catalog alone cannot see is a column
+/// dropped and re-added under the same name and type since that point.
+fn stream_attnums(r: &pgoutput::Relation, recorded: Option<&[ddl::Column]>, attrs: &[Attribute]) -> Option<Vec<i16>> {
+    let same = |live: &mut dyn Iterator<Item = (&str, u32, i32)>| {
+        let mut n = 0;
+        for (a, c) in live.zip(&r.columns) {
+            n += 1;
+            if a != (c.name.as_str(), c.type_oid, c.type_mod) {
+                return false;
+            }
+        }
+        n == r.columns.len()
+    };
+    if let Some(rec) = recorded {
+        if rec.len() == r.columns.len() && same(&mut rec.iter().map(|a| (a.name.as_str(), a.type_oid, a.type_mod))) {
+            return Some(rec.iter().map(|a| a.attnum).collect());
+        }
+    }
+    let live: Vec<&Attribute> = attrs.iter().filter(|a| !a.hidden).collect();
+    (live.len() == r.columns.len() && same(&mut live.iter().map(|a| (a.name.as_str(), a.type_oid, a.type_mod))))
+        .then(|| live.iter().map(|a| a.attnum).collect())
 }
 
 /// First OID of user-created objects; lower ones are built in.
@@ -470,7 +541,8 @@ pub(crate) async fn table_relation(
                     COALESCE(pg_get_expr(d.adbin, d.adrelid), ''),
                     COALESCE((SELECT true FROM pg_index i WHERE i.indrelid = a.attrelid
                               AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))
-                              AND a.attnum = ANY(i.indkey)), c.relreplident = 'f')
+                              AND a.attnum = ANY(i.indkey)), c.relreplident = 'f'),
+                    a.attnum
              FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
@@ -493,6 +565,8 @@ pub(crate) async fn table_relation(
                 key: r.get(6),
                 // A snapshot copies every row as it is.
                 missing_value: None,
+                // Read inside the snapshot, so exactly the snapshot's columns.
+                attnum: i32::from(r.get::<_, i16>(7)),
             }
         })
         .collect();

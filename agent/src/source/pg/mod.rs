@@ -10,12 +10,15 @@
 //!   holds the transaction durably — so the journal, not the slot, absorbs slow receivers.
 //!   On PostgreSQL 14+ large transactions arrive while they run ([`streamed`]) and are kept
 //!   in scratch files until their commit.
+//! - [`ddl`]: column identities across DDL (an event trigger's logical messages, else the
+//!   catalog), so the receiver can tell a renamed column from a dropped one.
 //! - [`snapshot`]: the [`Snapshotter`] that seeds a receiver: a temporary slot exports a
 //!   snapshot, every published table is copied inside it, and a closing `PgSnapshotEnd` tells
 //!   the receiver which transactions the copy already holds (commit LSN below the slot's
 //!   consistent point); journal events after that are deduplicated on commit LSN.
 
 mod catalog;
+mod ddl;
 pub mod pgoutput;
 mod snapshot;
 mod stream;

@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use super::catalog::{self, Refusal, TypeNames};
 use super::pgoutput::{self, OldKind, PgOutput, Tuple, Value};
-use super::{streamed, Shared};
+use super::{ddl, streamed, Shared};
 use crate::journal::{AppendTicket, JournalHandle, NewRecord};
 use crate::source::{SourceContext, SourceError, SourceState};
 
@@ -193,6 +193,7 @@ async fn session(shared: &Shared, ctx: &SourceContext, tree: &sled::Tree) -> Res
         status: ctx,
         types: TypeNames::default(),
         relations: HashMap::new(),
+        columns: ddl::Columns::default(),
         enums: Enums::default(),
         txn: None,
         in_flight: VecDeque::new(),
@@ -310,6 +311,8 @@ struct Streamer<'a> {
     types: TypeNames,
     /// Relations as last described by the stream (pgoutput sends each before first use).
     relations: HashMap<u32, (Vec<proto::PgTypeDef>, proto::PgRelation)>,
+    /// Tables' columns as the DDL trigger recorded them at the point of the stream decoded.
+    columns: ddl::Columns,
     enums: Enums,
     txn: Option<Txn>,
     in_flight: VecDeque<InFlight>,
@@ -381,6 +384,13 @@ impl Streamer<'_> {
     }
 
     async fn message(&mut self, transactional: bool, lsn: u64, prefix: String, content: Bytes) -> Result<(), Refusal> {
+        if transactional && prefix == ddl::PREFIX {
+            // The DDL trigger's record of a table's columns: for the relation messages that
+            // follow, not for the standby (and recorded even in a transaction already
+            // journaled, as the catalog moved on all the same).
+            self.columns.record(&content);
+            return Ok(());
+        }
         let size = 64 + prefix.len() + content.len();
         let op = proto::PgOp { op: Some(Op::Message(proto::PgMessage { transactional, prefix, content, lsn })) };
         match (&mut self.txn, transactional) {
@@ -501,7 +511,11 @@ impl Streamer<'_> {
         };
         match &msg {
             PgOutput::Relation(r) => {
-                let rel = self.types.relation(self.shared, self.client, r).await.map_err(Refusal::Retry)?;
+                let rel = self
+                    .types
+                    .relation(self.shared, self.client, r, self.columns.get(r.id))
+                    .await
+                    .map_err(Refusal::Retry)?;
                 let types = catalog::type_defs(
                     self.shared,
                     self.client,

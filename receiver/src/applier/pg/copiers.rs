@@ -87,6 +87,8 @@ impl Drop for Worker {
 /// The copiers of one resync.
 pub(super) struct Copiers {
     conn: PgConn,
+    /// The (agent, source) whose tables these are.
+    owner: (String, String),
     workers: Vec<Worker>,
     tables: HashMap<Table, usize>,
     /// A copier failed: resyncs use the main connection only.
@@ -94,8 +96,8 @@ pub(super) struct Copiers {
 }
 
 impl Copiers {
-    pub(super) fn new(conn: PgConn) -> Copiers {
-        Copiers { conn, workers: Vec::new(), tables: HashMap::new(), off: false }
+    pub(super) fn new(conn: PgConn, owner: (String, String)) -> Copiers {
+        Copiers { conn, owner, workers: Vec::new(), tables: HashMap::new(), off: false }
     }
 
     /// Whether any table went to a copier in this resync.
@@ -144,7 +146,7 @@ impl Copiers {
 
     async fn try_take(&mut self, rel: &PgRelation) -> Result<bool, ApplyError> {
         if self.workers.len() < COPIERS {
-            self.workers.push(spawn(self.conn.clone())?);
+            self.workers.push(spawn(self.conn.clone(), self.owner.clone())?);
         }
         let w = (0..self.workers.len())
             .min_by_key(|&i| self.workers[i].queued.load(Ordering::Relaxed))
@@ -212,7 +214,7 @@ fn copier_err(e: String) -> ApplyError {
     target_err("parallel table copy", e)
 }
 
-fn spawn(conn: PgConn) -> Result<Worker, ApplyError> {
+fn spawn(conn: PgConn, owner: (String, String)) -> Result<Worker, ApplyError> {
     let (jobs, rx) = mpsc::channel(QUEUE);
     let queued = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(Mutex::new(None));
@@ -228,7 +230,7 @@ fn spawn(conn: PgConn) -> Result<Worker, ApplyError> {
                     return;
                 }
             };
-            rt.block_on(run(conn, rx, q, f, c));
+            rt.block_on(run(conn, owner, rx, q, f, c));
         })
         .map_err(|e| ApplyError::Io { context: "start a copier thread".into(), error: e })?;
     Ok(Worker { jobs, queued, failed, cancelled })
@@ -238,6 +240,7 @@ fn spawn(conn: PgConn) -> Result<Worker, ApplyError> {
 /// `failed` (seen by the applier at once); after it, the copier only answers with it.
 async fn run(
     conn: PgConn,
+    owner: (String, String),
     mut jobs: mpsc::Receiver<Job>,
     queued: Arc<AtomicUsize>,
     failed: Arc<Mutex<Option<String>>>,
@@ -249,7 +252,7 @@ async fn run(
         failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(msg.clone());
         msg
     };
-    let mut c = Copier { client: None, stmts: HashMap::new() };
+    let mut c = Copier { client: None, owner, stmts: HashMap::new() };
     if let Err(e) = c.open(&conn).await {
         fail(e);
     }
@@ -292,6 +295,7 @@ async fn run(
 
 struct Copier {
     client: Option<Client>,
+    owner: (String, String),
     /// COPY statements of the tables taken.
     stmts: HashMap<Table, (String, Statement)>,
 }
@@ -321,7 +325,7 @@ impl Copier {
         if !schema_exists {
             return Ok(false);
         }
-        schema::ensure_table(client, rel, None, true).await?;
+        schema::ensure_table(client, (&self.owner.0, &self.owner.1), rel, None, true).await?;
         let table = sql::qualified(&rel.schema, &rel.name);
         let text = sql::copy_in(rel);
         let stmt = client.prepare(&text).await.map_err(db_err(format!("prepare {text}")))?;

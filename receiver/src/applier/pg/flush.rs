@@ -3,10 +3,13 @@
 //! The applier commits each round's standby transaction with `synchronous_commit = off`: the
 //! changes are visible at once, without waiting for the standby's WAL flush. Before that round
 //! is acknowledged (and so before the agent may forget it), the session runs the commit's
-//! durable half — here: a WAL flush barrier on a second connection. A transaction that gets a
-//! transaction id and commits synchronously waits until WAL is flushed up to its own commit
-//! record, which lies after every commit that returned before it; so once the barrier returns,
-//! the round's transaction (and its position row) is on disk.
+//! durable half — here: a WAL flush barrier on a second connection. A transaction that writes
+//! WAL and commits synchronously waits until WAL is flushed up to its own commit record, which
+//! lies after every commit that returned before it; so once the barrier returns, the round's
+//! transaction (and its position row) is on disk. It must *write* something: PostgreSQL
+//! commits a transaction that only took a transaction id (`txid_current()`) without flushing,
+//! however `synchronous_commit` is set — so the barrier bumps a counter row of its own
+//! (`lockstep.flush_barrier`, one row per target).
 //!
 //! A barrier proves nothing about commits a crash of the standby already threw away (a
 //! crash-restart after a backend was killed, an immediate shutdown, a failover): it would
@@ -109,12 +112,14 @@ fn run(conn: PgConn, agent: String, source: String, rx: mpsc::Receiver<Request>)
                                     debug!(error = %e, "standby flush connection ended");
                                 }
                             });
-                            // One autocommit transaction that takes a transaction id commits
-                            // synchronously, after reading the position row.
+                            // One autocommit transaction that writes (see the module docs)
+                            // commits synchronously, after reading the position row.
                             let setup = async {
                                 c.batch_execute("SET synchronous_commit = on").await?;
                                 c.prepare(
-                                    "SELECT pg_catalog.txid_current(), (SELECT seq FROM lockstep.applied_position \
+                                    "WITH b AS (INSERT INTO lockstep.flush_barrier AS f (agent, source, n) VALUES ($1, $2, 1) \
+                                       ON CONFLICT (agent, source) DO UPDATE SET n = f.n + 1 RETURNING n) \
+                                     SELECT (SELECT n FROM b), (SELECT seq FROM lockstep.applied_position \
                                      WHERE agent = $1 AND source = $2)",
                                 )
                                 .await

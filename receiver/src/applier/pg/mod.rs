@@ -440,7 +440,7 @@ impl PgApplier {
             types: HashSet::new(),
             enum_labels: HashMap::new(),
             flusher: flush::Flusher::new(conn.clone(), cfg.agent.clone(), cfg.source.clone())?,
-            copiers: copiers::Copiers::new(conn.clone()),
+            copiers: copiers::Copiers::new(conn.clone(), (cfg.agent.clone(), cfg.source.clone())),
             deferred: None,
             missing: 0,
             first_missing: None,
@@ -595,6 +595,29 @@ impl State {
                 )
                 .await
                 .map_err(db_err("create lockstep.applied_position on the standby"))?;
+        }
+        let columns_known: bool = client
+            .query_one("SELECT pg_catalog.to_regclass('lockstep.flush_barrier') IS NOT NULL", &[])
+            .await
+            .map_err(db_err(ctx()))?
+            .get(0);
+        if !columns_known {
+            // Which source relation each standby table holds and which source attribute each
+            // of its columns (see `schema`), and the flush barrier's row (see `flush`); added
+            // in 0.4.0, so standbys set up before get them here.
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS lockstep.source_columns ( \
+                       relid oid NOT NULL, attname text NOT NULL, src_attnum smallint NOT NULL, \
+                       PRIMARY KEY (relid, attname)); \
+                     CREATE TABLE IF NOT EXISTS lockstep.source_tables ( \
+                       agent text NOT NULL, source text NOT NULL, src_relid oid NOT NULL, relid oid NOT NULL, \
+                       PRIMARY KEY (agent, source, src_relid)); \
+                     CREATE TABLE IF NOT EXISTS lockstep.flush_barrier ( \
+                       agent text NOT NULL, source text NOT NULL, n bigint NOT NULL, PRIMARY KEY (agent, source))",
+                )
+                .await
+                .map_err(db_err("create lockstep's bookkeeping tables on the standby"))?;
         }
         Ok(client)
     }
@@ -1001,7 +1024,7 @@ impl State {
         };
         if !rel.checked {
             let msg = rel.msg.clone();
-            schema::ensure_table(self.client()?, &msg, None, false).await?;
+            schema::ensure_table(self.client()?, (&self.agent, &self.source), &msg, None, false).await?;
             self.stmts.retain(|k, _| k.rel != id);
             if let Some(r) = self.rels.get_mut(&id) {
                 r.checked = true;
@@ -1032,6 +1055,7 @@ impl State {
         }
         schema::ensure_table(
             self.client()?,
+            (&self.agent, &self.source),
             r,
             previous.as_ref().map(|(s, n)| (s.as_str(), n.as_str())),
             first_in_resync,

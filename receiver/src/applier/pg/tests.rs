@@ -611,11 +611,18 @@ fn pg_relation_changes_add_and_drop_columns() {
     let pg = Cluster::start();
     let mut a = pg.open();
     apply_commit(&mut a, 1, tx(100, vec![kv_relation(1, "t"), insert(1, &[vec![Some("1"), Some("a")]])]));
+    // With the source's attribute numbers, as the agent sends them (the first relation had
+    // none: the standby adopts them by name).
+    let numbered = |c: PgColumn, attnum: i32| PgColumn { attnum, ..c };
     let v2 = relation(
         1,
         "t",
         "d",
-        vec![col("id", "integer", true), col("v", "text", false), col("extra", "numeric(10,2)", false)],
+        vec![
+            numbered(col("id", "integer", true), 1),
+            numbered(col("v", "text", false), 2),
+            numbered(col("extra", "numeric(10,2)", false), 3),
+        ],
     );
     apply_commit(&mut a, 2, tx(200, vec![v2, insert(1, &[vec![Some("2"), Some("b"), Some("3.50")]])]));
     let db = pg.db();
@@ -626,7 +633,12 @@ fn pg_relation_changes_add_and_drop_columns() {
         vec![vec![Some("1".into()), None], vec![Some("2".into()), Some("3.50".into())]]
     );
     // v dropped, extra widened.
-    let v3 = relation(1, "t", "d", vec![col("id", "integer", true), col("extra", "numeric(12,3)", false)]);
+    let v3 = relation(
+        1,
+        "t",
+        "d",
+        vec![numbered(col("id", "integer", true), 1), numbered(col("extra", "numeric(12,3)", false), 3)],
+    );
     apply_commit(
         &mut a,
         3,
@@ -658,6 +670,22 @@ fn pg_relation_changes_add_and_drop_columns() {
         ),
     );
     assert_eq!(db.count("SELECT count(*) FROM t_renamed"), 3);
+    // Without attribute numbers (the agent could not tell at that point of the stream), a
+    // column the relation lacks is kept aside with its data, not dropped.
+    apply_commit(&mut a, 5, tx(500, vec![kv_relation(1, "t_renamed"), insert(1, &[vec![Some("4"), Some("d")]])]));
+    assert_eq!(
+        db.one(&columns.replace("'t'::regclass", "'t_renamed'::regclass")).as_deref(),
+        Some("id integer, extra_lockstep_kept numeric(12,3), v text")
+    );
+    assert_eq!(
+        db.rows("SELECT id::text, extra_lockstep_kept::text, v FROM t_renamed ORDER BY id"),
+        vec![
+            vec![Some("1".into()), Some("9.999".into()), None],
+            vec![Some("2".into()), Some("3.500".into()), None],
+            vec![Some("3".into()), Some("1.125".into()), None],
+            vec![Some("4".into()), None, Some("d".into())]
+        ]
+    );
 }
 
 #[test]
@@ -815,9 +843,10 @@ fn pg_resync_replaces_rows_with_the_snapshot() {
         vec![vec![Some("9".into()), Some("5000".into())]]
     );
     assert_eq!(a.applied_lsn(), 5000);
-    // Transactions the snapshot holds are skipped, later ones applied.
-    apply_commit(&mut a, 10, tx(4999, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("10"), Some("dup")]])]));
-    apply_commit(&mut a, 11, tx(5000, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("12"), Some("after")]])]));
+    // Transactions the snapshot holds are skipped, later ones applied (the stream names the
+    // table by the OID the snapshot had).
+    apply_commit(&mut a, 10, tx(4999, vec![kv_relation(11, "kv"), insert(11, &[vec![Some("10"), Some("dup")]])]));
+    apply_commit(&mut a, 11, tx(5000, vec![kv_relation(11, "kv"), insert(11, &[vec![Some("12"), Some("after")]])]));
     assert_eq!(db.count("SELECT count(*) FROM kv"), 3);
 
     // A resync without its snapshot end is refused, and commits nothing.
