@@ -143,6 +143,46 @@ impl fmt::Debug for Block {
     }
 }
 
+/// One extended attribute (POSIX ACLs are the `system.posix_acl_*` ones).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Xattr {
+    pub name: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+impl fmt::Debug for Xattr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Values may be anything a user stored: never logged.
+        write!(f, "Xattr {{ name: {:?}, len: {} }}", String::from_utf8_lossy(&self.name), self.value.len())
+    }
+}
+
+/// Owner, group and extended attributes of a path, as the source has them; see `proto::Meta`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub uid: u32,
+    pub gid: u32,
+    /// The source's names for `uid` and `gid`, when it has them.
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// Every extended attribute, sorted by name.
+    pub xattrs: Vec<Xattr>,
+}
+
+/// Most extended attributes one path may carry, and their limits (Linux's own: names up to
+/// 255 bytes, values up to 64 KiB).
+pub const MAX_XATTRS: usize = 1024;
+pub const MAX_XATTR_NAME: usize = 255;
+pub const MAX_XATTR_VALUE: usize = 64 * 1024;
+
+/// What kind of special file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SpecialKind {
+    Fifo,
+    CharDevice,
+    BlockDevice,
+}
+
 /// A part (or all) of a file's new content; see `proto::FileWrite`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileWrite {
@@ -155,17 +195,100 @@ pub struct FileWrite {
     pub mtime_ns: i64,
     pub blocks: Vec<Block>,
     pub content_hash: Option<[u8; 32]>,
+    /// On the last chunk (from agents of 0.4.0 on).
+    pub meta: Option<Meta>,
 }
 
-/// One filesystem change, validated.
+/// One filesystem change, validated. `meta: None` (from agents before 0.4.0): owner and
+/// extended attributes are left as the standby has them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FsOp {
     Write(FileWrite),
-    Mkdir { path: RelPath, mode: u32 },
-    Remove { path: RelPath },
-    Rename { from: RelPath, to: RelPath },
-    Chmod { path: RelPath, mode: u32 },
-    Symlink { path: RelPath, target: Vec<u8> },
+    Mkdir {
+        path: RelPath,
+        mode: u32,
+        meta: Option<Meta>,
+    },
+    Remove {
+        path: RelPath,
+    },
+    Rename {
+        from: RelPath,
+        to: RelPath,
+    },
+    /// Mode, owner and extended attributes of an existing path (the wire's `Chmod` too).
+    SetAttr {
+        path: RelPath,
+        mode: u32,
+        meta: Option<Meta>,
+    },
+    Symlink {
+        path: RelPath,
+        target: Vec<u8>,
+        meta: Option<Meta>,
+    },
+    /// `path` becomes another name of the regular file at `target`.
+    Link {
+        path: RelPath,
+        target: RelPath,
+    },
+    Special {
+        path: RelPath,
+        kind: SpecialKind,
+        mode: u32,
+        rdev: u64,
+        meta: Option<Meta>,
+    },
+}
+
+impl Meta {
+    fn approx_bytes(&self) -> usize {
+        16 + self.xattrs.iter().map(|x| x.name.len() + x.value.len() + 8).sum::<usize>()
+    }
+}
+
+impl TryFrom<proto::Meta> for Meta {
+    type Error = EventError;
+    fn try_from(m: proto::Meta) -> Result<Self, EventError> {
+        let name = |s: String, what: &str| -> Result<Option<String>, EventError> {
+            if s.len() > 256 || s.contains('\0') {
+                return Err(EventError::Malformed(format!("{what} name too long or with NUL")));
+            }
+            Ok(Some(s).filter(|s| !s.is_empty()))
+        };
+        if m.xattrs.len() > MAX_XATTRS {
+            return Err(EventError::Malformed(format!("{} extended attributes", m.xattrs.len())));
+        }
+        let mut xattrs = Vec::with_capacity(m.xattrs.len());
+        for x in m.xattrs {
+            if x.name.is_empty() || x.name.len() > MAX_XATTR_NAME || x.name.contains(&0) || !x.name.contains(&b'.') {
+                return Err(EventError::Malformed(
+                    "extended attribute name empty, too long, without a namespace or with NUL".into(),
+                ));
+            }
+            if x.value.len() > MAX_XATTR_VALUE {
+                return Err(EventError::Malformed(format!("extended attribute value of {} bytes", x.value.len())));
+            }
+            xattrs.push(Xattr { name: x.name.to_vec(), value: x.value.to_vec() });
+        }
+        xattrs.sort();
+        if xattrs.windows(2).any(|w| w[0].name == w[1].name) {
+            return Err(EventError::Malformed("an extended attribute named twice".into()));
+        }
+        Ok(Meta { uid: m.uid, gid: m.gid, user: name(m.user, "user")?, group: name(m.group, "group")?, xattrs })
+    }
+}
+
+impl From<Meta> for proto::Meta {
+    fn from(m: Meta) -> Self {
+        proto::Meta {
+            uid: m.uid,
+            gid: m.gid,
+            user: m.user.unwrap_or_default(),
+            group: m.group.unwrap_or_default(),
+            xattrs: m.xattrs.into_iter().map(|x| proto::Xattr { name: x.name.into(), value: x.value.into() }).collect(),
+        }
+    }
 }
 
 impl FsOp {
@@ -175,8 +298,10 @@ impl FsOp {
             FsOp::Write(w) => &w.path,
             FsOp::Mkdir { path, .. }
             | FsOp::Remove { path }
-            | FsOp::Chmod { path, .. }
-            | FsOp::Symlink { path, .. } => path,
+            | FsOp::SetAttr { path, .. }
+            | FsOp::Symlink { path, .. }
+            | FsOp::Link { path, .. }
+            | FsOp::Special { path, .. } => path,
             FsOp::Rename { to, .. } => to,
         }
     }
@@ -184,7 +309,14 @@ impl FsOp {
     /// Approximate size in memory and on the wire, for flow control.
     pub fn approx_bytes(&self) -> usize {
         match self {
-            FsOp::Write(w) => 64 + w.path.as_bytes().len() + w.blocks.iter().map(|b| b.data.len() + 16).sum::<usize>(),
+            FsOp::Write(w) => {
+                64 + w.path.as_bytes().len()
+                    + w.blocks.iter().map(|b| b.data.len() + 16).sum::<usize>()
+                    + w.meta.as_ref().map_or(0, Meta::approx_bytes)
+            }
+            FsOp::Mkdir { meta, .. } | FsOp::SetAttr { meta, .. } | FsOp::Special { meta, .. } => {
+                64 + self.path().as_bytes().len() + meta.as_ref().map_or(0, Meta::approx_bytes)
+            }
             _ => 64 + self.path().as_bytes().len(),
         }
     }
@@ -203,11 +335,13 @@ impl std::fmt::Display for FsOp {
                 if w.last { " last" } else { "" },
                 w.size
             ),
-            FsOp::Mkdir { path, mode } => write!(f, "mkdir {path} {mode:o}"),
+            FsOp::Mkdir { path, mode, .. } => write!(f, "mkdir {path} {mode:o}"),
             FsOp::Remove { path } => write!(f, "remove {path}"),
             FsOp::Rename { from, to } => write!(f, "rename {from} -> {to}"),
-            FsOp::Chmod { path, mode } => write!(f, "chmod {path} {mode:o}"),
+            FsOp::SetAttr { path, mode, .. } => write!(f, "setattr {path} {mode:o}"),
             FsOp::Symlink { path, .. } => write!(f, "symlink {path}"),
+            FsOp::Link { path, target } => write!(f, "link {path} = {target}"),
+            FsOp::Special { path, kind, .. } => write!(f, "special {path} {kind:?}"),
         }
     }
 }
@@ -227,6 +361,7 @@ impl TryFrom<proto::FsChange> for FsOp {
     fn try_from(c: proto::FsChange) -> Result<Self, EventError> {
         use proto::fs_change::Op;
         let path = |b: bytes::Bytes| RelPath::new(b.to_vec());
+        let meta = |m: Option<proto::Meta>| m.map(Meta::try_from).transpose();
         let op = c.op.ok_or_else(|| EventError::Malformed("fs change without op".into()))?;
         Ok(match op {
             Op::Write(w) => {
@@ -267,9 +402,10 @@ impl TryFrom<proto::FsChange> for FsOp {
                     mtime_ns: w.mtime_ns,
                     blocks,
                     content_hash,
+                    meta: meta(w.meta)?,
                 })
             }
-            Op::Mkdir(m) => FsOp::Mkdir { path: path(m.path)?, mode: m.mode & MODE_MASK },
+            Op::Mkdir(m) => FsOp::Mkdir { path: path(m.path)?, mode: m.mode & MODE_MASK, meta: meta(m.meta)? },
             Op::Remove(r) => FsOp::Remove { path: path(r.path)? },
             Op::Rename(r) => {
                 let from = path(r.from)?;
@@ -279,12 +415,35 @@ impl TryFrom<proto::FsChange> for FsOp {
                 }
                 FsOp::Rename { from, to }
             }
-            Op::Chmod(c) => FsOp::Chmod { path: path(c.path)?, mode: c.mode & MODE_MASK },
+            Op::Chmod(c) => FsOp::SetAttr { path: path(c.path)?, mode: c.mode & MODE_MASK, meta: None },
+            Op::SetAttr(c) => FsOp::SetAttr { path: path(c.path)?, mode: c.mode & MODE_MASK, meta: meta(c.meta)? },
             Op::Symlink(s) => {
                 if s.target.is_empty() || s.target.contains(&0) || s.target.len() > crate::relpath::MAX_PATH_BYTES {
                     return Err(EventError::Malformed("symlink target empty, too long or with NUL".into()));
                 }
-                FsOp::Symlink { path: path(s.path)?, target: s.target.to_vec() }
+                FsOp::Symlink { path: path(s.path)?, target: s.target.to_vec(), meta: meta(s.meta)? }
+            }
+            Op::Link(l) => {
+                let (p, target) = (path(l.path)?, path(l.target)?);
+                if p == target {
+                    return Err(EventError::Malformed(format!("hard link {p} to itself")));
+                }
+                FsOp::Link { path: p, target }
+            }
+            Op::Special(sp) => {
+                let kind = match proto::SpecialKind::try_from(sp.kind) {
+                    Ok(proto::SpecialKind::Fifo) => SpecialKind::Fifo,
+                    Ok(proto::SpecialKind::CharDevice) => SpecialKind::CharDevice,
+                    Ok(proto::SpecialKind::BlockDevice) => SpecialKind::BlockDevice,
+                    _ => return Err(EventError::Malformed(format!("special file of unknown kind {}", sp.kind))),
+                };
+                FsOp::Special {
+                    path: path(sp.path)?,
+                    kind,
+                    mode: sp.mode & MODE_MASK,
+                    rdev: sp.rdev,
+                    meta: meta(sp.meta)?,
+                }
             }
         })
     }
@@ -305,12 +464,33 @@ impl From<FsOp> for proto::FsChange {
                 mtime_ns: w.mtime_ns,
                 blocks: w.blocks.into_iter().map(|bl| proto::Block { offset: bl.offset, data: bl.data }).collect(),
                 content_hash: w.content_hash.map(|h| h.to_vec().into()).unwrap_or_default(),
+                meta: w.meta.map(Into::into),
             }),
-            FsOp::Mkdir { path, mode } => Op::Mkdir(proto::Mkdir { path: b(path), mode }),
+            FsOp::Mkdir { path, mode, meta } => {
+                Op::Mkdir(proto::Mkdir { path: b(path), mode, meta: meta.map(Into::into) })
+            }
             FsOp::Remove { path } => Op::Remove(proto::Remove { path: b(path) }),
             FsOp::Rename { from, to } => Op::Rename(proto::Rename { from: b(from), to: b(to) }),
-            FsOp::Chmod { path, mode } => Op::Chmod(proto::Chmod { path: b(path), mode }),
-            FsOp::Symlink { path, target } => Op::Symlink(proto::Symlink { path: b(path), target: target.into() }),
+            // Without metadata, the form every receiver understands.
+            FsOp::SetAttr { path, mode, meta: None } => Op::Chmod(proto::Chmod { path: b(path), mode }),
+            FsOp::SetAttr { path, mode, meta: Some(m) } => {
+                Op::SetAttr(proto::SetAttr { path: b(path), mode, meta: Some(m.into()) })
+            }
+            FsOp::Symlink { path, target, meta } => {
+                Op::Symlink(proto::Symlink { path: b(path), target: target.into(), meta: meta.map(Into::into) })
+            }
+            FsOp::Link { path, target } => Op::Link(proto::Link { path: b(path), target: b(target) }),
+            FsOp::Special { path, kind, mode, rdev, meta } => Op::Special(proto::Special {
+                path: b(path),
+                kind: match kind {
+                    SpecialKind::Fifo => proto::SpecialKind::Fifo,
+                    SpecialKind::CharDevice => proto::SpecialKind::CharDevice,
+                    SpecialKind::BlockDevice => proto::SpecialKind::BlockDevice,
+                } as i32,
+                mode,
+                rdev,
+                meta: meta.map(Into::into),
+            }),
         };
         proto::FsChange { op: Some(op) }
     }
@@ -393,6 +573,13 @@ mod tests {
             mtime_ns: 5,
             blocks: vec![Block { offset: 0, data: bytes::Bytes::from_static(b"abc") }],
             content_hash: Some(*blake3::hash(b"abc").as_bytes()),
+            meta: Some(Meta {
+                uid: 65534,
+                gid: 65534,
+                user: Some("nobody".into()),
+                group: None,
+                xattrs: vec![Xattr { name: b"user.a".to_vec(), value: b"1".to_vec() }],
+            }),
         });
         let ev = make_event(Seq(7), "www", 1, Change::Fs(op.clone()).encode());
         assert_eq!(open_event(&ev).unwrap(), Change::Fs(op));
@@ -424,5 +611,44 @@ mod tests {
             })),
         };
         assert!(FsOp::try_from(into_self).is_err());
+        let link_out = proto::FsChange {
+            op: Some(proto::fs_change::Op::Link(proto::Link {
+                path: b"a".to_vec().into(),
+                target: b"/etc/passwd".to_vec().into(),
+            })),
+        };
+        assert!(FsOp::try_from(link_out).is_err());
+        let bad_xattr = |name: &[u8]| proto::FsChange {
+            op: Some(proto::fs_change::Op::SetAttr(proto::SetAttr {
+                path: b"a".to_vec().into(),
+                mode: 0o644,
+                meta: Some(proto::Meta {
+                    xattrs: vec![proto::Xattr { name: name.to_vec().into(), value: Default::default() }],
+                    ..Default::default()
+                }),
+            })),
+        };
+        assert!(FsOp::try_from(bad_xattr(b"")).is_err());
+        assert!(FsOp::try_from(bad_xattr(b"user.a\0b")).is_err());
+        assert!(FsOp::try_from(bad_xattr(b"noNamespace")).is_err());
+        assert!(FsOp::try_from(bad_xattr(b"user.ok")).is_ok());
+    }
+
+    #[test]
+    fn every_op_roundtrips() {
+        let meta = Some(Meta { uid: 1, gid: 2, user: None, group: Some("g".into()), xattrs: vec![] });
+        let ops = vec![
+            FsOp::Mkdir { path: rp("d"), mode: 0o755, meta: meta.clone() },
+            FsOp::SetAttr { path: rp("d"), mode: 0o700, meta: meta.clone() },
+            FsOp::SetAttr { path: rp("d"), mode: 0o700, meta: None },
+            FsOp::Symlink { path: rp("l"), target: b"../x".to_vec(), meta: meta.clone() },
+            FsOp::Link { path: rp("h"), target: rp("d/f") },
+            FsOp::Special { path: rp("p"), kind: SpecialKind::Fifo, mode: 0o600, rdev: 0, meta: meta.clone() },
+            FsOp::Special { path: rp("c"), kind: SpecialKind::CharDevice, mode: 0o666, rdev: 0x103, meta },
+        ];
+        for op in ops {
+            let ev = make_event(Seq(1), "www", 1, Change::Fs(op.clone()).encode());
+            assert_eq!(open_event(&ev).unwrap(), Change::Fs(op));
+        }
     }
 }

@@ -141,6 +141,7 @@ fn write_op(path: &str, data: &[u8]) -> proto::Event {
         mtime_ns: 0,
         blocks: vec![lockstep_common::event::Block { offset: 0, data: data.to_vec().into() }],
         content_hash: Some(*blake3::hash(data).as_bytes()),
+        meta: None,
     });
     make_event(Seq(1), "www", 0, Change::Fs(op).encode())
 }
@@ -188,8 +189,8 @@ async fn hostile_paths_and_corrupt_records_are_refused() {
     let hostile = [
         Op::Remove(proto::Remove { path: b"../outside/precious".to_vec().into() }),
         Op::Remove(proto::Remove { path: outside.join("precious").into_os_string().into_encoded_bytes().into() }),
-        Op::Mkdir(proto::Mkdir { path: b"a/../../outside/x".to_vec().into(), mode: 0o755 }),
-        Op::Mkdir(proto::Mkdir { path: b"nul\0byte".to_vec().into(), mode: 0o755 }),
+        Op::Mkdir(proto::Mkdir { path: b"a/../../outside/x".to_vec().into(), mode: 0o755, meta: None }),
+        Op::Mkdir(proto::Mkdir { path: b"nul\0byte".to_vec().into(), mode: 0o755, meta: None }),
         Op::Rename(proto::Rename { from: b"hello".to_vec().into(), to: b"../outside/stolen".to_vec().into() }),
     ];
     for op in hostile {
@@ -204,6 +205,7 @@ async fn hostile_paths_and_corrupt_records_are_refused() {
         Op::Symlink(proto::Symlink {
             path: b"evil".to_vec().into(),
             target: outside.clone().into_os_string().into_encoded_bytes().into(),
+            meta: None,
         }),
     );
     let mut through = write_op("evil/x", b"payload");

@@ -106,6 +106,7 @@ pub(crate) fn read_file<E>(
         mtime_ns,
         blocks: Vec::new(),
         content_hash: None,
+        meta: None,
     };
 
     let mut hasher = blake3::Hasher::new();

@@ -556,7 +556,7 @@ impl Engine {
             match &old {
                 Some(o) if o.kind == Kind::Dir => {
                     if o.mode != mode {
-                        self.emit(FsOp::Chmod { path: rel.clone(), mode })?;
+                        self.emit(FsOp::SetAttr { path: rel.clone(), mode, meta: None })?;
                         self.index.stage_put(rel, Entry::dir(mode));
                     }
                     return Ok(Synced::Dir);
@@ -564,7 +564,7 @@ impl Engine {
                 // The applier replaces a non-directory by a directory itself.
                 _ => {}
             }
-            self.emit(FsOp::Mkdir { path: rel.clone(), mode })?;
+            self.emit(FsOp::Mkdir { path: rel.clone(), mode, meta: None })?;
             self.index.stage_put(rel, Entry::dir(mode));
             return Ok(Synced::NewDir);
         }
@@ -588,7 +588,7 @@ impl Engine {
                     self.remove(rel, Kind::Dir)?;
                 }
             }
-            self.emit(FsOp::Symlink { path: rel.clone(), target: target.clone() })?;
+            self.emit(FsOp::Symlink { path: rel.clone(), target: target.clone(), meta: None })?;
             self.index.stage_put(rel, Entry::symlink(target));
             return Ok(Synced::Other);
         }
@@ -604,7 +604,7 @@ impl Engine {
             if !force_content && o.size == meta.len() && o.mtime_ns == content::mtime_ns_of(meta) {
                 let mode = content::mode_of(meta);
                 if o.mode != mode {
-                    self.emit(FsOp::Chmod { path: rel.clone(), mode })?;
+                    self.emit(FsOp::SetAttr { path: rel.clone(), mode, meta: None })?;
                     let mut e = o.clone();
                     e.mode = mode;
                     self.index.stage_put(rel, e);
@@ -647,7 +647,7 @@ impl Engine {
         if !outcome.emitted {
             if let Some(o) = &old {
                 if o.mode != outcome.mode {
-                    self.emit(FsOp::Chmod { path: rel.clone(), mode: outcome.mode })?;
+                    self.emit(FsOp::SetAttr { path: rel.clone(), mode: outcome.mode, meta: None })?;
                 }
             }
         }
@@ -820,7 +820,7 @@ impl Engine {
         };
         if meta.is_dir() {
             let mode = content::mode_of(&meta);
-            self.emit(FsOp::Mkdir { path: rel.clone(), mode })?;
+            self.emit(FsOp::Mkdir { path: rel.clone(), mode, meta: None })?;
             self.index.stage_put(&rel, Entry::dir(mode));
             let Ok(entries) = std::fs::read_dir(&abs) else { return Ok(()) };
             for e in entries.flatten() {

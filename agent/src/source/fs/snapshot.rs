@@ -171,8 +171,8 @@ fn walk(root: &std::path::Path, filter: &Filter, tx: &mpsc::Sender<Change>) -> s
         }
         let Some(item) = ahead.pop_front() else { break };
         let sent = match item {
-            Item::Dir { rel, mode } => send(tx, FsOp::Mkdir { path: rel, mode }),
-            Item::Symlink { rel, target } => send(tx, FsOp::Symlink { path: rel, target }),
+            Item::Dir { rel, mode } => send(tx, FsOp::Mkdir { path: rel, mode, meta: None }),
+            Item::Symlink { rel, target } => send(tx, FsOp::Symlink { path: rel, target, meta: None }),
             Item::File { rel, mut file, meta } => {
                 ahead_bytes -= meta.len().min(content::READ_AHEAD);
                 files += 1;

@@ -191,6 +191,7 @@ enum Node {
     Dir(u32),
     File { mode: u32, data: Vec<u8> },
     Link(Vec<u8>),
+    Special(u32),
 }
 
 #[derive(Default, Debug, Clone, PartialEq, Eq)]
@@ -213,7 +214,7 @@ impl Model {
             );
         }
         match op {
-            FsOp::Mkdir { path, mode } => {
+            FsOp::Mkdir { path, mode, .. } => {
                 if !matches!(self.nodes.get(path), Some(Node::Dir(_))) {
                     self.remove_tree(path);
                 }
@@ -232,13 +233,25 @@ impl Model {
                 self.remove_tree(from);
                 self.nodes.extend(moved);
             }
-            FsOp::Chmod { path, mode } => match self.nodes.get_mut(path) {
+            FsOp::SetAttr { path, mode, .. } => match self.nodes.get_mut(path) {
                 Some(Node::Dir(m)) | Some(Node::File { mode: m, .. }) => *m = *mode,
                 other => panic!("chmod of {path}: {other:?}"),
             },
-            FsOp::Symlink { path, target } => {
+            FsOp::Symlink { path, target, .. } => {
                 self.remove_tree(path);
                 self.nodes.insert(path.clone(), Node::Link(target.clone()));
+            }
+            FsOp::Link { path, target } => {
+                let node = match self.nodes.get(target) {
+                    Some(n @ Node::File { .. }) => n.clone(),
+                    other => panic!("hard link {path} to {target}: {other:?}"),
+                };
+                self.remove_tree(path);
+                self.nodes.insert(path.clone(), node);
+            }
+            FsOp::Special { path, mode, .. } => {
+                self.remove_tree(path);
+                self.nodes.insert(path.clone(), Node::Special(*mode));
             }
             FsOp::Write(w) => {
                 if w.first {
@@ -383,7 +396,7 @@ async fn basic_operations_replicate() {
     // chmod
     std::fs::set_permissions(h.p("a.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
     let ops = h
-        .ops_until(|o| o.iter().any(|op| matches!(op, FsOp::Chmod { path, mode: 0o600 } if *path == rp("a.txt"))))
+        .ops_until(|o| o.iter().any(|op| matches!(op, FsOp::SetAttr { path, mode: 0o600, .. } if *path == rp("a.txt"))))
         .await;
     assert_eq!(ops.len(), 1, "{ops:?}");
     model.apply_all(&ops);
@@ -392,7 +405,8 @@ async fn basic_operations_replicate() {
     symlink("a.txt", h.p("link")).unwrap();
     let ops = h
         .ops_until(|o| {
-            o.iter().any(|op| matches!(op, FsOp::Symlink { path, target } if *path == rp("link") && target == b"a.txt"))
+            o.iter()
+                .any(|op| matches!(op, FsOp::Symlink { path, target, .. } if *path == rp("link") && target == b"a.txt"))
         })
         .await;
     model.apply_all(&ops);
@@ -497,7 +511,7 @@ async fn restart_journals_exactly_the_offline_changes() {
     paths.sort();
     paths.dedup();
     assert_eq!(paths, ["gone", "gonedir", "keep/edit", "mode", "newdir", "newdir/n"], "{ops:#?}");
-    assert!(ops.contains(&FsOp::Chmod { path: rp("mode"), mode: 0o640 }));
+    assert!(ops.iter().any(|o| matches!(o, FsOp::SetAttr { path, mode: 0o640, .. } if *path == rp("mode"))));
     assert!(ops.contains(&FsOp::Remove { path: rp("gonedir") }));
     model.apply_all(&ops);
     assert_eq!(model.nodes, Model::from_disk(&h.root, &[]).nodes);

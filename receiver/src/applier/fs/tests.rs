@@ -59,6 +59,7 @@ fn full_write(path: &str, content: &[u8], mode: u32, mtime_ns: i64) -> Vec<Chang
                 mtime_ns,
                 blocks,
                 content_hash: (i == n - 1).then(|| *blake3::hash(content).as_bytes()),
+                meta: None,
             }))
         })
         .collect()
@@ -76,6 +77,7 @@ fn delta_write(path: &str, result: &[u8], blocks: Vec<Block>) -> Change {
         mtime_ns: 1_000_000_000,
         blocks,
         content_hash: Some(*blake3::hash(result).as_bytes()),
+        meta: None,
     }))
 }
 
@@ -128,22 +130,22 @@ fn mkdir_chmod_remove() {
     let t = tempfile::tempdir().unwrap();
     let mut a = new_applier(t.path());
     let root = t.path().join("root");
-    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("a/b/c"), mode: 0o750 }));
+    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("a/b/c"), mode: 0o750, meta: None }));
     assert!(root.join("a/b/c").is_dir());
     assert_eq!(fs::metadata(root.join("a/b/c")).unwrap().mode() & 0o7777, 0o750);
     // Existing directory: only its mode changes.
     fs::write(root.join("a/b/c/keep"), b"k").unwrap();
-    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("a/b/c"), mode: 0o700 }));
+    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("a/b/c"), mode: 0o700, meta: None }));
     assert_eq!(fs::metadata(root.join("a/b/c")).unwrap().mode() & 0o7777, 0o700);
     assert!(root.join("a/b/c/keep").exists());
     // A file in the way of a directory is replaced.
     fs::write(root.join("f"), b"x").unwrap();
-    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("f/g"), mode: 0o755 }));
+    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("f/g"), mode: 0o755, meta: None }));
     assert!(root.join("f/g").is_dir());
 
-    apply_ok(&mut a, fsop(FsOp::Chmod { path: rp("a/b/c/keep"), mode: 0o604 }));
+    apply_ok(&mut a, fsop(FsOp::SetAttr { path: rp("a/b/c/keep"), mode: 0o604, meta: None }));
     assert_eq!(fs::metadata(root.join("a/b/c/keep")).unwrap().mode() & 0o7777, 0o604);
-    let out = a.apply(Seq(1), fsop(FsOp::Chmod { path: rp("nope/x"), mode: 0o600 })).unwrap();
+    let out = a.apply(Seq(1), fsop(FsOp::SetAttr { path: rp("nope/x"), mode: 0o600, meta: None })).unwrap();
     assert_eq!(out.repairs.len(), 1);
     assert_eq!(out.repairs[0].0, rp("nope/x"));
 
@@ -208,6 +210,7 @@ fn large_write_with_unaligned_blocks() {
                 mtime_ns: 0,
                 blocks: vec![b],
                 content_hash: (i == n - 1).then(|| *blake3::hash(&content).as_bytes()),
+                meta: None,
             })),
         );
     }
@@ -237,6 +240,7 @@ fn out_of_order_blocks_are_verified_by_rereading() {
             mtime_ns: 0,
             blocks,
             content_hash: Some(*blake3::hash(&content).as_bytes()),
+            meta: None,
         })),
     );
     assert_eq!(fs::read(t.path().join("root/x")).unwrap(), content);
@@ -326,7 +330,7 @@ fn scenario() -> Vec<Change> {
     let mut v3 = v2.clone();
     v3[BLOCK_SIZE..BLOCK_SIZE + 4].copy_from_slice(b"WXYZ");
     let mut s = Vec::new();
-    s.push(fsop(FsOp::Mkdir { path: rp("dir"), mode: 0o755 }));
+    s.push(fsop(FsOp::Mkdir { path: rp("dir"), mode: 0o755, meta: None }));
     s.extend(full_write("dir/a", &v1, 0o644, 10));
     s.push(fsop(FsOp::Rename { from: rp("dir/a"), to: rp("dir/b") }));
     s.extend(full_write("dir/a", &v2, 0o600, 20));
@@ -335,14 +339,14 @@ fn scenario() -> Vec<Change> {
         &v3,
         vec![Block { offset: BLOCK_SIZE as u64, data: bytes::Bytes::from_static(b"WXYZ") }],
     ));
-    s.push(fsop(FsOp::Chmod { path: rp("dir/b"), mode: 0o640 }));
-    s.push(fsop(FsOp::Symlink { path: rp("dir/link"), target: b"b".to_vec() }));
-    s.push(fsop(FsOp::Mkdir { path: rp("other/deep"), mode: 0o700 }));
+    s.push(fsop(FsOp::SetAttr { path: rp("dir/b"), mode: 0o640, meta: None }));
+    s.push(fsop(FsOp::Symlink { path: rp("dir/link"), target: b"b".to_vec(), meta: None }));
+    s.push(fsop(FsOp::Mkdir { path: rp("other/deep"), mode: 0o700, meta: None }));
     s.extend(full_write("other/deep/f", b"hello", 0o644, 30));
     s.push(fsop(FsOp::Rename { from: rp("other"), to: rp("moved") }));
     s.push(fsop(FsOp::Remove { path: rp("dir/b") }));
     s.extend(full_write("dir/b", b"again", 0o644, 40));
-    s.push(fsop(FsOp::Symlink { path: rp("dir/link"), target: b"a".to_vec() }));
+    s.push(fsop(FsOp::Symlink { path: rp("dir/link"), target: b"a".to_vec(), meta: None }));
     s
 }
 
@@ -410,25 +414,27 @@ fn symlinks_and_escapes() {
     let t = tempfile::tempdir().unwrap();
     let mut a = new_applier(t.path());
     let root = t.path().join("root");
-    apply_ok(&mut a, fsop(FsOp::Symlink { path: rp("d/l"), target: b"../x".to_vec() }));
+    apply_ok(&mut a, fsop(FsOp::Symlink { path: rp("d/l"), target: b"../x".to_vec(), meta: None }));
     assert_eq!(fs::read_link(root.join("d/l")).unwrap(), Path::new("../x"));
     // Replaces a file and a directory.
     fs::write(root.join("f"), b"1").unwrap();
-    apply_ok(&mut a, fsop(FsOp::Symlink { path: rp("f"), target: b"d".to_vec() }));
+    apply_ok(&mut a, fsop(FsOp::Symlink { path: rp("f"), target: b"d".to_vec(), meta: None }));
     assert!(fs::symlink_metadata(root.join("f")).unwrap().file_type().is_symlink());
     fs::create_dir_all(root.join("g/h")).unwrap();
-    apply_ok(&mut a, fsop(FsOp::Symlink { path: rp("g"), target: b"d".to_vec() }));
+    apply_ok(&mut a, fsop(FsOp::Symlink { path: rp("g"), target: b"d".to_vec(), meta: None }));
     assert!(fs::symlink_metadata(root.join("g")).unwrap().file_type().is_symlink());
 
     fs::write(root.join("e1"), b"stale").unwrap();
     for (path, target) in [("e1", "/etc/passwd"), ("d/e2", "../../outside"), ("e3", "a/../../b")] {
-        let out = a.apply(Seq(1), fsop(FsOp::Symlink { path: rp(path), target: target.as_bytes().to_vec() })).unwrap();
+        let out = a
+            .apply(Seq(1), fsop(FsOp::Symlink { path: rp(path), target: target.as_bytes().to_vec(), meta: None }))
+            .unwrap();
         assert!(out.skipped.is_some(), "{path} -> {target} not skipped");
         assert!(fs::symlink_metadata(root.join(path)).is_err());
     }
     // Allowed when configured.
     let mut b = FsApplier::open(t.path().join("root2"), t.path().join("pos2"), true).unwrap();
-    apply_ok(&mut b, fsop(FsOp::Symlink { path: rp("e1"), target: b"/etc/passwd".to_vec() }));
+    apply_ok(&mut b, fsop(FsOp::Symlink { path: rp("e1"), target: b"/etc/passwd".to_vec(), meta: None }));
     assert_eq!(fs::read_link(t.path().join("root2/e1")).unwrap(), Path::new("/etc/passwd"));
 }
 
@@ -451,7 +457,7 @@ fn nothing_lands_outside_through_symlinks() {
     // Ops that only need the path if it exists: they must not act through the symlink.
     plant("evil", outside.path());
     apply_ok(&mut a, fsop(FsOp::Remove { path: rp("evil/y") }));
-    let out = a.apply(Seq(1), fsop(FsOp::Chmod { path: rp("evil/y"), mode: 0o777 })).unwrap();
+    let out = a.apply(Seq(1), fsop(FsOp::SetAttr { path: rp("evil/y"), mode: 0o777, meta: None })).unwrap();
     assert_eq!(out.repairs.len(), 1);
     let out = a.apply(Seq(1), fsop(FsOp::Rename { from: rp("evil/y"), to: rp("stolen") })).unwrap();
     assert_eq!(out.repairs.len(), 1);
@@ -460,8 +466,8 @@ fn nothing_lands_outside_through_symlinks() {
 
     // Ops that need the parent: the symlink is replaced by a real directory.
     let mut ops = full_write("evil/x", b"data", 0o644, 0);
-    ops.push(fsop(FsOp::Mkdir { path: rp("evil/d"), mode: 0o755 }));
-    ops.push(fsop(FsOp::Symlink { path: rp("evil/l"), target: b"x".to_vec() }));
+    ops.push(fsop(FsOp::Mkdir { path: rp("evil/d"), mode: 0o755, meta: None }));
+    ops.push(fsop(FsOp::Symlink { path: rp("evil/l"), target: b"x".to_vec(), meta: None }));
     ops.push(fsop(FsOp::Rename { from: rp("real"), to: rp("evil/sub/x2") }));
     for op in ops {
         plant("evil", outside.path());
@@ -479,7 +485,7 @@ fn nothing_lands_outside_through_symlinks() {
 
     // Final components that are symlinks are replaced or removed themselves.
     plant("lf", &outside.path().join("y"));
-    apply_ok(&mut a, fsop(FsOp::Chmod { path: rp("lf"), mode: 0o777 }));
+    apply_ok(&mut a, fsop(FsOp::SetAttr { path: rp("lf"), mode: 0o777, meta: None }));
     for ev in full_write("lf", b"mine", 0o600, 0) {
         apply_ok(&mut a, ev);
     }
@@ -493,7 +499,7 @@ fn nothing_lands_outside_through_symlinks() {
     plant("lf3", &outside.path().join("y"));
     apply_ok(&mut a, fsop(FsOp::Remove { path: rp("lf3") }));
     plant("ld", outside.path());
-    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("ld"), mode: 0o700 }));
+    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("ld"), mode: 0o700, meta: None }));
     assert!(fs::symlink_metadata(root.join("ld")).unwrap().is_dir());
     plant("lr", outside.path());
     apply_ok(&mut a, fsop(FsOp::Rename { from: rp("lf"), to: rp("lr") }));
@@ -530,9 +536,9 @@ fn resync_prunes_unmentioned() {
 
     a.begin_resync().unwrap();
     let mut snap = vec![
-        fsop(FsOp::Mkdir { path: rp("keep"), mode: 0o755 }),
-        fsop(FsOp::Symlink { path: rp("keep/link"), target: b"sub".to_vec() }),
-        fsop(FsOp::Mkdir { path: rp("empty"), mode: 0o700 }),
+        fsop(FsOp::Mkdir { path: rp("keep"), mode: 0o755, meta: None }),
+        fsop(FsOp::Symlink { path: rp("keep/link"), target: b"sub".to_vec(), meta: None }),
+        fsop(FsOp::Mkdir { path: rp("empty"), mode: 0o700, meta: None }),
     ];
     snap.extend(full_write("keep/sub/file", b"fresh", 0o644, 0));
     for c in snap {
@@ -675,9 +681,9 @@ fn repairs_a_dead_process_asked_for_are_asked_for_again() {
     {
         let mut a = new_applier(t.path());
         a.session_start(J).unwrap();
-        let out = apply_from(&mut a, 1, &[fsop(FsOp::Chmod { path: rp("missing"), mode: 0o600 })]);
+        let out = apply_from(&mut a, 1, &[fsop(FsOp::SetAttr { path: rp("missing"), mode: 0o600, meta: None })]);
         assert_eq!(out[0].repairs.len(), 1);
-        apply_from(&mut a, 2, &[fsop(FsOp::Mkdir { path: rp("d"), mode: 0o755 })]);
+        apply_from(&mut a, 2, &[fsop(FsOp::Mkdir { path: rp("d"), mode: 0o755, meta: None })]);
     }
     let mut a = new_applier(t.path());
     a.session_start(J).unwrap();
@@ -687,10 +693,10 @@ fn repairs_a_dead_process_asked_for_are_asked_for_again() {
     {
         let mut a = new_applier(t.path());
         a.session_start(J).unwrap();
-        apply_from(&mut a, 1, &[fsop(FsOp::Mkdir { path: rp("d"), mode: 0o755 })]);
+        apply_from(&mut a, 1, &[fsop(FsOp::Mkdir { path: rp("d"), mode: 0o755, meta: None })]);
         assert!(a.commit(at(1)).unwrap());
-        apply_from(&mut a, 2, &[fsop(FsOp::Chmod { path: rp("missing"), mode: 0o600 })]);
-        apply_from(&mut a, 3, &[fsop(FsOp::Mkdir { path: rp("e"), mode: 0o755 })]);
+        apply_from(&mut a, 2, &[fsop(FsOp::SetAttr { path: rp("missing"), mode: 0o600, meta: None })]);
+        apply_from(&mut a, 3, &[fsop(FsOp::Mkdir { path: rp("e"), mode: 0o755, meta: None })]);
     }
     let mut a = new_applier(t.path());
     a.session_start(J).unwrap();
@@ -705,12 +711,12 @@ fn a_resync_cut_short_starts_over() {
     let t = tempfile::tempdir().unwrap();
     let mut a = new_applier(t.path());
     a.session_start(J).unwrap();
-    apply_from(&mut a, 1, &[fsop(FsOp::Mkdir { path: rp("d"), mode: 0o755 })]);
+    apply_from(&mut a, 1, &[fsop(FsOp::Mkdir { path: rp("d"), mode: 0o755, meta: None })]);
     // A commit prepared before the resync begins but finishing after.
     let late = a.prepare_commit(at(1)).unwrap().unwrap();
     a.begin_resync().unwrap();
     late().unwrap();
-    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("e"), mode: 0o755 }));
+    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("e"), mode: 0o755, meta: None }));
     assert_eq!(a.position(), None);
     drop(a);
     assert_eq!(new_applier(t.path()).position(), None);
