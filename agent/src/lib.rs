@@ -58,6 +58,7 @@ impl AgentState {
                     "last_seq": s.status.last_seq().0,
                     "events_captured": s.status.events(),
                     "error": err,
+                    "sockets_skipped": (s.kind == SourceKind::Fs).then(|| s.status.sockets_skipped()),
                 })
             }).collect::<Vec<_>>(),
             "receivers": receivers,

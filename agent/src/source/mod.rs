@@ -56,6 +56,8 @@ pub struct SourceStatus {
     /// Snapshots of this source being sent to receivers right now, and ever started.
     snapshots_active: AtomicU64,
     snapshots_started: AtomicU64,
+    /// fs: sockets found in the tree and not replicated (they mean nothing on another host).
+    sockets_skipped: AtomicU64,
 }
 
 /// Counts one snapshot of a source as running until dropped.
@@ -77,6 +79,7 @@ impl SourceStatus {
             events: AtomicU64::new(0),
             snapshots_active: AtomicU64::new(0),
             snapshots_started: AtomicU64::new(0),
+            sockets_skipped: AtomicU64::new(0),
         }
     }
 
@@ -110,6 +113,17 @@ impl SourceStatus {
     }
 
     /// (snapshots running now, snapshots ever started).
+    /// Counts one more socket left out (see `sockets_skipped`).
+    pub fn skipped_socket(&self) {
+        self.sockets_skipped.fetch_add(1, Ordering::SeqCst);
+        ::metrics::counter!(crate::metrics::SOCKETS_SKIPPED_TOTAL, crate::metrics::L_SOURCE => self.name.clone())
+            .increment(1);
+    }
+
+    pub fn sockets_skipped(&self) -> u64 {
+        self.sockets_skipped.load(Ordering::SeqCst)
+    }
+
     pub fn snapshots(&self) -> (u64, u64) {
         (self.snapshots_active.load(Ordering::SeqCst), self.snapshots_started.load(Ordering::SeqCst))
     }

@@ -9,10 +9,10 @@ use std::fs::{File, Metadata};
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 
-use lockstep_common::event::{Block, FileWrite, BLOCK_SIZE, CHUNK_BYTES};
+use lockstep_common::event::{Block, FileWrite, Meta, BLOCK_SIZE, CHUNK_BYTES};
 use lockstep_common::relpath::RelPath;
 
-use super::index::{BlockHash, Entry, BLOCK_HASH_BYTES};
+use super::index::{Attrs, BlockHash, Entry, BLOCK_HASH_BYTES};
 
 /// How to turn the file into events.
 pub(crate) enum Plan<'a> {
@@ -41,8 +41,9 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
-    /// The index entry describing what receivers have after this read.
-    pub(crate) fn entry(&self) -> Entry {
+    /// The index entry describing what receivers have after this read, with owner and
+    /// extended attributes `attrs`.
+    pub(crate) fn entry(&self, attrs: Attrs) -> Entry {
         Entry {
             kind: super::index::Kind::File,
             mode: self.mode,
@@ -51,6 +52,8 @@ impl Outcome {
             blocks: self.blocks.clone(),
             content_hash: self.content_hash,
             target: Vec::new(),
+            attrs,
+            rdev: 0,
         }
     }
 }
@@ -74,15 +77,18 @@ fn round_up_block(n: u64) -> u64 {
     n.div_ceil(BLOCK_SIZE as u64) * BLOCK_SIZE as u64
 }
 
-/// Reads `file` (whose `fstat` is `meta`) and sends its events to `sink`. Read errors are not
-/// returned: the content read so far is what gets described (see [`Outcome::complete`]).
-/// Errors from the sink abort the read and are returned.
+/// Reads `file` (whose `fstat` is `meta`) and sends its events to `sink`, the last one carrying
+/// `attrs` (owner and extended attributes). A full write leaves out blocks of zeros: receivers
+/// keep them as holes, so a sparse file stays sparse and its holes cost nothing on the wire.
+/// Read errors are not returned: the content read so far is what gets described (see
+/// [`Outcome::complete`]). Errors from the sink abort the read and are returned.
 pub(crate) fn read_file<E>(
     rel: &RelPath,
     file: &mut File,
     meta: &Metadata,
     plan: Plan<'_>,
     want_block_hashes: bool,
+    attrs: Option<Meta>,
     sink: &mut dyn FnMut(FileWrite) -> Result<(), E>,
 ) -> Result<Outcome, E> {
     let stat_size = meta.len();
@@ -202,8 +208,10 @@ pub(crate) fn read_file<E>(
                 sunk_any = true;
             }
             let mut w = template(!sunk_any, false);
-            let data = std::mem::take(&mut buf);
-            w.blocks.push(Block { offset: chunk_off, data: data.into() });
+            let data = bytes::Bytes::from(std::mem::take(&mut buf));
+            for (start, end) in nonzero_runs(&data) {
+                w.blocks.push(Block { offset: chunk_off + start as u64, data: data.slice(start..end) });
+            }
             pending = Some(w);
         }
         if at_end {
@@ -243,12 +251,31 @@ pub(crate) fn read_file<E>(
             w.size = size;
             w.last = true;
             w.content_hash = Some(content_hash);
+            w.meta = attrs;
             sink(w)?;
         }
     } else {
         emitted = false;
     }
     Ok(Outcome { emitted, size, mode, mtime_ns, blocks, content_hash, complete })
+}
+
+/// The byte ranges of `data` (a chunk starting on a block boundary) that are not whole blocks of
+/// zeros, as runs of adjacent blocks.
+fn nonzero_runs(data: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, block) in data.chunks(BLOCK_SIZE).enumerate() {
+        // Data that is not zero almost always shows it in its first bytes: cheap to rule out.
+        if block.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let (start, end) = (i * BLOCK_SIZE, i * BLOCK_SIZE + block.len());
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
 }
 
 /// Appends the changed run being gathered to `w`'s blocks.
@@ -289,7 +316,7 @@ mod tests {
         let rel = RelPath::new(b"f".to_vec()).unwrap();
         let (mut f, meta) = open_nofollow(path).unwrap();
         let mut out = Vec::new();
-        let o = read_file::<()>(&rel, &mut f, &meta, plan, true, &mut |w| {
+        let o = read_file::<()>(&rel, &mut f, &meta, plan, true, None, &mut |w| {
             out.push(w);
             Ok(())
         })
@@ -324,7 +351,7 @@ mod tests {
         assert!(ws.len() == 4 && ws[0].first && ws[3].last && !ws[1].first && !ws[2].last);
         assert!(ws.iter().all(|w| w.blocks.iter().map(|b| b.data.len()).sum::<usize>() <= CHUNK_BYTES));
         assert_eq!(apply(&[], &ws), data);
-        let entry = o.entry();
+        let entry = o.entry(Attrs::UNKNOWN);
         assert_eq!(entry.blocks.len(), data.len().div_ceil(BLOCK_SIZE));
 
         // Unchanged content, same mtime: nothing.
@@ -352,6 +379,23 @@ mod tests {
     }
 
     #[test]
+    fn full_writes_leave_out_blocks_of_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let mut data = vec![0u8; 3 * CHUNK_BYTES + 100];
+        data[10] = 1;
+        data[CHUNK_BYTES + 5 * BLOCK_SIZE + 3] = 7;
+        data[CHUNK_BYTES + 6 * BLOCK_SIZE] = 8;
+        std::fs::write(&p, &data).unwrap();
+        let (_, ws) = run(&p, Plan::Full);
+        let blocks: Vec<(u64, usize)> = ws.iter().flat_map(|w| &w.blocks).map(|b| (b.offset, b.data.len())).collect();
+        // The first block, and two adjacent ones in the second chunk as one run; nothing else.
+        assert_eq!(blocks, vec![(0, BLOCK_SIZE), ((CHUNK_BYTES + 5 * BLOCK_SIZE) as u64, 2 * BLOCK_SIZE)]);
+        assert_eq!(apply(&[], &ws), data);
+        assert_eq!(ws.last().unwrap().size, data.len() as u64);
+    }
+
+    #[test]
     fn empty_and_small_files() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
@@ -360,7 +404,7 @@ mod tests {
         assert_eq!(ws.len(), 1);
         assert!(ws[0].first && ws[0].last && ws[0].blocks.is_empty() && ws[0].size == 0);
         std::fs::write(&p, b"hello").unwrap();
-        let (_, ws) = run(&p, Plan::Delta(&o.entry()));
+        let (_, ws) = run(&p, Plan::Delta(&o.entry(Attrs::UNKNOWN)));
         assert_eq!(ws.len(), 1);
         assert!(!ws[0].delta);
         assert_eq!(apply(&[], &ws), b"hello");

@@ -10,17 +10,20 @@
 
 use std::collections::HashSet;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lockstep_common::event::{Change, FsOp};
+use lockstep_common::event::{Change, FsOp, Meta};
 use lockstep_common::relpath::RelPath;
 use tokio_util::sync::CancellationToken;
 
 use super::content::{self, Plan};
-use super::index::{Entry, Index, Kind};
+use super::index::{Attrs, Entry, Index, Kind};
+use super::links::Links;
+use super::meta::{self, Names};
 use super::walk::{list_dir, Filter};
 use super::watch::{Batch, Hint, Msg};
 use crate::journal::{JournalHandle, NewRecord};
@@ -81,6 +84,14 @@ pub(crate) struct Engine {
     snapshots_seen: u64,
     /// Until then, a path gone from disk that the index does not know is removed anyway.
     shadow_until: Instant,
+    /// User and group names, looked up once.
+    names: Names,
+    /// The names of files with several hard links.
+    links: Links,
+    /// Sockets already counted as skipped.
+    sockets_seen: HashSet<RelPath>,
+    /// Re-sending a path in full (a repair): its content goes out, not a link to another name.
+    sending_whole: bool,
 }
 
 /// How long after the engine last saw a snapshot running (or learnt that one ran) it still
@@ -138,6 +149,10 @@ impl Engine {
             shadow_until: Instant::now(),
             resync_floor,
             reseed: false,
+            names: Names::default(),
+            links: Links::default(),
+            sockets_seen: HashSet::new(),
+            sending_whole: false,
         }
     }
 
@@ -551,21 +566,23 @@ impl Engine {
         }
         let ft = meta.file_type();
         let abs = rel.under(&self.root);
+        let mode = content::mode_of(meta);
         if ft.is_dir() {
-            let mode = content::mode_of(meta);
+            let m = self.names.meta_of(&abs, meta);
+            let attrs = Attrs::of(&m);
             match &old {
                 Some(o) if o.kind == Kind::Dir => {
-                    if o.mode != mode {
-                        self.emit(FsOp::SetAttr { path: rel.clone(), mode, meta: None })?;
-                        self.index.stage_put(rel, Entry::dir(mode));
+                    if o.mode != mode || o.attrs != attrs {
+                        self.emit(FsOp::SetAttr { path: rel.clone(), mode, meta: Some(m) })?;
+                        self.index.stage_put(rel, Entry::dir(mode, attrs));
                     }
                     return Ok(Synced::Dir);
                 }
                 // The applier replaces a non-directory by a directory itself.
                 _ => {}
             }
-            self.emit(FsOp::Mkdir { path: rel.clone(), mode, meta: None })?;
-            self.index.stage_put(rel, Entry::dir(mode));
+            self.emit(FsOp::Mkdir { path: rel.clone(), mode, meta: Some(m) })?;
+            self.index.stage_put(rel, Entry::dir(mode, attrs));
             return Ok(Synced::NewDir);
         }
         if ft.is_symlink() {
@@ -580,35 +597,66 @@ impl Engine {
                     return Ok(Synced::Other);
                 }
             };
+            let m = self.names.meta_of(&abs, meta);
+            let attrs = Attrs::of(&m);
             if let Some(o) = &old {
                 if o.kind == Kind::Symlink && o.target == target {
+                    if o.attrs != attrs {
+                        self.emit(FsOp::SetAttr { path: rel.clone(), mode: o.mode, meta: Some(m) })?;
+                        self.index.stage_put(rel, Entry::symlink(target, attrs));
+                    }
                     return Ok(Synced::Other);
                 }
                 if o.kind == Kind::Dir {
                     self.remove(rel, Kind::Dir)?;
                 }
             }
-            self.emit(FsOp::Symlink { path: rel.clone(), target: target.clone(), meta: None })?;
-            self.index.stage_put(rel, Entry::symlink(target));
+            self.emit(FsOp::Symlink { path: rel.clone(), target: target.clone(), meta: Some(m) })?;
+            self.index.stage_put(rel, Entry::symlink(target, attrs));
+            return Ok(Synced::Other);
+        }
+        if let Some(kind) = meta::special_kind(meta) {
+            let m = self.names.meta_of(&abs, meta);
+            let attrs = Attrs::of(&m);
+            let entry = Entry::special(kind, mode, meta.rdev(), attrs);
+            match &old {
+                Some(o) if o.kind == entry.kind && o.rdev == entry.rdev => {
+                    if o.mode != mode || o.attrs != attrs {
+                        self.emit(FsOp::SetAttr { path: rel.clone(), mode, meta: Some(m) })?;
+                        self.index.stage_put(rel, entry);
+                    }
+                }
+                _ => {
+                    if old.as_ref().is_some_and(|o| o.kind == Kind::Dir) {
+                        self.remove(rel, Kind::Dir)?;
+                    }
+                    self.emit(FsOp::Special { path: rel.clone(), kind, mode, rdev: meta.rdev(), meta: Some(m) })?;
+                    self.index.stage_put(rel, entry);
+                }
+            }
             return Ok(Synced::Other);
         }
         if !ft.is_file() {
-            // fifos, sockets, devices are not replicated.
+            // Sockets mean nothing on another host (rsync skips them too without --specials).
+            if self.sockets_seen.insert(rel.clone()) {
+                self.status.skipped_socket();
+                tracing::debug!(path = %rel, "socket not replicated");
+            }
             if let Some(o) = &old {
                 self.remove(rel, o.kind)?;
             }
             return Ok(Synced::Other);
         }
+        let m = self.names.meta_of(&abs, meta);
+        let attrs = Attrs::of(&m);
         let old_file = old.as_ref().filter(|o| o.kind == Kind::File);
         if let Some(o) = old_file {
             if !force_content && o.size == meta.len() && o.mtime_ns == content::mtime_ns_of(meta) {
-                let mode = content::mode_of(meta);
-                if o.mode != mode {
-                    self.emit(FsOp::SetAttr { path: rel.clone(), mode, meta: None })?;
-                    let mut e = o.clone();
-                    e.mode = mode;
-                    self.index.stage_put(rel, e);
+                if o.mode != mode || o.attrs != attrs {
+                    self.emit(FsOp::SetAttr { path: rel.clone(), mode, meta: Some(m) })?;
+                    self.index.stage_put(rel, Entry { mode, attrs, ..o.clone() });
                 }
+                self.links.note(rel, meta);
                 return Ok(Synced::Other);
             }
         }
@@ -617,14 +665,40 @@ impl Engine {
                 self.remove(rel, Kind::Dir)?;
             }
         }
-        self.sync_file(rel, &abs, old_file.cloned())?;
+        if !self.silent && !self.sending_whole && self.link_to_other_name(rel, meta, attrs)? {
+            return Ok(Synced::Other);
+        }
+        self.sync_file(rel, &abs, old_file.cloned(), m)?;
         Ok(Synced::Other)
     }
 
-    /// Reads a file and journals its new content (a delta against `old` when there is one).
-    fn sync_file(&mut self, rel: &RelPath, abs: &Path, old: Option<Entry>) -> R<()> {
+    /// A file with several names (hard links) whose content changed or that is new here: when
+    /// another of its names already went out with exactly this content, this name becomes a
+    /// hard link to it on the receivers instead of a second copy. Returns whether it did.
+    fn link_to_other_name(&mut self, rel: &RelPath, meta: &std::fs::Metadata, attrs: Attrs) -> R<bool> {
+        if meta.nlink() < 2 {
+            return Ok(false);
+        }
+        for other in self.links.names(rel, meta, &self.root) {
+            let e = self.index.get(&other);
+            let Some(e) = self.ix(e)? else { continue };
+            let sent = e.kind == Kind::File && e.size == meta.len() && e.mtime_ns == content::mtime_ns_of(meta);
+            if sent && !e.is_stale() {
+                self.emit(FsOp::Link { path: rel.clone(), target: other })?;
+                self.index.stage_put(rel, Entry { mode: content::mode_of(meta), attrs, ..e });
+                self.links.note(rel, meta);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Reads a file and journals its new content (a delta against `old` when there is one),
+    /// with its owner and extended attributes `m`; then, for a file with several names, makes
+    /// its other names links to this one again (the receiver replaced this name's inode).
+    fn sync_file(&mut self, rel: &RelPath, abs: &Path, old: Option<Entry>, m: Meta) -> R<()> {
         let (mut file, fmeta) = match content::open_nofollow(abs) {
-            Ok((f, m)) if m.is_file() => (f, m),
+            Ok((f, md)) if md.is_file() => (f, md),
             Ok(_) => return Ok(()),
             Err(e) if gone(&e) => {
                 // Vanished (or replaced by a symlink) since the stat: its own event follows.
@@ -643,17 +717,27 @@ impl Engine {
             (Some(o), false) => Plan::Delta(o),
             (None, false) => Plan::Full,
         };
-        let outcome = content::read_file(rel, &mut file, &fmeta, plan, true, &mut |w| self.emit(FsOp::Write(w)))?;
+        let attrs = Attrs::of(&m);
+        let outcome = content::read_file(rel, &mut file, &fmeta, plan, true, Some(m.clone()), &mut |w| {
+            self.emit(FsOp::Write(w))
+        })?;
         if !outcome.emitted {
             if let Some(o) = &old {
-                if o.mode != outcome.mode {
-                    self.emit(FsOp::SetAttr { path: rel.clone(), mode: outcome.mode, meta: None })?;
+                if o.mode != outcome.mode || o.attrs != attrs {
+                    self.emit(FsOp::SetAttr { path: rel.clone(), mode: outcome.mode, meta: Some(m) })?;
                 }
             }
         }
-        let entry = outcome.entry();
+        let entry = outcome.entry(attrs);
         if old.as_ref() != Some(&entry) {
-            self.index.stage_put(rel, entry);
+            self.index.stage_put(rel, entry.clone());
+        }
+        self.links.note(rel, &fmeta);
+        if outcome.emitted && fmeta.nlink() > 1 {
+            for other in self.links.names(rel, &fmeta, &self.root) {
+                self.emit(FsOp::Link { path: other.clone(), target: rel.clone() })?;
+                self.index.stage_put(&other, entry.clone());
+            }
         }
         Ok(())
     }
@@ -820,8 +904,10 @@ impl Engine {
         };
         if meta.is_dir() {
             let mode = content::mode_of(&meta);
-            self.emit(FsOp::Mkdir { path: rel.clone(), mode, meta: None })?;
-            self.index.stage_put(&rel, Entry::dir(mode));
+            let m = self.names.meta_of(&abs, &meta);
+            let attrs = Attrs::of(&m);
+            self.emit(FsOp::Mkdir { path: rel.clone(), mode, meta: Some(m) })?;
+            self.index.stage_put(&rel, Entry::dir(mode, attrs));
             let Ok(entries) = std::fs::read_dir(&abs) else { return Ok(()) };
             for e in entries.flatten() {
                 if let Some(child) = self.rel(&e.path()) {
@@ -830,13 +916,19 @@ impl Engine {
                     }
                 }
             }
-        } else if meta.file_type().is_symlink() || meta.is_file() {
-            // Forget the index entry so the path goes out whole (full content, not a delta).
-            self.index.stage_remove(&rel, Kind::File);
-            self.sync_entry(&rel, &meta, true)?;
         } else {
-            self.emit(FsOp::Remove { path: rel.clone() })?;
+            // Forget the index entry so the path goes out whole (full content, not a delta,
+            // not a link to another name: a repair is asked for when the receiver could not
+            // reproduce the path, which may be because it lacks that other name). A socket
+            // is removed there.
             self.index.stage_remove(&rel, Kind::File);
+            self.sending_whole = true;
+            let r = self.sync_entry(&rel, &meta, true);
+            self.sending_whole = false;
+            if !meta.file_type().is_symlink() && !meta.is_file() && meta::special_kind(&meta).is_none() {
+                self.emit(FsOp::Remove { path: rel.clone() })?;
+            }
+            r?;
         }
         Ok(())
     }

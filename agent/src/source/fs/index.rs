@@ -10,10 +10,14 @@
 
 use std::collections::HashMap;
 
+use lockstep_common::event::{Meta, SpecialKind};
 use lockstep_common::relpath::RelPath;
 
+use super::meta::{self, XATTR_HASH_BYTES};
+
 /// Version byte leading every encoded entry; bump and upgrade explicitly when the layout changes.
-const ENTRY_VERSION: u8 = 1;
+/// 2 added owner, group, the extended attributes' hash and the device number (special files).
+const ENTRY_VERSION: u8 = 2;
 
 /// Bytes of blake3 kept per `BLOCK_SIZE` block: enough to detect changed blocks, small enough
 /// that a 1 GiB file's list is 256 KiB.
@@ -28,6 +32,50 @@ pub(crate) enum Kind {
     File = 1,
     Dir = 2,
     Symlink = 3,
+    Fifo = 4,
+    CharDevice = 5,
+    BlockDevice = 6,
+}
+
+impl Kind {
+    fn from_code(c: u8) -> Option<Kind> {
+        Some(match c {
+            1 => Kind::File,
+            2 => Kind::Dir,
+            3 => Kind::Symlink,
+            4 => Kind::Fifo,
+            5 => Kind::CharDevice,
+            6 => Kind::BlockDevice,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn special(k: SpecialKind) -> Kind {
+        match k {
+            SpecialKind::Fifo => Kind::Fifo,
+            SpecialKind::CharDevice => Kind::CharDevice,
+            SpecialKind::BlockDevice => Kind::BlockDevice,
+        }
+    }
+}
+
+/// Owner, group and extended attributes as the journal last described them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Attrs {
+    pub uid: u32,
+    pub gid: u32,
+    /// [`meta::xattr_hash`] of the extended attributes.
+    pub xattrs: [u8; XATTR_HASH_BYTES],
+}
+
+impl Attrs {
+    /// Attributes of an entry from before they were recorded (version 1): they match nothing,
+    /// so the next comparison sends them.
+    pub(crate) const UNKNOWN: Attrs = Attrs { uid: u32::MAX, gid: u32::MAX, xattrs: [0xff; XATTR_HASH_BYTES] };
+
+    pub(crate) fn of(m: &Meta) -> Attrs {
+        Attrs { uid: m.uid, gid: m.gid, xattrs: meta::xattr_hash(&m.xattrs) }
+    }
 }
 
 /// One path as the journal last described it.
@@ -47,10 +95,13 @@ pub(crate) struct Entry {
     pub content_hash: [u8; 32],
     /// Symlink target bytes (symlinks only).
     pub target: Vec<u8>,
+    pub attrs: Attrs,
+    /// Device number (device nodes only).
+    pub rdev: u64,
 }
 
 impl Entry {
-    pub(crate) fn dir(mode: u32) -> Entry {
+    pub(crate) fn dir(mode: u32, attrs: Attrs) -> Entry {
         Entry {
             kind: Kind::Dir,
             mode,
@@ -59,7 +110,13 @@ impl Entry {
             blocks: Vec::new(),
             content_hash: [0; 32],
             target: Vec::new(),
+            attrs,
+            rdev: 0,
         }
+    }
+
+    pub(crate) fn special(kind: SpecialKind, mode: u32, rdev: u64, attrs: Attrs) -> Entry {
+        Entry { kind: Kind::special(kind), rdev, ..Entry::dir(mode, attrs) }
     }
 
     /// An entry matching nothing on disk: a file of impossible size and mtime, with no block
@@ -73,6 +130,8 @@ impl Entry {
             blocks: Vec::new(),
             content_hash: [0; 32],
             target: Vec::new(),
+            attrs: Attrs::UNKNOWN,
+            rdev: 0,
         }
     }
 
@@ -81,16 +140,8 @@ impl Entry {
         self.kind == Kind::File && self.size == u64::MAX && self.mtime_ns == -1
     }
 
-    pub(crate) fn symlink(target: Vec<u8>) -> Entry {
-        Entry {
-            kind: Kind::Symlink,
-            mode: 0o777,
-            size: 0,
-            mtime_ns: 0,
-            blocks: Vec::new(),
-            content_hash: [0; 32],
-            target,
-        }
+    pub(crate) fn symlink(target: Vec<u8>, attrs: Attrs) -> Entry {
+        Entry { kind: Kind::Symlink, mode: 0o777, target, ..Entry::dir(0o777, attrs) }
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
@@ -107,6 +158,10 @@ impl Entry {
         for b in &self.blocks {
             out.extend_from_slice(b);
         }
+        out.extend_from_slice(&self.attrs.uid.to_le_bytes());
+        out.extend_from_slice(&self.attrs.gid.to_le_bytes());
+        out.extend_from_slice(&self.attrs.xattrs);
+        out.extend_from_slice(&self.rdev.to_le_bytes());
         out
     }
 
@@ -114,15 +169,11 @@ impl Entry {
     /// the path as unindexed, so it is simply re-sent in full).
     pub(crate) fn decode(v: &[u8]) -> Option<Entry> {
         let mut r = Reader(v);
-        if r.take(1)?[0] != ENTRY_VERSION {
+        let version = r.take(1)?[0];
+        if version != 1 && version != ENTRY_VERSION {
             return None;
         }
-        let kind = match r.take(1)?[0] {
-            1 => Kind::File,
-            2 => Kind::Dir,
-            3 => Kind::Symlink,
-            _ => return None,
-        };
+        let kind = Kind::from_code(r.take(1)?[0])?;
         let mode = u32::from_le_bytes(r.take(4)?.try_into().ok()?);
         let size = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
         let mtime_ns = i64::from_le_bytes(r.take(8)?.try_into().ok()?);
@@ -133,10 +184,19 @@ impl Entry {
         let raw = r.take(nblocks.checked_mul(BLOCK_HASH_BYTES)?)?;
         let blocks =
             raw.chunks_exact(BLOCK_HASH_BYTES).map(|c| c.try_into().unwrap_or([0; BLOCK_HASH_BYTES])).collect();
+        let (attrs, rdev) = if version == 1 {
+            (Attrs::UNKNOWN, 0)
+        } else {
+            let uid = u32::from_le_bytes(r.take(4)?.try_into().ok()?);
+            let gid = u32::from_le_bytes(r.take(4)?.try_into().ok()?);
+            let xattrs = r.take(XATTR_HASH_BYTES)?.try_into().ok()?;
+            let rdev = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
+            (Attrs { uid, gid, xattrs }, rdev)
+        };
         if !r.0.is_empty() {
             return None;
         }
-        Some(Entry { kind, mode, size, mtime_ns, blocks, content_hash, target })
+        Some(Entry { kind, mode, size, mtime_ns, blocks, content_hash, target, attrs, rdev })
     }
 }
 
@@ -362,15 +422,24 @@ mod tests {
             blocks: vec![[1; 16], [2; 16]],
             content_hash: [9; 32],
             target: Vec::new(),
+            attrs: Attrs { uid: 1000, gid: 100, xattrs: [3; 16] },
+            rdev: 0,
         };
         let v = e.encode();
-        assert_eq!(Entry::decode(&v), Some(e));
+        assert_eq!(Entry::decode(&v), Some(e.clone()));
         assert_eq!(Entry::decode(&v[..v.len() - 1]), None);
         let mut bad = v.clone();
         bad[0] = 99;
         assert_eq!(Entry::decode(&bad), None);
-        let s = Entry::symlink(b"../x".to_vec());
+        let s = Entry::symlink(b"../x".to_vec(), Attrs::UNKNOWN);
         assert_eq!(Entry::decode(&s.encode()), Some(s));
+        let f = Entry::special(SpecialKind::CharDevice, 0o600, 0x0103, Attrs { uid: 0, gid: 0, xattrs: [0; 16] });
+        assert_eq!(Entry::decode(&f.encode()), Some(f));
+        // An entry of version 1 (before owners were recorded) reads with unknown attributes.
+        let mut v1 = v.clone();
+        v1.truncate(v.len() - 8 - 16 - 8);
+        v1[0] = 1;
+        assert_eq!(Entry::decode(&v1), Some(Entry { attrs: Attrs::UNKNOWN, ..e }));
     }
 
     #[test]
@@ -378,16 +447,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         let mut ix = Index::open(&db, "t").unwrap();
-        ix.stage_put(&rp("a"), Entry::dir(0o755));
-        ix.stage_put(&rp("a/x"), Entry::symlink(b"t".to_vec()));
-        ix.stage_put(&rp("ab"), Entry::dir(0o755));
+        ix.stage_put(&rp("a"), Entry::dir(0o755, Attrs::UNKNOWN));
+        ix.stage_put(&rp("a/x"), Entry::symlink(b"t".to_vec(), Attrs::UNKNOWN));
+        ix.stage_put(&rp("ab"), Entry::dir(0o755, Attrs::UNKNOWN));
         assert!(ix.get(&rp("a/x")).unwrap().is_some());
         ix.commit().unwrap();
         ix.move_subtree_now(&rp("a"), &rp("z")).unwrap();
         assert_eq!(ix.keys(None).unwrap(), vec![rp("ab"), rp("z"), rp("z/x")]);
         ix.stage_remove(&rp("z"), Kind::Dir);
         assert!(ix.get(&rp("z/x")).unwrap().is_none());
-        ix.stage_put(&rp("z"), Entry::symlink(b"q".to_vec()));
+        ix.stage_put(&rp("z"), Entry::symlink(b"q".to_vec(), Attrs::UNKNOWN));
         ix.commit().unwrap();
         assert_eq!(ix.keys(None).unwrap(), vec![rp("ab"), rp("z")]);
         assert_eq!(ix.get(&rp("z")).unwrap().unwrap().kind, Kind::Symlink);
@@ -399,16 +468,16 @@ mod tests {
     fn crash_child(dir: &str) {
         let db = sled::open(dir).unwrap();
         let mut ix = Index::open(&db, "t").unwrap();
-        ix.stage_put(&rp("old"), Entry::dir(0o755));
-        ix.stage_put(&rp("old/f"), Entry::symlink(b"t".to_vec()));
-        ix.stage_put(&rp("old2"), Entry::dir(0o755));
-        ix.stage_put(&rp("old2/g"), Entry::symlink(b"t".to_vec()));
+        ix.stage_put(&rp("old"), Entry::dir(0o755, Attrs::UNKNOWN));
+        ix.stage_put(&rp("old/f"), Entry::symlink(b"t".to_vec(), Attrs::UNKNOWN));
+        ix.stage_put(&rp("old2"), Entry::dir(0o755, Attrs::UNKNOWN));
+        ix.stage_put(&rp("old2/g"), Entry::symlink(b"t".to_vec(), Attrs::UNKNOWN));
         ix.commit().unwrap();
         ix.put_stale_markers(&[rp("new"), rp("old2")]).unwrap();
         db.flush().unwrap();
         ix.move_subtree_now(&rp("old"), &rp("new")).unwrap();
         ix.stage_remove(&rp("old2"), Kind::Dir);
-        ix.stage_put(&rp("old2"), Entry::dir(0o700));
+        ix.stage_put(&rp("old2"), Entry::dir(0o700, Attrs::UNKNOWN));
         ix.commit().unwrap();
         crate::crash_test::die();
     }

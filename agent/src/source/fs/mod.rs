@@ -17,6 +17,8 @@
 mod content;
 mod engine;
 mod index;
+mod links;
+mod meta;
 mod snapshot;
 mod walk;
 mod watch;

@@ -234,8 +234,10 @@ impl Model {
                 self.nodes.extend(moved);
             }
             FsOp::SetAttr { path, mode, .. } => match self.nodes.get_mut(path) {
-                Some(Node::Dir(m)) | Some(Node::File { mode: m, .. }) => *m = *mode,
-                other => panic!("chmod of {path}: {other:?}"),
+                Some(Node::Dir(m)) | Some(Node::File { mode: m, .. }) | Some(Node::Special(m)) => *m = *mode,
+                // Owner only.
+                Some(Node::Link(_)) => {}
+                other => panic!("setattr of {path}: {other:?}"),
             },
             FsOp::Symlink { path, target, .. } => {
                 self.remove_tree(path);
