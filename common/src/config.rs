@@ -214,7 +214,12 @@ fn check_tls(file: &Path, tls: &TlsConfig) -> Result<(), ConfigError> {
             ));
         }
     }
-    Ok(())
+    // Readable, PEM, and the key belongs to the certificate: found now rather than at the
+    // first handshake.
+    crate::tls::check_material(tls).map_err(|e| match e {
+        crate::tls::TlsError::Material { key, path, problem } => err(file, key, format!("{path} {problem}")),
+        other => err(file, "tls", other.to_string()),
+    })
 }
 
 impl AgentConfig {
