@@ -331,6 +331,14 @@ fn explain(
                     "unknown CA: {theirs}{desc} is not signed by the CA in tls.ca ({ca}); issue {whose_cert} from that CA, or add the CA that signed it to tls.ca"
                 ),
             ),
+            // The issuer's name matches a CA in tls.ca but its key does not: another CA of
+            // the same name (every `lockstep-agent certs` run makes one).
+            C::BadSignature => problem(
+                Reason::UnknownCa,
+                format!(
+                    "unknown CA: {theirs}{desc} is not signed by the CA in tls.ca ({ca}) but by another CA of the same name (its signature does not verify with that CA's key; another `lockstep-agent certs` run makes such a CA); issue {whose_cert} from the CA in tls.ca, or add the CA that signed it to tls.ca"
+                ),
+            ),
             C::Expired | C::ExpiredContext { .. } => {
                 let (now, after) = match c {
                     C::ExpiredContext { time, not_after } => (now_or(time), now_or(not_after)),
@@ -430,6 +438,11 @@ fn explain_alert(alert: AlertDescription, peer: &str, local: &Local) -> Option<T
         A::UnknownCA => refused(format!(
             "unknown CA: {peer} refused {ours}: it is not signed by the CA in the {peer_role}'s tls.ca; issue this {me}'s certificate from that CA, or add the CA that signed it to the {peer_role}'s tls.ca"
         )),
+        // What the peer sends when the signature on this certificate does not verify with
+        // the key of the CA of its issuer's name: a different CA of the same name signed it.
+        A::DecryptError => refused(format!(
+            "unknown CA: {peer} could not verify {ours} (TLS alert: decrypt error): it is most likely not signed by the CA in the {peer_role}'s tls.ca but by another CA of the same name (another `lockstep-agent certs` run makes such a CA); issue this {me}'s certificate from the CA in the {peer_role}'s tls.ca"
+        )),
         A::CertificateExpired => {
             let now = unix_now();
             if now > own.not_after {
@@ -471,7 +484,7 @@ fn explain_alert(alert: AlertDescription, peer: &str, local: &Local) -> Option<T
                 subject: None,
             })
         }
-        A::BadRecordMac | A::DecodeError | A::DecryptError | A::UnexpectedMessage | A::RecordOverflow => {
+        A::BadRecordMac | A::DecodeError | A::UnexpectedMessage | A::RecordOverflow => {
             Some(TlsProblem {
                 reason: Reason::Malformed,
                 message: format!("{peer} found the TLS stream corrupted (alert: {alert:?})"),

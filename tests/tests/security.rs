@@ -179,7 +179,7 @@ async fn certificates_and_identities_are_enforced() {
     // why (TLS 1.3 lets it finish its side first: the verdict comes as an alert).
     let other = env.session("other-ca", "web-1", "web-1", vec![]).await.unwrap_err();
     assert_eq!(other.code(), tonic::Code::Unauthenticated, "{other:?}");
-    assert!(other.message().starts_with("unknown CA: receiver eu-west refused this agent's certificate"), "{other:?}");
+    assert!(other.message().starts_with("unknown CA: receiver eu-west "), "{other:?}");
     assert!(other.message().contains("not signed by the CA in the receiver's tls.ca"), "{other:?}");
     // The receiver keeps serving.
     env.session("certs", "web-1", "web-1", vec![]).await.unwrap();

@@ -125,6 +125,31 @@ async fn an_agent_certificate_from_another_ca_is_named_on_both_sides() {
 }
 
 #[tokio::test]
+async fn a_certificate_from_another_ca_of_the_same_name_is_named_on_both_sides() {
+    // Two `lockstep-agent certs` runs make two CAs with one name.
+    let dir = tempfile::tempdir().unwrap();
+    let (good, twin) = (ca("lockstep development CA"), ca("lockstep development CA"));
+    let r = node(dir.path(), "eu-west", &["eu-west"], &good, &good, ALWAYS.0, ALWAYS.1);
+    let a = node(dir.path(), "web-1", &["web-1"], &twin, &good, ALWAYS.0, ALWAYS.1);
+    let o = attempt(&r, &a, "eu-west").await;
+    let p = refused(&o);
+    assert_eq!(p.reason, Reason::UnknownCa);
+    assert!(p.message.contains("not signed by the CA in tls.ca") && p.message.contains("same name"), "{}", p.message);
+    let c = o.client.clone().expect("the agent learns why");
+    assert_eq!(c.reason, Reason::RefusedByPeer);
+    assert!(c.message.starts_with("unknown CA: receiver eu-west could not verify this agent's certificate"), "{}", c.message);
+    assert!(c.message.contains("not signed by the CA in the receiver's tls.ca"), "{}", c.message);
+    // The other way round: the agent names the receiver's certificate.
+    let r2 = node(dir.path(), "eu-west-2", &["eu-west"], &twin, &good, ALWAYS.0, ALWAYS.1);
+    let a2 = node(dir.path(), "web-2", &["web-2"], &good, &good, ALWAYS.0, ALWAYS.1);
+    let o = attempt(&r2, &a2, "eu-west").await;
+    let c = o.client.clone().expect("the agent says why");
+    assert_eq!(c.reason, Reason::UnknownCa);
+    assert!(c.message.starts_with("unknown CA: receiver eu-west's certificate"), "{}", c.message);
+    assert_eq!(refused(&o).reason, Reason::RefusedByPeer);
+}
+
+#[tokio::test]
 async fn a_receiver_certificate_from_another_ca_is_named_on_both_sides() {
     let dir = tempfile::tempdir().unwrap();
     let (good, foreign) = (ca("good CA"), ca("foreign CA"));
