@@ -594,3 +594,23 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     }
     out.join(": ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_receiver_status_a_person_must_fix_is_shown_whole_and_retried_slowly() {
+        let msg = "receiver eu-west: target www: applying seq 7 failed: write /srv/standby/big.bin: No space left on device (os error 28); free space on the standby's filesystem; replication resumes by itself";
+        let e = status_err(tonic::Status::resource_exhausted(msg));
+        assert_eq!(e.remedy(), Remedy::Person);
+        assert_eq!(format!("{e}{}", e.remedy().note()), format!("{msg}; retrying every 30 s"));
+        let e = status_err(tonic::Status::permission_denied("receiver eu-west has no target for agent \"x\""));
+        assert_eq!(e.remedy(), Remedy::Person);
+        // A receiver restarting, a reset link: retried with backoff, no call for a person.
+        let e = status_err(tonic::Status::unavailable("target busy; retry"));
+        assert_eq!((e.remedy(), e.remedy().note()), (Remedy::Retry, ""));
+        let e = ShipError::Connect { endpoint: "https://r:1".into(), detail: "Connection refused".into() };
+        assert_eq!(e.remedy(), Remedy::Retry);
+    }
+}

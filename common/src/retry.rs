@@ -38,9 +38,11 @@ impl Remedy {
     pub fn of_grpc(code: tonic::Code) -> Remedy {
         use tonic::Code as C;
         match code {
-            C::Unauthenticated | C::PermissionDenied | C::FailedPrecondition | C::ResourceExhausted | C::Unimplemented => {
-                Remedy::Person
-            }
+            C::Unauthenticated
+            | C::PermissionDenied
+            | C::FailedPrecondition
+            | C::ResourceExhausted
+            | C::Unimplemented => Remedy::Person,
             _ => Remedy::Retry,
         }
     }

@@ -76,7 +76,8 @@ struct Material {
 }
 
 fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| material(key, path, format!("cannot be read ({e}); fix the path or its permissions")))
+    std::fs::read(path)
+        .map_err(|e| material(key, path, format!("cannot be read ({e}); fix the path or its permissions")))
 }
 
 fn read_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -318,11 +319,8 @@ fn explain(
     let whose_cert = if agent { "the receiver's tls.cert" } else { "the agent's tls.cert" };
     let ca = local.tls.ca.display();
     let now_or = |t: &UnixTime| t.as_secs() as i64;
-    let problem = |reason: Reason, message: String| TlsProblem {
-        reason,
-        message,
-        subject: presented.map(|f| f.subject.clone()),
-    };
+    let problem =
+        |reason: Reason, message: String| TlsProblem { reason, message, subject: presented.map(|f| f.subject.clone()) };
     Some(match err {
         E::InvalidCertificate(c) => match c {
             C::UnknownIssuer => problem(
@@ -675,11 +673,7 @@ impl ServerTls {
     }
 
     /// Runs the handshake of a connection from `peer`.
-    pub async fn accept(
-        &self,
-        tcp: TcpStream,
-        peer: SocketAddr,
-    ) -> Result<ServerStream, AcceptError> {
+    pub async fn accept(&self, tcp: TcpStream, peer: SocketAddr) -> Result<ServerStream, AcceptError> {
         let (result, presented) = watching(tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp))).await;
         let err = match result {
             Ok(Ok(stream)) => return Ok(stream),

@@ -57,11 +57,8 @@ pub async fn run(config: ReceiverConfig, shutdown: CancellationToken) -> anyhow:
     }
     Refusals::register_metrics();
     let refusals = Arc::new(Refusals::default());
-    let service = ReplicationService {
-        receiver_id: config.id.clone(),
-        targets: targets.clone(),
-        refusals: refusals.clone(),
-    };
+    let service =
+        ReplicationService { receiver_id: config.id.clone(), targets: targets.clone(), refusals: refusals.clone() };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("bind listen address {}", config.listen))?;
@@ -120,7 +117,9 @@ fn accept_tls(
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Err(tls::AcceptError::Refused(problem)) => refusals.record(Some(peer), &problem),
-                    Err(tls::AcceptError::Dropped(e)) => debug!(peer = %peer, error = %e, "connection closed before a TLS handshake"),
+                    Err(tls::AcceptError::Dropped(e)) => {
+                        debug!(peer = %peer, error = %e, "connection closed before a TLS handshake")
+                    }
                 }
             });
         }

@@ -19,12 +19,15 @@ const WINDOW: Duration = Duration::from_secs(60);
 /// Entries kept before old ones are dropped (a scan from many addresses).
 const MAX_ENTRIES: usize = 4096;
 
+/// Who was refused and why: the unit of rate limiting.
+type Key = (Option<IpAddr>, Reason);
+
 /// Rate-limited reporting of refusals, shared by the accept loop and the sessions.
 #[derive(Default)]
 pub struct Refusals {
     /// When each (peer address, reason) was last logged, and how many refusals were not
     /// logged since.
-    logged: Mutex<HashMap<(Option<IpAddr>, Reason), (Instant, u64)>>,
+    logged: Mutex<HashMap<Key, (Instant, u64)>>,
 }
 
 impl Refusals {

@@ -366,9 +366,7 @@ impl Session {
 /// retrying cannot help, what a person should do.
 fn target_failure(source: &str, what: &str, e: &ApplyError) -> Status {
     match e {
-        ApplyError::Refused(why) => {
-            Status::permission_denied(format!("target {source}: {what} refused: {why}"))
-        }
+        ApplyError::Refused(why) => Status::permission_denied(format!("target {source}: {what} refused: {why}")),
         ApplyError::Io { error, .. } => {
             let v = retry::local_io(error);
             let message = match v.remedy {
@@ -772,5 +770,39 @@ impl Replication for ReplicationService {
         let span = tracing::info_span!("session", agent = %session.agent);
         tokio::spawn(run_session(self.receiver_id.clone(), session, inbound, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_standby_reaches_the_agent_as_resource_exhausted_with_the_fix() {
+        let e = ApplyError::Io {
+            context: "write /srv/standby/www/big.bin".into(),
+            error: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let s = target_failure("www", "applying seq 7", &e);
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            s.message(),
+            "target www: applying seq 7 failed: write /srv/standby/www/big.bin: No space left on device (os error 28); \
+             free space on the standby's filesystem; replication resumes by itself"
+        );
+        assert_eq!(Remedy::of_grpc(s.code()), Remedy::Person);
+        // Unwritable: a person too, as a failed precondition.
+        let e = ApplyError::Io {
+            context: "create directory /srv/x".into(),
+            error: std::io::Error::from_raw_os_error(libc::EACCES),
+        };
+        let s = target_failure("www", "applying seq 8", &e);
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert!(s.message().contains("give the receiver's user write access"), "{}", s.message());
+        // An error a retry may fix stays INTERNAL, without a call for a person.
+        let e = ApplyError::Io { context: "read /srv/x".into(), error: std::io::Error::from_raw_os_error(libc::EIO) };
+        let s = target_failure("www", "applying seq 9", &e);
+        assert_eq!((s.code(), Remedy::of_grpc(s.code())), (tonic::Code::Internal, Remedy::Retry));
+        assert!(!s.message().contains("resumes by itself"), "{}", s.message());
     }
 }

@@ -32,7 +32,15 @@ fn ca(name: &str) -> Ca {
 
 /// Writes `name`.pem/.key signed by `by` (valid from `from` to `until`, as y/m/d) and a
 /// `name`-ca.pem holding `trusts`; returns the TLS config using them.
-fn node(dir: &Path, name: &str, names: &[&str], by: &Ca, trusts: &Ca, from: (i32, u8, u8), until: (i32, u8, u8)) -> TlsConfig {
+fn node(
+    dir: &Path,
+    name: &str,
+    names: &[&str],
+    by: &Ca,
+    trusts: &Ca,
+    from: (i32, u8, u8),
+    until: (i32, u8, u8),
+) -> TlsConfig {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
     params.distinguished_name.push(DnType::CommonName, name);
@@ -137,7 +145,11 @@ async fn a_certificate_from_another_ca_of_the_same_name_is_named_on_both_sides()
     assert!(p.message.contains("not signed by the CA in tls.ca") && p.message.contains("same name"), "{}", p.message);
     let c = o.client.clone().expect("the agent learns why");
     assert_eq!(c.reason, Reason::RefusedByPeer);
-    assert!(c.message.starts_with("unknown CA: receiver eu-west could not verify this agent's certificate"), "{}", c.message);
+    assert!(
+        c.message.starts_with("unknown CA: receiver eu-west could not verify this agent's certificate"),
+        "{}",
+        c.message
+    );
     assert!(c.message.contains("not signed by the CA in the receiver's tls.ca"), "{}", c.message);
     // The other way round: the agent names the receiver's certificate.
     let r2 = node(dir.path(), "eu-west-2", &["eu-west"], &twin, &good, ALWAYS.0, ALWAYS.1);
@@ -231,9 +243,8 @@ async fn a_client_without_a_certificate_is_refused_as_such() {
         .with_no_client_auth();
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     let tcp = TcpStream::connect(addr).await.unwrap();
-    if let Ok(mut s) = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("eu-west").unwrap(), tcp)
-        .await
+    if let Ok(mut s) =
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from("eu-west").unwrap(), tcp).await
     {
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut [0u8; 8])).await;
     }
