@@ -279,3 +279,37 @@ fn a_standby_that_cannot_write_reaches_the_agents_status_and_recovers() -> Resul
     assert_eq!(std::fs::read(s.dst.join("big.bin"))?, big);
     Ok(())
 }
+
+/// `run` refuses TLS files it cannot use at start-up, naming the config file, the key and the
+/// path (exit 2); `status` does not need them.
+#[test]
+fn unusable_tls_files_are_refused_at_start_up_naming_the_key_and_the_path() -> Result<()> {
+    let s = Setup::new()?;
+    let run = |binary: &str, cfg: &Path| -> Result<(Option<i32>, String)> {
+        let out = std::process::Command::new(lockstep_tests::bin(binary))
+            .arg("run")
+            .arg("--config")
+            .arg(cfg)
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    };
+    // The agent's key belongs to another certificate.
+    edit(&s.agent_cfg, "key = \"certs/web-1.key\"", "key = \"certs/eu-west.key\"")?;
+    let (code, err) = run("lockstep-agent", &s.agent_cfg)?;
+    assert_eq!(code, Some(2), "{err}");
+    let want = format!(
+        "config {}: tls.key: {} is not the key of the certificate in tls.cert {}",
+        s.agent_cfg.display(),
+        s.root().join("certs/eu-west.key").display(),
+        s.root().join("certs/web-1.pem").display()
+    );
+    assert!(err.contains(&want), "{err}");
+    // The receiver's CA file is not PEM.
+    std::fs::write(s.root().join("certs/ca.pem"), "not a certificate")?;
+    let (code, err) = run("lockstep-receiver", &s.receiver_cfg)?;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&format!("config {}: tls.ca: ", s.receiver_cfg.display())), "{err}");
+    assert!(err.contains("holds no PEM CERTIFICATE block"), "{err}");
+    Ok(())
+}
