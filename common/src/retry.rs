@@ -3,7 +3,7 @@
 //! code to send for it, or when to try again asks here, so a failure is classified once.
 //!
 //! - **Transient** ([`Remedy::Retry`]): connection refused or reset, timeouts, a receiver
-//!   restarting, a corrupted link. Retried with exponential backoff and jitter (100 ms doubling
+//!   restarting, a corrupted link. Retried with exponential backoff and jitter (500 ms doubling
 //!   to 5 s), reported at INFO/WARN.
 //! - **A person must act** ([`Remedy::Person`]): certificates, authorization, configuration,
 //!   the standby's disk full or unwritable. Retrying cannot fix these, so they are retried only
@@ -115,7 +115,7 @@ impl Pacer {
             Remedy::Retry => next_delay(&mut self.backoff),
             Remedy::Person => {
                 // Once fixed, a later transient failure starts from a short delay again.
-                self.backoff.reset();
+                self.reset();
                 SLOW_RETRY
             }
         }
@@ -123,16 +123,16 @@ impl Pacer {
 
     /// Forget past failures (after a session that lasted).
     pub fn reset(&mut self) {
-        self.backoff.reset();
+        self.backoff = reconnect();
     }
 }
 
-/// Backoff for reconnecting to a peer: 100 ms doubling to 5 s, ±30% jitter, forever.
+/// Backoff for reconnecting to a peer: 500 ms doubling to 5 s, ±30% jitter, forever.
 pub fn reconnect() -> ExponentialBackoff {
     ExponentialBackoff {
-        // `current_interval` is the first delay (the default's 500 ms otherwise).
-        current_interval: Duration::from_millis(100),
-        initial_interval: Duration::from_millis(100),
+        // The first delay is `current_interval`; `initial_interval` only after a reset.
+        current_interval: Duration::from_millis(500),
+        initial_interval: Duration::from_millis(500),
         randomization_factor: 0.3,
         multiplier: 2.0,
         max_interval: Duration::from_secs(5),
@@ -184,7 +184,7 @@ mod tests {
     fn the_pacer_waits_long_for_a_person_and_backs_off_for_the_rest() {
         let mut p = Pacer::default();
         let first = p.next(Remedy::Retry);
-        assert!(first <= Duration::from_millis(200), "{first:?}");
+        assert!(first <= Duration::from_millis(650), "{first:?}");
         let mut last = first;
         for _ in 0..10 {
             last = p.next(Remedy::Retry);
@@ -192,6 +192,6 @@ mod tests {
         assert!(last >= Duration::from_millis(3000) && last <= Duration::from_millis(6500), "{last:?}");
         assert_eq!(p.next(Remedy::Person), SLOW_RETRY);
         // After a person's fix, a transient failure is retried quickly again.
-        assert!(p.next(Remedy::Retry) <= Duration::from_millis(200));
+        assert!(p.next(Remedy::Retry) <= Duration::from_millis(650));
     }
 }
