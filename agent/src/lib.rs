@@ -94,6 +94,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     use anyhow::Context;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
+    if let Some(problem) = lockstep_common::tls::own_certificate_problem(&config.tls) {
+        error!(error = %problem, "this agent's certificate is not valid now; receivers will refuse it");
+    }
     let journal_dir = config.data_dir.join("journal");
     let sled_store = tokio::task::spawn_blocking(move || SledJournal::open(&journal_dir)).await??;
     let db = sled_store.db();

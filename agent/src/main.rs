@@ -64,6 +64,10 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if let Err(e) = lockstep_common::config::check_tls_material(&config, &cfg.tls) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
             lockstep_common::daemon::run_until_signal(|shutdown| async move {
                 lockstep_agent::run(cfg, shutdown).await.map_err(|e| format!("{e:#}"))
             })

@@ -1,8 +1,11 @@
 //! One shipper per receiver: connects over gRPC with mutual TLS, learns the receiver's applied
 //! position from its `Welcome`, resyncs sources whose position is no longer in the journal,
 //! then streams journal records from there, within a window of unacknowledged bytes, with
-//! heartbeats when idle. Reconnects with backoff (see `lockstep_common::retry`) and always
-//! resumes from the receiver's own position, never from a local guess.
+//! heartbeats when idle. Reconnects as the retry policy says (`lockstep_common::retry`):
+//! with backoff after a transient failure, every 30 s after one a person must fix (a
+//! certificate, an identity the receiver refuses, a full standby) — which is logged at ERROR
+//! and shown, with its cause and fix, in `status` — and always resumes from the receiver's
+//! own position, never from a local guess.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,11 +19,13 @@ use lockstep_common::proto::receiver_message::Msg as RMsg;
 use lockstep_common::proto::replication_client::ReplicationClient;
 use lockstep_common::proto::{self, AgentMessage};
 use lockstep_common::relpath::RelPath;
-use lockstep_common::{now_us, retry, tls, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use lockstep_common::retry::{self, Remedy};
+use lockstep_common::tls::{self, TlsProblem};
+use lockstep_common::{now_us, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::journal::JournalStore;
 use crate::lag::Tracker;
@@ -35,12 +40,22 @@ const LIVE_TAIL_BYTES: usize = 1 << 20;
 const BATCH_BYTES: usize = 4 << 20;
 const BATCH_EVENTS: usize = 1024;
 
-/// Why a session with a receiver ended. All are retried with backoff; `Refused` also needs a
-/// person (wrong certificates or a receiver without a target for our sources).
+/// Why a session with a receiver ended. Whether a retry can fix it is
+/// [`ShipError::remedy`]'s answer, from the retry policy.
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
     #[error("connect to {endpoint}: {detail}")]
     Connect { endpoint: String, detail: String },
+    /// This agent's TLS material is unusable (unreadable, wrong key).
+    #[error("{0}")]
+    LocalTls(#[from] tls::TlsError),
+    /// A TLS handshake failed: either side's verdict on the other's certificate.
+    #[error("{0}")]
+    Tls(TlsProblem),
+    /// The receiver ended the stream with a status a person must act on; its message names
+    /// the cause and the fix.
+    #[error("{message}")]
+    Receiver { code: tonic::Code, message: String },
     #[error("receiver refused the stream: {0}")]
     Refused(String),
     #[error("stream broken: {0}")]
@@ -53,6 +68,18 @@ pub enum ShipError {
     Snapshot { source_name: String, detail: String },
     #[error("shutting down")]
     Cancelled,
+}
+
+impl ShipError {
+    /// Whether retrying can fix this, or a person must act first.
+    pub fn remedy(&self) -> Remedy {
+        match self {
+            ShipError::LocalTls(_) | ShipError::Refused(_) => Remedy::Person,
+            ShipError::Tls(p) => Remedy::of_tls(p.reason),
+            ShipError::Receiver { code, .. } => Remedy::of_grpc(*code),
+            _ => Remedy::Retry,
+        }
+    }
 }
 
 /// Flow control shared between the sender and the acknowledgement reader.
@@ -113,30 +140,32 @@ pub struct Shipper {
 }
 
 impl Shipper {
-    /// Runs until cancelled; every failure is logged and retried with backoff.
+    /// Runs until cancelled; every failure is logged and retried as the retry policy says.
     pub async fn run(self) -> Result<(), ShipError> {
         let span = tracing::info_span!("shipper", receiver = %self.endpoint.name);
         async move {
-            let mut backoff = retry::reconnect();
+            let mut pacer = retry::Pacer::default();
             loop {
                 let started = Instant::now();
                 let result = self.session().await;
-                self.tracker.set_connected(&self.endpoint.name, false, result.as_ref().err().map(|e| e.to_string()));
+                let remedy = result.as_ref().err().map_or(Remedy::Retry, ShipError::remedy);
+                let shown = result.as_ref().err().map(|e| format!("{e}{}", remedy.note()));
+                self.tracker.set_connected(&self.endpoint.name, false, shown.clone());
                 metrics::gauge!(m::RECEIVER_CONNECTED, m::L_RECEIVER => self.endpoint.name.clone()).set(0.0);
                 if self.cancel.is_cancelled() {
                     return Ok(());
                 }
-                match &result {
-                    Err(ShipError::Refused(msg)) => {
-                        warn!(error = %msg, "receiver refused; fix the configuration or certificates, retrying")
+                match (&result, remedy) {
+                    (Err(_), Remedy::Person) => {
+                        error!(error = %shown.unwrap_or_default(), "replication to this receiver needs a person to act")
                     }
-                    Err(e) => info!(error = %e, "replication session ended; reconnecting"),
-                    Ok(()) => info!("replication session closed by receiver; reconnecting"),
+                    (Err(e), Remedy::Retry) => info!(error = %e, "replication session ended; reconnecting"),
+                    (Ok(()), _) => info!("replication session closed by receiver; reconnecting"),
                 }
                 if started.elapsed() > Duration::from_secs(30) {
-                    backoff = retry::reconnect();
+                    pacer.reset();
                 }
-                let delay = retry::next_delay(&mut backoff);
+                let delay = pacer.next(remedy);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = self.cancel.cancelled() => return Ok(()),
@@ -147,33 +176,48 @@ impl Shipper {
         .await
     }
 
-    async fn connect(&self) -> Result<ReplicationClient<tonic::transport::Channel>, ShipError> {
+    /// Connects with this session's TLS (its certificates are read afresh, so renewed files
+    /// are picked up on the next attempt).
+    async fn connect(&self, tls: &tls::ClientTls) -> Result<ReplicationClient<tonic::transport::Channel>, ShipError> {
         let ep = &self.endpoint;
         let cerr = |detail: String| ShipError::Connect { endpoint: ep.endpoint.clone(), detail };
-        let server_name = ep.server_name.clone().unwrap_or_else(|| ep.name.clone());
-        let tlscfg = tls::client_config(&self.tls, &server_name).map_err(|e| cerr(e.to_string()))?;
-        let channel = tonic::transport::Endpoint::from_shared(ep.endpoint.clone())
-            .map_err(|e| cerr(e.to_string()))?
-            .tls_config(tlscfg)
+        let channel = tonic::transport::Endpoint::from_shared(tls::plain_uri(&ep.endpoint).map_err(cerr)?)
             .map_err(|e| cerr(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .initial_stream_window_size(Some(64 << 20))
             .initial_connection_window_size(Some(128 << 20))
-            .connect()
+            .connect_with_connector(tls.connector())
             .await
-            .map_err(|e| cerr(format!("{e}: {}", source_chain(&e))))?;
+            .map_err(|e| match tls::problem_in_chain(&e) {
+                Some(p) => ShipError::Tls(p),
+                None => cerr(format!("{e}: {}", source_chain(&e))),
+            })?;
         Ok(ReplicationClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
+    /// One session. A TLS problem seen on its connection explains whatever error tonic
+    /// made of it: with TLS 1.3 the receiver's verdict on this agent's certificate arrives
+    /// only after the handshake, and surfaces as a broken stream.
     async fn session(&self) -> Result<(), ShipError> {
+        let ep = &self.endpoint;
+        let server_name = ep.server_name.clone().unwrap_or_else(|| ep.name.clone());
+        let tls = tls::ClientTls::new(&self.tls, &server_name, &format!("receiver {}", ep.name))?;
+        let result = self.session_with(&tls).await;
+        match (result, tls.problem()) {
+            (Err(ShipError::Cancelled), _) => Err(ShipError::Cancelled),
+            (Err(_), Some(p)) => Err(ShipError::Tls(p)),
+            (result, _) => result,
+        }
+    }
+
+    async fn session_with(&self, tls: &tls::ClientTls) -> Result<(), ShipError> {
         let name = self.endpoint.name.clone();
         let mut client = tokio::select! {
-            c = self.connect() => c?,
+            c = self.connect(tls) => c?,
             _ = self.cancel.cancelled() => return Err(ShipError::Cancelled),
         };
         let (tx, rx) = mpsc::channel::<AgentMessage>(8);
@@ -275,7 +319,13 @@ impl Shipper {
         dead.cancel();
         drop(tx);
         let reader_result = reader.await.unwrap_or(Ok(()));
-        result.and(reader_result)
+        // When the receiver ended the stream, the sender only saw it close; the reader holds
+        // the receiver's status, which names the cause.
+        match (result, reader_result) {
+            (Err(ShipError::Cancelled), _) => Err(ShipError::Cancelled),
+            (_, Err(e)) => Err(e),
+            (result, Ok(())) => result,
+        }
     }
 
     async fn send_all(
@@ -529,11 +579,9 @@ pub fn cursor_key(receiver: &str) -> String {
 }
 
 fn status_err(s: tonic::Status) -> ShipError {
-    match s.code() {
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::FailedPrecondition => {
-            ShipError::Refused(s.message().to_string())
-        }
-        _ => ShipError::Stream(format!("{}: {}", s.code(), s.message())),
+    match Remedy::of_grpc(s.code()) {
+        Remedy::Person => ShipError::Receiver { code: s.code(), message: s.message().to_string() },
+        Remedy::Retry => ShipError::Stream(format!("{}: {}", s.code(), s.message())),
     }
 }
 
@@ -545,4 +593,24 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     out.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_receiver_status_a_person_must_fix_is_shown_whole_and_retried_slowly() {
+        let msg = "receiver eu-west: target www: applying seq 7 failed: write /srv/standby/big.bin: No space left on device (os error 28); free space on the standby's filesystem; replication resumes by itself";
+        let e = status_err(tonic::Status::resource_exhausted(msg));
+        assert_eq!(e.remedy(), Remedy::Person);
+        assert_eq!(format!("{e}{}", e.remedy().note()), format!("{msg}; retrying every 30 s"));
+        let e = status_err(tonic::Status::permission_denied("receiver eu-west has no target for agent \"x\""));
+        assert_eq!(e.remedy(), Remedy::Person);
+        // A receiver restarting, a reset link: retried with backoff, no call for a person.
+        let e = status_err(tonic::Status::unavailable("target busy; retry"));
+        assert_eq!((e.remedy(), e.remedy().note()), (Remedy::Retry, ""));
+        let e = ShipError::Connect { endpoint: "https://r:1".into(), detail: "Connection refused".into() };
+        assert_eq!(e.remedy(), Remedy::Retry);
+    }
 }

@@ -217,6 +217,16 @@ fn check_tls(file: &Path, tls: &TlsConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Checks that the TLS files of `file`'s config are readable PEM and that the key belongs to
+/// the certificate — what `run` needs, found at start-up rather than at the first handshake.
+/// Not part of `validate`: `status` needs no key (and may run as a user who cannot read it).
+pub fn check_tls_material(file: &Path, tls: &TlsConfig) -> Result<(), ConfigError> {
+    crate::tls::check_material(tls).map_err(|e| match e {
+        crate::tls::TlsError::Material { key, path, problem } => err(file, key, format!("{path} {problem}")),
+        other => err(file, "tls", other.to_string()),
+    })
+}
+
 impl AgentConfig {
     /// Reads, resolves and validates an agent config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

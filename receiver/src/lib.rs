@@ -4,6 +4,7 @@
 
 pub mod applier;
 pub mod metrics;
+pub mod refusals;
 pub mod server;
 pub mod target;
 
@@ -15,8 +16,9 @@ use lockstep_common::config::ReceiverConfig;
 use lockstep_common::proto::replication_server::ReplicationServer;
 use lockstep_common::{tls, MAX_MESSAGE_BYTES};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, error, info, warn};
 
+use crate::refusals::Refusals;
 use crate::server::ReplicationService;
 use crate::target::Target;
 
@@ -49,19 +51,22 @@ pub async fn run(config: ReceiverConfig, shutdown: CancellationToken) -> anyhow:
     };
     let admin_task = tokio::spawn(admin::serve(admin_listener, handler));
 
-    let tls = tls::server_config(&config.tls).context("load TLS material")?;
-    let service = ReplicationService { receiver_id: config.id.clone(), targets: targets.clone() };
+    let tls = tls::ServerTls::new(&config.tls).context("load TLS material")?;
+    if let Some(problem) = tls::own_certificate_problem(&config.tls) {
+        error!(error = %problem, "this receiver's certificate is not valid now; agents will refuse it");
+    }
+    Refusals::register_metrics();
+    let refusals = Arc::new(Refusals::default());
+    let service =
+        ReplicationService { receiver_id: config.id.clone(), targets: targets.clone(), refusals: refusals.clone() };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("bind listen address {}", config.listen))?;
     info!(receiver = %config.id, listen = %listener.local_addr()?, targets = targets.len(), "receiver running");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = accept_tls(listener, Arc::new(tls), refusals, shutdown.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ReplicationServer<ReplicationService>>().await;
     let result = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .context("configure TLS")?
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .initial_stream_window_size(Some(64 << 20))
@@ -77,6 +82,49 @@ pub async fn run(config: ReceiverConfig, shutdown: CancellationToken) -> anyhow:
     admin_task.abort();
     result.context("gRPC server")?;
     Ok(())
+}
+
+/// Accepts connections and runs their TLS handshakes (each on a task of its own, so a slow
+/// client holds up nobody), handing finished streams to tonic. A refused handshake is
+/// counted and logged (see [`Refusals`]); a connection that goes away before a handshake (a
+/// port probe) is not a refusal.
+fn accept_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<tls::ServerTls>,
+    refusals: Arc<Refusals>,
+    shutdown: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<tls::ServerStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors, mostly: wait rather than spin.
+                        warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (tls, refusals, tx) = (tls.clone(), refusals.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tls.accept(tcp, peer).await {
+                    Ok(stream) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Err(tls::AcceptError::Refused(problem)) => refusals.record(Some(peer), &problem),
+                    Err(tls::AcceptError::Dropped(e)) => {
+                        debug!(peer = %peer, error = %e, "connection closed before a TLS handshake")
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// The `status --json` document of a receiver.

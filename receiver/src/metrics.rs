@@ -6,5 +6,9 @@ pub const APPLIED_SEQ: &str = "lockstep_receiver_applied_seq";
 pub const SESSIONS_REFUSED_TOTAL: &str = "lockstep_receiver_sessions_refused_total";
 pub const CORRUPT_RECORDS_TOTAL: &str = "lockstep_receiver_corrupt_records_total";
 
+/// TLS handshakes and identities refused, by `reason` (see `lockstep_common::tls::Reason`).
+pub const HANDSHAKES_REFUSED_TOTAL: &str = "lockstep_receiver_handshakes_refused_total";
+
 pub const L_AGENT: &str = "agent";
 pub const L_SOURCE: &str = "source";
+pub const L_REASON: &str = "reason";

@@ -1,7 +1,9 @@
 //! The gRPC `Replication` service: authenticates the agent by its client certificate, maps
 //! each of its sources to a configured target (refusing anything else), answers `Welcome` with
 //! the targets' committed positions, then runs a session that verifies, applies in order,
-//! commits and acknowledges.
+//! commits and acknowledges. A failure ends the session with a gRPC status whose code and
+//! message come from the retry policy (`lockstep_common::retry`): the agent shows the cause in
+//! its status, and one that needs a person (a full or unwritable standby) is logged at ERROR.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
@@ -15,14 +17,17 @@ use lockstep_common::proto::receiver_message::Msg as RMsg;
 use lockstep_common::proto::replication_server::Replication;
 use lockstep_common::proto::{self, AgentMessage, ReceiverMessage};
 use lockstep_common::relpath::RelPath;
-use lockstep_common::{now_us, tls, PROTOCOL_VERSION};
+use lockstep_common::retry::{self, Remedy};
+use lockstep_common::tls::{self, Reason, TlsProblem};
+use lockstep_common::{now_us, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::applier::{Applier, ApplyError, CommitFn, Position};
 use crate::metrics as m;
+use crate::refusals::Refusals;
 use crate::target::Target;
 
 /// Most bytes of batches gathered into one apply + commit + ack round.
@@ -34,6 +39,8 @@ const IDLE_COMMIT: Duration = Duration::from_secs(1);
 pub struct ReplicationService {
     pub receiver_id: String,
     pub targets: Arc<BTreeMap<(String, String), Arc<Target>>>,
+    /// Where refused identities are counted and logged (as refused handshakes are).
+    pub refusals: Arc<Refusals>,
 }
 
 type ApplierGuard = OwnedMutexGuard<Option<Box<dyn Applier>>>;
@@ -161,13 +168,12 @@ impl Session {
                 }
                 Ok(())
             }
+            // Logged where the session ends, at the level the retry policy gives it.
             Err(ApplyError::Refused(why)) => {
-                warn!(source = %source, seq = %seq, reason = %why, "change refused; refusing the stream");
                 Err(self.fail(&source, Status::permission_denied(format!("source {source} seq {seq} refused: {why}"))))
             }
             Err(e @ ApplyError::Io { .. }) => {
-                warn!(source = %source, seq = %seq, error = %e, "apply failed; the agent will retry");
-                Err(self.fail(&source, Status::internal(format!("source {source} seq {seq}: {e}"))))
+                Err(self.fail(&source, target_failure(&source, &format!("applying seq {seq}"), &e)))
             }
         }
     }
@@ -195,7 +201,7 @@ impl Session {
                     .get_mut(&r.source)
                     .ok_or_else(|| Status::invalid_argument("resync of unknown source"))?;
                 info!(source = %r.source, seq = r.seq, "resync begins");
-                t.applier().begin_resync().map_err(|e| Status::internal(e.to_string()))?;
+                t.applier().begin_resync().map_err(|e| target_failure(&r.source, "starting a resync", &e))?;
                 t.resyncing = true;
                 t.resync_gen += 1;
                 t.resync_unconfirmed = true;
@@ -210,7 +216,7 @@ impl Session {
                 if !t.resyncing {
                     return Err(Status::invalid_argument("resync end without begin"));
                 }
-                t.applier().end_resync().map_err(|e| Status::internal(e.to_string()))?;
+                t.applier().end_resync().map_err(|e| target_failure(&r.source, "ending a resync", &e))?;
                 let late = t.applier().take_deferred();
                 repairs.extend(late.repairs.into_iter().map(|p| repair_msg(&r.source, p)));
                 if let Some(why) = late.skipped {
@@ -260,7 +266,7 @@ impl Session {
                     let mut st = t.target.status();
                     st.apply_errors += 1;
                     st.last_error = Some(e.to_string());
-                    return Err(Status::internal(format!("commit {source}: {e}")));
+                    return Err(target_failure(source, "committing", &e));
                 }
             }
             t.dirty = false;
@@ -355,6 +361,25 @@ impl Session {
     }
 }
 
+/// The status that ends a session after the target of `source` failed while doing `what`:
+/// its code and remedy come from the retry policy, its message says what failed and, when
+/// retrying cannot help, what a person should do.
+fn target_failure(source: &str, what: &str, e: &ApplyError) -> Status {
+    match e {
+        ApplyError::Refused(why) => Status::permission_denied(format!("target {source}: {what} refused: {why}")),
+        ApplyError::Io { error, .. } => {
+            let v = retry::local_io(error);
+            let message = match v.remedy {
+                Remedy::Person => {
+                    format!("target {source}: {what} failed: {e}; {}; replication resumes by itself", v.fix)
+                }
+                Remedy::Retry => format!("target {source}: {what} failed: {e}"),
+            };
+            Status::new(v.code, message)
+        }
+    }
+}
+
 /// The request asking the agent to re-send `path` of `source` whole.
 fn repair_msg(source: &str, (path, reason): (RelPath, String)) -> proto::Repair {
     proto::Repair { source: source.to_string(), path: path.into_bytes().into(), reason }
@@ -390,7 +415,7 @@ impl PendingCommit {
             match f() {
                 Ok(()) => done.push(commit),
                 Err(e) => {
-                    result = Err(Status::internal(format!("commit {}: {e}", commit.0)));
+                    result = Err(target_failure(&commit.0, "committing", &e));
                     break;
                 }
             }
@@ -473,7 +498,7 @@ impl ReplicationService {
                     Ok(a) => *guard = Some(a),
                     Err(e) => {
                         t.status().last_error = Some(e.to_string());
-                        return Err(Status::internal(format!("open target for source {name}: {e}")));
+                        return Err(target_failure(&name, "opening", &e));
                     }
                 }
             }
@@ -491,7 +516,12 @@ impl ReplicationService {
                 Err(e) => {
                     // Dropped: the next session opens it afresh.
                     t.status().last_error = Some(e.to_string());
-                    return Err(Status::unavailable(format!("target for source {name}: {e}; retry")));
+                    return Err(match &e {
+                        ApplyError::Io { error, .. } if retry::local_io(error).remedy == Remedy::Retry => {
+                            Status::unavailable(format!("target for source {name}: {e}; retry"))
+                        }
+                        _ => target_failure(&name, "starting a session", &e),
+                    });
                 }
             };
             // Repairs asked for before a restart, which may not have reached the agent.
@@ -530,6 +560,7 @@ impl ReplicationService {
 }
 
 async fn run_session(
+    receiver_id: String,
     mut session: Session,
     mut inbound: Streaming<AgentMessage>,
     out: mpsc::Sender<Result<ReceiverMessage, Status>>,
@@ -542,8 +573,16 @@ async fn run_session(
     }
     let end = session_loop(&mut session, &mut inbound, &out).await;
     if let Err(s) = &end {
-        info!(code = ?s.code(), error = %s.message(), "session ended");
-        let _ = out.send(Err(s.clone())).await;
+        match Remedy::of_grpc(s.code()) {
+            Remedy::Person => error!(
+                code = ?s.code(),
+                error = %s.message(),
+                "session ended by a failure retrying cannot fix; the agent retries every 30 s until it is fixed"
+            ),
+            Remedy::Retry => info!(code = ?s.code(), error = %s.message(), "session ended"),
+        }
+        // The agent shows this in its status: say which receiver it comes from.
+        let _ = out.send(Err(Status::new(s.code(), format!("receiver {receiver_id}: {}", s.message())))).await;
     } else {
         debug!("session closed by agent");
     }
@@ -693,11 +732,22 @@ impl Replication for ReplicationService {
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
         let peer = req.remote_addr();
+        let subject = tls::peer_subject(&req);
         let (session, inbound) = match self.start(req).await {
             Ok(s) => s,
             Err(s) => {
                 metrics::counter!(m::SESSIONS_REFUSED_TOTAL).increment(1);
-                warn!(peer = ?peer, code = ?s.code(), error = %s.message(), "session refused");
+                match s.code() {
+                    // The certificate was fine, the identity is not one with targets here.
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => self.refusals.record(
+                        peer,
+                        &TlsProblem { reason: Reason::UnknownAgent, message: s.message().to_string(), subject },
+                    ),
+                    code if Remedy::of_grpc(code) == Remedy::Person => {
+                        error!(peer = ?peer, code = ?code, error = %s.message(), "session refused")
+                    }
+                    code => warn!(peer = ?peer, code = ?code, error = %s.message(), "session refused"),
+                }
                 return Err(s);
             }
         };
@@ -718,7 +768,41 @@ impl Replication for ReplicationService {
         info!(agent = %session.agent, peer = ?peer, sources = session.targets.len(), "session started");
         let _ = tx.send(Ok(ReceiverMessage { msg: Some(RMsg::Welcome(welcome)) })).await;
         let span = tracing::info_span!("session", agent = %session.agent);
-        tokio::spawn(run_session(session, inbound, tx).instrument(span));
+        tokio::spawn(run_session(self.receiver_id.clone(), session, inbound, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_standby_reaches_the_agent_as_resource_exhausted_with_the_fix() {
+        let e = ApplyError::Io {
+            context: "write /srv/standby/www/big.bin".into(),
+            error: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let s = target_failure("www", "applying seq 7", &e);
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            s.message(),
+            "target www: applying seq 7 failed: write /srv/standby/www/big.bin: No space left on device (os error 28); \
+             free space on the standby's filesystem; replication resumes by itself"
+        );
+        assert_eq!(Remedy::of_grpc(s.code()), Remedy::Person);
+        // Unwritable: a person too, as a failed precondition.
+        let e = ApplyError::Io {
+            context: "create directory /srv/x".into(),
+            error: std::io::Error::from_raw_os_error(libc::EACCES),
+        };
+        let s = target_failure("www", "applying seq 8", &e);
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert!(s.message().contains("give the receiver's user write access"), "{}", s.message());
+        // An error a retry may fix stays INTERNAL, without a call for a person.
+        let e = ApplyError::Io { context: "read /srv/x".into(), error: std::io::Error::from_raw_os_error(libc::EIO) };
+        let s = target_failure("www", "applying seq 9", &e);
+        assert_eq!((s.code(), Remedy::of_grpc(s.code())), (tonic::Code::Internal, Remedy::Retry));
+        assert!(!s.message().contains("resumes by itself"), "{}", s.message());
     }
 }
