@@ -310,6 +310,15 @@ path = "standby"
         self.agent.as_ref().map(Child::id)
     }
 
+    /// Stops the agent cleanly (SIGTERM) and waits for it to exit.
+    pub fn stop_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            // SAFETY: signalling our own child by its pid.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
     /// kill -9 the agent.
     pub fn kill_agent(&mut self) {
         Self::kill(&mut self.agent);

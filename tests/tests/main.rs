@@ -4,6 +4,7 @@
 mod failures;
 mod fs_crash;
 mod fs_e2e;
+mod fs_meta;
 mod pg_e2e;
 mod pg_harness;
 mod security;

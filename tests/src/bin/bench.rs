@@ -190,13 +190,16 @@ fn rsync_initial(src: &Path, work: &Path, round: usize) -> Result<(f64, f64)> {
 /// Runs of each tool, alternating; the medians are reported (this 2-core VM is noisy).
 const INITIAL_ROUNDS: usize = 5;
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Median, minimum and maximum.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-/// Returns (lockstep seconds, rsync seconds, rsync+sync seconds, bytes), each a median.
-fn lockstep_initial(tree_mib: u64) -> Result<(f64, f64, f64, u64)> {
+/// Returns (lockstep seconds, rsync seconds, rsync+sync seconds) as (median, min, max), and
+/// the tree's bytes.
+type Spread = (f64, f64, f64);
+fn lockstep_initial(tree_mib: u64) -> Result<(Spread, Spread, Spread, u64)> {
     let mut s = Setup::new()?;
     let bytes = make_tree(&s.src, tree_mib)?;
     let agent_cfg = fs::read_to_string(&s.agent_cfg)?;
@@ -260,7 +263,7 @@ fn lockstep_initial(tree_mib: u64) -> Result<(f64, f64, f64, u64)> {
         );
     }
     let (theirs, theirs_durable) = theirs.into_iter().unzip();
-    Ok((median(ours), median(theirs), median(theirs_durable), bytes))
+    Ok((spread(ours), spread(theirs), spread(theirs_durable), bytes))
 }
 
 fn patch_bytes() -> Result<f64> {
@@ -309,18 +312,17 @@ fn main() -> Result<()> {
         println!("write-to-visible latency (300 single small-file writes): p50 {p50:.2} ms, p99 {p99:.2} ms");
     }
     if want("initial") {
-        let (secs, rsync_secs, rsync_durable, bytes) = lockstep_initial(tree_mib)?;
+        let (ours, rsync, rsync_durable, bytes) = lockstep_initial(tree_mib)?;
         let mb = bytes as f64 / 1e6;
+        let show = |(med, min, max): Spread| format!("{med:.2} s ({min:.2}–{max:.2}) = {:.0} MB/s", mb / med);
         println!(
-            "initial sync of {:.0} MB tree ({} cache, median of {INITIAL_ROUNDS} alternating runs): lockstep {:.2} s = {:.0} MB/s (durable, acknowledged); rsync -a to loopback daemon {:.2} s = {:.0} MB/s (not flushed), {:.2} s = {:.0} MB/s with a sync of its copy",
-            mb,
+            "initial sync of {mb:.0} MB tree ({} cache, `sync` before each run; median (min–max) of {INITIAL_ROUNDS} alternating runs): lockstep {} (durable, acknowledged); rsync -a to loopback daemon {} (not flushed), {} with a sync of its copy; lockstep runs at {:.2}x the speed of rsync, {:.2}x rsync + sync",
             if cold() { "cold" } else { "warm" },
-            secs,
-            mb / secs,
-            rsync_secs,
-            mb / rsync_secs,
-            rsync_durable,
-            mb / rsync_durable
+            show(ours),
+            show(rsync),
+            show(rsync_durable),
+            rsync.0 / ours.0,
+            rsync_durable.0 / ours.0,
         );
     }
     if want("burst") {
