@@ -11,7 +11,7 @@ pub mod fs;
 pub mod pg;
 pub mod sqlite;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -58,6 +58,8 @@ pub struct SourceStatus {
     snapshots_started: AtomicU64,
     /// fs: sockets found in the tree and not replicated (they mean nothing on another host).
     sockets_skipped: AtomicU64,
+    /// When the first snapshot of this run started (µs since the epoch; 0: none yet).
+    first_snapshot_us: AtomicI64,
 }
 
 /// Counts one snapshot of a source as running until dropped.
@@ -80,6 +82,7 @@ impl SourceStatus {
             snapshots_active: AtomicU64::new(0),
             snapshots_started: AtomicU64::new(0),
             sockets_skipped: AtomicU64::new(0),
+            first_snapshot_us: AtomicI64::new(0),
         }
     }
 
@@ -107,12 +110,19 @@ impl SourceStatus {
 
     /// Marks a snapshot of this source as running (see [`SnapshotGuard`]).
     pub fn snapshot_started(self: &Arc<Self>) -> SnapshotGuard {
+        let _ =
+            self.first_snapshot_us.compare_exchange(0, lockstep_common::now_us(), Ordering::SeqCst, Ordering::SeqCst);
         self.snapshots_started.fetch_add(1, Ordering::SeqCst);
         self.snapshots_active.fetch_add(1, Ordering::SeqCst);
         SnapshotGuard(self.clone())
     }
 
     /// (snapshots running now, snapshots ever started).
+    /// When the first snapshot of this run started (µs since the epoch), if one did.
+    pub fn first_snapshot_us(&self) -> Option<i64> {
+        Some(self.first_snapshot_us.load(Ordering::SeqCst)).filter(|&t| t != 0)
+    }
+
     /// Counts one more socket left out (see `sockets_skipped`).
     pub fn skipped_socket(&self) {
         self.sockets_skipped.fetch_add(1, Ordering::SeqCst);

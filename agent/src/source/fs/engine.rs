@@ -92,7 +92,18 @@ pub(crate) struct Engine {
     sockets_seen: HashSet<RelPath>,
     /// Re-sending a path in full (a repair): its content goes out, not a link to another name.
     sending_whole: bool,
+    /// Directories the first index journaled (see [`Engine::sync_entry`]): everything below
+    /// them is journaled too (a tree moved in keeps its children's old ctimes).
+    loud_dirs: HashSet<RelPath>,
+    /// Paths the first index journaled.
+    loud_count: u64,
 }
+
+/// Margin before the first snapshot's start for [`Engine::sync_entry`]: the kernel stamps
+/// ctime from a coarse clock that may lag the real time by a tick or more; a second is ample,
+/// and journaling a path that changed a moment before the snapshot started costs only a
+/// resend.
+const CUTOFF_MARGIN_NS: i64 = 1_000_000_000;
 
 /// How long after the engine last saw a snapshot running (or learnt that one ran) it still
 /// treats vanished unknown paths as possibly sent by it; covers the watcher's events of
@@ -153,6 +164,8 @@ impl Engine {
             links: Links::default(),
             sockets_seen: HashSet::new(),
             sending_whole: false,
+            loud_dirs: HashSet::new(),
+            loud_count: 0,
         }
     }
 
@@ -324,14 +337,19 @@ impl Engine {
             let cleared = self.index.clear();
             self.ix(cleared)?;
             self.silent = true;
-            // The baseline reads and hashes the whole tree while receivers are being seeded
-            // from the same files; at idle priority it takes only the CPU they leave, so the
-            // first copy reaches the standbys sooner. (A scoped thread: niceness is per
-            // thread, and this engine thread comes from tokio's blocking pool.)
+            // When the baseline reads and hashes the whole tree while receivers are still
+            // being seeded from the same files, at idle priority it takes only the CPU they
+            // leave, so the first copy reaches the standbys sooner. Only then: on a host busy
+            // with other work, an idle-priority baseline would crawl, and changes are journaled
+            // only once it is done. (A scoped thread: niceness is per thread, and this engine
+            // thread comes from tokio's blocking pool.)
+            let seeding = self.status.snapshots().0 > 0;
             let done = std::thread::scope(|scope| {
                 scope
                     .spawn(|| {
-                        lower_thread_priority();
+                        if seeding {
+                            lower_thread_priority();
+                        }
                         self.reconcile(None)
                     })
                     .join()
@@ -339,8 +357,15 @@ impl Engine {
             })?;
             self.silent = false;
             self.done.clear();
+            self.loud_dirs.clear();
             if !done {
                 return Ok(());
+            }
+            if self.loud_count > 0 {
+                tracing::info!(
+                    paths = self.loud_count,
+                    "paths changed since the first snapshot started were journaled while the first index was built"
+                );
             }
             let r = self.index.set_baseline_done(&self.db);
             self.ix(r)?;
@@ -551,7 +576,35 @@ impl Engine {
     /// Compares one existing entry with its index entry and journals the difference. With
     /// `force_content`, a file is read even when size and mtime match (a write was seen, and
     /// mtime granularity can hide it).
+    ///
+    /// While the first index is built (silently, as receivers are seeded from snapshots), a
+    /// path that changed after a snapshot started may be in that snapshot as it was before the
+    /// change, and its watcher event may be missed (a directory created before its watch
+    /// existed) or arrive after the index recorded the new state: such a path is journaled
+    /// (its ctime is after the first snapshot's start), and so is everything below a directory
+    /// journaled this way.
     fn sync_entry(&mut self, rel: &RelPath, meta: &std::fs::Metadata, force_content: bool) -> R<Synced> {
+        let changed_since_snapshot = || {
+            self.status.first_snapshot_us().is_some_and(|t| {
+                meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec())
+                    >= t.saturating_mul(1000) - CUTOFF_MARGIN_NS
+            })
+        };
+        if self.silent && (changed_since_snapshot() || rel.parent().is_some_and(|p| self.loud_dirs.contains(&p))) {
+            self.silent = false;
+            let r = self.compare_entry(rel, meta, force_content);
+            self.silent = true;
+            if matches!(r, Ok(Synced::NewDir | Synced::Dir)) {
+                self.loud_dirs.insert(rel.clone());
+            }
+            self.loud_count += 1;
+            return r;
+        }
+        self.compare_entry(rel, meta, force_content)
+    }
+
+    /// [`Engine::sync_entry`] without the first index's special case.
+    fn compare_entry(&mut self, rel: &RelPath, meta: &std::fs::Metadata, force_content: bool) -> R<Synced> {
         self.done.insert(rel.clone());
         let old = self.index.get(rel);
         let mut old = self.ix(old)?;

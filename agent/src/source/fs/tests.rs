@@ -90,8 +90,12 @@ impl Harness {
 
     /// Starts the source and waits until it streams.
     async fn start(&mut self) {
+        self.start_with(Arc::new(SourceStatus::new("www", SourceKind::Fs))).await
+    }
+
+    /// [`Harness::start`] with a status of the test's.
+    async fn start_with(&mut self, status: Arc<SourceStatus>) {
         let src = Box::new(self.source());
-        let status = Arc::new(SourceStatus::new("www", SourceKind::Fs));
         let (repair_tx, repairs) = mpsc::channel(16);
         let cancel = CancellationToken::new();
         let ctx = SourceContext {
@@ -523,6 +527,35 @@ async fn restart_journals_exactly_the_offline_changes() {
     let ops = h.ops_until(|o| is_last_write(o, "keep/deep/same")).await;
     model.apply_all(&ops);
     assert_eq!(model.nodes, Model::from_disk(&h.root, &[]).nodes);
+    h.stop().await;
+}
+
+/// The first index is built silently while receivers are seeded from snapshots; a path that
+/// changed after a snapshot started may be in it as it was before, and its watcher event may
+/// be missed or arrive after the index recorded the new state. So the first index journals
+/// what changed since just before the first snapshot started — and everything below a
+/// directory it journals (a tree moved in keeps its children's old change times) — and only
+/// records the rest. (Here a snapshot "starts" without a receiver, before the source does.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_first_index_journals_what_changed_since_the_first_snapshot() {
+    let mut h = Harness::new(&[]);
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(outside.path().join("tree/deep")).unwrap();
+    std::fs::write(outside.path().join("tree/deep/child"), b"moved in").unwrap();
+    std::fs::write(h.p("old"), b"unchanged for long").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let status = Arc::new(SourceStatus::new("www", SourceKind::Fs));
+    let snapshot = status.snapshot_started();
+    std::fs::write(h.p("new"), b"just written").unwrap();
+    std::fs::rename(outside.path().join("tree"), h.p("tree")).unwrap();
+    drop(snapshot);
+    h.start_with(status).await;
+    let ops = h.settle().await;
+    let mut paths: Vec<String> = ops.iter().map(|o| o.path().to_string()).collect();
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths, ["new", "tree", "tree/deep", "tree/deep/child"], "{ops:#?}");
+    assert!(is_last_write(&ops, "tree/deep/child"));
     h.stop().await;
 }
 
