@@ -88,7 +88,7 @@ pub(crate) async fn ensure_trigger(client: &Client, source: &str) -> Result<(), 
             "the event trigger lockstep_columns is not installed and this role may not create it (it needs a \
              superuser): a column renamed while the agent is behind, in a table changed again before the agent \
              catches up, is kept aside on the standby instead of renamed there; install it as a superuser (README, \
-             \"Column renames\")"
+             \"Schema changes on PostgreSQL sources\")"
         );
         return Ok(());
     }
