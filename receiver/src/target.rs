@@ -55,7 +55,7 @@ impl Target {
                 Ok(Box::new(crate::applier::fs::FsApplier::open(
                     root,
                     self.position_file.clone(),
-                    self.cfg.allow_external_symlinks,
+                    !self.cfg.fs_options().safe_links,
                 )?))
             }
             SourceKind::Postgres => Ok(Box::new(crate::applier::pg::PgApplier::open(&self.cfg)?)),
