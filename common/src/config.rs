@@ -142,10 +142,113 @@ pub struct TargetConfig {
     pub kind: SourceKind,
     pub path: Option<PathBuf>,
     pub dsn: Option<String>,
-    /// fs: also create symlinks whose target is absolute or climbs out of the tree (they are
-    /// never followed when writing either way). Off by default.
+    /// fs: rsync's `--safe-links`: skip symlinks whose target is absolute or climbs above the
+    /// tree from the link's directory, and keep the standby holding exactly the source's links
+    /// that are safe at this moment (a rename can make a link safe or unsafe). Default false:
+    /// every symlink is created with its target verbatim. Links are never followed when the
+    /// receiver writes, either way.
     #[serde(default)]
-    pub allow_external_symlinks: bool,
+    pub safe_links: Option<bool>,
+    /// fs, deprecated since 0.4.0 (replaced by `safe_links`): `true` is the new default
+    /// (`safe_links = false`), `false` means `safe_links = true`. Accepted with a warning.
+    #[serde(default)]
+    pub allow_external_symlinks: Option<bool>,
+    /// fs: set owner and group as the source has them (needs CAP_CHOWN, i.e. root in
+    /// practice). Default true.
+    #[serde(default)]
+    pub owners: Option<bool>,
+    /// fs: owners by numeric id (default true); false maps them by the source's user and group
+    /// names, falling back to the numeric id for a name unknown on the receiver (as rsync).
+    #[serde(default)]
+    pub numeric_ids: Option<bool>,
+    /// fs: extended attributes other than POSIX ACLs. Default true.
+    #[serde(default)]
+    pub xattrs: Option<bool>,
+    /// fs: POSIX ACLs (`system.posix_acl_access`, `system.posix_acl_default`). Default true.
+    #[serde(default)]
+    pub acls: Option<bool>,
+    /// fs: ranges of zeros the source does not store stay holes on the standby. Default true.
+    #[serde(default)]
+    pub sparse: Option<bool>,
+    /// fs: hard links within the tree stay links (false: each name gets its own copy).
+    /// Default true.
+    #[serde(default)]
+    pub hard_links: Option<bool>,
+    /// fs: FIFOs. Default true.
+    #[serde(default)]
+    pub specials: Option<bool>,
+    /// fs: character and block device nodes (needs CAP_MKNOD). Default false.
+    #[serde(default)]
+    pub devices: Option<bool>,
+}
+
+/// What an fs target reproduces besides content, modes and mtimes, resolved from its
+/// [`TargetConfig`] keys. The defaults are `rsync -aHAXS --numeric-ids`: what a standby that
+/// may become the primary needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsTargetOptions {
+    pub safe_links: bool,
+    pub owners: bool,
+    pub numeric_ids: bool,
+    pub xattrs: bool,
+    pub acls: bool,
+    pub sparse: bool,
+    pub hard_links: bool,
+    pub specials: bool,
+    pub devices: bool,
+}
+
+impl Default for FsTargetOptions {
+    fn default() -> Self {
+        FsTargetOptions {
+            safe_links: false,
+            owners: true,
+            numeric_ids: true,
+            xattrs: true,
+            acls: true,
+            sparse: true,
+            hard_links: true,
+            specials: true,
+            devices: false,
+        }
+    }
+}
+
+impl TargetConfig {
+    /// The fs keys of this target, resolved to their values (defaults where unset).
+    pub fn fs_options(&self) -> FsTargetOptions {
+        let d = FsTargetOptions::default();
+        FsTargetOptions {
+            safe_links: self.safe_links.or(self.allow_external_symlinks.map(|allow| !allow)).unwrap_or(d.safe_links),
+            owners: self.owners.unwrap_or(d.owners),
+            numeric_ids: self.numeric_ids.unwrap_or(d.numeric_ids),
+            xattrs: self.xattrs.unwrap_or(d.xattrs),
+            acls: self.acls.unwrap_or(d.acls),
+            sparse: self.sparse.unwrap_or(d.sparse),
+            hard_links: self.hard_links.unwrap_or(d.hard_links),
+            specials: self.specials.unwrap_or(d.specials),
+            devices: self.devices.unwrap_or(d.devices),
+        }
+    }
+
+    /// The fs-only keys that are set, by name.
+    fn fs_keys_set(&self) -> Vec<&'static str> {
+        [
+            ("safe_links", self.safe_links),
+            ("allow_external_symlinks", self.allow_external_symlinks),
+            ("owners", self.owners),
+            ("numeric_ids", self.numeric_ids),
+            ("xattrs", self.xattrs),
+            ("acls", self.acls),
+            ("sparse", self.sparse),
+            ("hard_links", self.hard_links),
+            ("specials", self.specials),
+            ("devices", self.devices),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|_| k))
+        .collect()
+    }
 }
 
 /// `receiver.toml`.
@@ -344,7 +447,30 @@ impl ReceiverConfig {
             }
         }
         c.validate(path)?;
+        for w in c.warnings(path) {
+            tracing::warn!("{w}");
+        }
         Ok(c)
+    }
+
+    /// Deprecated keys still accepted, each as a sentence naming the file, the key and the
+    /// replacement.
+    pub fn warnings(&self, file: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            if let Some(allow) = t.allow_external_symlinks {
+                out.push(format!(
+                    "config {}: targets[{i}].allow_external_symlinks is deprecated; replace it with {}",
+                    file.display(),
+                    if allow {
+                        "nothing (symlinks are now copied verbatim by default, i.e. safe_links = false)"
+                    } else {
+                        "safe_links = true"
+                    }
+                ));
+            }
+        }
+        out
     }
 
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
@@ -361,6 +487,21 @@ impl ReceiverConfig {
                     file,
                     k("source"),
                     format!("agent {:?} source {:?} is mapped twice", t.agent, t.source),
+                ));
+            }
+            if t.kind != SourceKind::Fs {
+                if let Some(key) = t.fs_keys_set().first() {
+                    return Err(err(
+                        file,
+                        k(key),
+                        format!("applies only to kind = \"fs\" targets, this one is {}; remove it", t.kind),
+                    ));
+                }
+            } else if t.safe_links.is_some() && t.allow_external_symlinks.is_some() {
+                return Err(err(
+                    file,
+                    k("allow_external_symlinks"),
+                    "set together with safe_links, which replaces it; remove allow_external_symlinks",
                 ));
             }
             match t.kind {
@@ -410,5 +551,89 @@ impl ReceiverConfig {
     /// The target configured for (agent, source), if any.
     pub fn target(&self, agent: &str, source: &str) -> Option<&TargetConfig> {
         self.targets.iter().find(|t| t.agent == agent && t.source == source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A receiver.toml with real TLS files (validation checks they exist) and `targets`
+    /// appended; returns its path and the loaded result.
+    fn load_receiver(dir: &Path, targets: &str) -> (PathBuf, Result<ReceiverConfig, ConfigError>) {
+        for f in ["ca.pem", "r.pem", "r.key"] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        let path = dir.join("receiver.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "id = \"r\"\nlisten = \"127.0.0.1:1\"\ndata_dir = \"data\"\nadmin_listen = \"127.0.0.1:2\"\n\
+                 [tls]\nca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\n{targets}"
+            ),
+        )
+        .unwrap();
+        let loaded = ReceiverConfig::load(&path);
+        (path, loaded)
+    }
+
+    const FS: &str = "[[targets]]\nagent = \"a\"\nsource = \"s\"\nkind = \"fs\"\npath = \"standby\"\n";
+
+    #[test]
+    fn fs_target_defaults_are_a_standby_that_can_take_over() {
+        let t = tempfile::tempdir().unwrap();
+        let (path, c) = load_receiver(t.path(), FS);
+        let c = c.unwrap();
+        let o = c.targets[0].fs_options();
+        assert_eq!(o, FsTargetOptions::default());
+        assert!(!o.safe_links && o.owners && o.numeric_ids && o.xattrs && o.acls);
+        assert!(o.sparse && o.hard_links && o.specials && !o.devices);
+        assert!(c.warnings(&path).is_empty());
+
+        let (_, c) = load_receiver(t.path(), &format!("{FS}safe_links = true\nowners = false\ndevices = true\n"));
+        let o = c.unwrap().targets[0].fs_options();
+        assert!(o.safe_links && !o.owners && o.devices && o.xattrs);
+    }
+
+    #[test]
+    fn allow_external_symlinks_is_deprecated_but_honoured() {
+        let t = tempfile::tempdir().unwrap();
+        let (path, c) = load_receiver(t.path(), &format!("{FS}allow_external_symlinks = false\n"));
+        let c = c.unwrap();
+        assert!(c.targets[0].fs_options().safe_links);
+        let w = c.warnings(&path);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains(&path.display().to_string()), "{w:?}");
+        assert!(w[0].contains("targets[0].allow_external_symlinks") && w[0].contains("safe_links = true"), "{w:?}");
+
+        let (_, c) = load_receiver(t.path(), &format!("{FS}allow_external_symlinks = true\n"));
+        let c = c.unwrap();
+        assert!(!c.targets[0].fs_options().safe_links);
+        assert!(c.warnings(&path)[0].contains("safe_links = false"));
+
+        let (path, c) = load_receiver(t.path(), &format!("{FS}allow_external_symlinks = true\nsafe_links = true\n"));
+        let e = c.unwrap_err();
+        assert_eq!(e.key, "targets[0].allow_external_symlinks");
+        assert_eq!(e.file, path.display().to_string());
+        assert!(e.problem.contains("remove allow_external_symlinks"), "{e}");
+    }
+
+    #[test]
+    fn fs_keys_on_other_targets_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        for key in ["owners", "safe_links", "allow_external_symlinks", "sparse", "devices"] {
+            let pg =
+                format!("[[targets]]\nagent = \"a\"\nsource = \"s\"\nkind = \"postgres\"\ndsn = \"x\"\n{key} = true\n");
+            let (path, c) = load_receiver(t.path(), &pg);
+            let e = c.unwrap_err();
+            assert_eq!(e.key, format!("targets[0].{key}"));
+            assert_eq!(e.file, path.display().to_string());
+            assert!(e.problem.contains("kind = \"fs\"") && e.problem.contains("remove it"), "{e}");
+        }
+        let sq = "[[targets]]\nagent = \"a\"\nsource = \"s\"\nkind = \"sqlite\"\npath = \"db\"\nxattrs = false\n";
+        assert_eq!(load_receiver(t.path(), sq).1.unwrap_err().key, "targets[0].xattrs");
+        // Unknown keys stay refused.
+        let (_, c) = load_receiver(t.path(), &format!("{FS}safe_link = true\n"));
+        assert!(c.unwrap_err().problem.contains("unknown field"));
     }
 }

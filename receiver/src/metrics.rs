@@ -12,3 +12,9 @@ pub const HANDSHAKES_REFUSED_TOTAL: &str = "lockstep_receiver_handshakes_refused
 pub const L_AGENT: &str = "agent";
 pub const L_SOURCE: &str = "source";
 pub const L_REASON: &str = "reason";
+/// fs targets with `safe_links`: how many of the source's symlinks are currently left out.
+pub const SYMLINKS_SKIPPED: &str = "lockstep_receiver_symlinks_skipped";
+/// fs targets: owners, extended attributes, ACLs, devices or FIFOs that could not (or, for
+/// devices and FIFOs switched off, would not) be reproduced; label `what`.
+pub const METADATA_NOT_APPLIED_TOTAL: &str = "lockstep_receiver_metadata_not_applied_total";
+pub const L_WHAT: &str = "what";

@@ -11,6 +11,7 @@ use lockstep_common::config::TargetConfig;
 use lockstep_common::event::SourceKind;
 use serde::Serialize;
 
+use crate::applier::fs::FsReport;
 use crate::applier::{Applier, ApplyError};
 
 /// Live status of one target.
@@ -34,13 +35,17 @@ pub struct Target {
     pub cfg: TargetConfig,
     pub applier: Arc<tokio::sync::Mutex<Option<Box<dyn Applier>>>>,
     pub status: Mutex<TargetStatus>,
+    /// fs targets: what the standby leaves out (skipped symlinks, metadata not reproduced);
+    /// kept across reopenings of the applier, read by `status` without its lock.
+    pub fs_report: Arc<FsReport>,
     position_file: PathBuf,
 }
 
 impl Target {
     pub fn new(cfg: TargetConfig, data_dir: &Path) -> Self {
         let position_file = data_dir.join("positions").join(&cfg.agent).join(format!("{}.pos", cfg.source));
-        Target { cfg, applier: Arc::default(), status: Mutex::default(), position_file }
+        let fs_report = Arc::new(FsReport::new(cfg.agent.clone(), cfg.source.clone()));
+        Target { cfg, applier: Arc::default(), status: Mutex::default(), fs_report, position_file }
     }
 
     pub fn status(&self) -> std::sync::MutexGuard<'_, TargetStatus> {
@@ -55,7 +60,8 @@ impl Target {
                 Ok(Box::new(crate::applier::fs::FsApplier::open(
                     root,
                     self.position_file.clone(),
-                    self.cfg.allow_external_symlinks,
+                    self.cfg.fs_options(),
+                    self.fs_report.clone(),
                 )?))
             }
             SourceKind::Postgres => Ok(Box::new(crate::applier::pg::PgApplier::open(&self.cfg)?)),
@@ -75,6 +81,59 @@ impl Target {
         if let Some(p) = &self.cfg.path {
             v["path"] = p.display().to_string().into();
         }
+        if self.cfg.kind == SourceKind::Fs {
+            if let (Some(v), serde_json::Value::Object(fs)) = (v.as_object_mut(), self.fs_report.json()) {
+                v.extend(fs);
+            }
+        }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lockstep_common::event::{Change, FsOp, Seq};
+    use lockstep_common::relpath::RelPath;
+
+    use super::*;
+
+    #[test]
+    fn fs_status_shows_what_the_standby_leaves_out() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = TargetConfig {
+            agent: "web-1".into(),
+            source: "www".into(),
+            kind: SourceKind::Fs,
+            path: Some(t.path().join("standby")),
+            dsn: None,
+            safe_links: Some(true),
+            allow_external_symlinks: None,
+            owners: None,
+            numeric_ids: None,
+            xattrs: None,
+            acls: None,
+            sparse: None,
+            hard_links: None,
+            specials: None,
+            devices: Some(false),
+        };
+        let target = Target::new(cfg, &t.path().join("data"));
+        let mut a = target.open_applier().unwrap();
+        let op = |op| Change::Fs(op);
+        let rp = |s: &str| RelPath::new(s.as_bytes().to_vec()).unwrap();
+        a.apply(Seq(1), op(FsOp::Symlink { path: rp("l"), target: b"/etc".to_vec(), meta: None })).unwrap();
+        let dev = FsOp::Special {
+            path: rp("null"),
+            kind: lockstep_common::event::SpecialKind::CharDevice,
+            mode: 0o666,
+            rdev: 0x103,
+            meta: None,
+        };
+        a.apply(Seq(2), op(dev)).unwrap();
+        let v = target.json();
+        assert_eq!(v["skipped_symlinks"]["count"], 1, "{v}");
+        assert_eq!(v["skipped_symlinks"]["examples"], serde_json::json!(["l"]));
+        assert_eq!(v["metadata_not_applied"]["device"], 1, "{v}");
+        assert_eq!(v["kind"], "fs");
     }
 }

@@ -3,8 +3,8 @@
 //! A snapshot is mostly full-content writes of distinct files; applied one at a time, the
 //! receiver spends most of its time in the kernel (inode allocation, page-cache copies) on a
 //! single core. During a resync the applier therefore hands file writes to a few worker
-//! threads. Everything else (mkdir, symlink, remove, rename, chmod, the end of the resync, a
-//! commit) first waits for the workers to finish what they were given (a barrier) and then runs
+//! threads. Everything else (mkdir, symlink, remove, rename, chmod, hard links, special files,
+//! the end of the resync, a commit) first waits for the workers to finish what they were given (a barrier) and then runs
 //! on the applier's thread as before.
 //!
 //! Why this gives the same result as applying in order:
@@ -17,7 +17,9 @@
 //!   with two of them creating or replacing it at once);
 //! - the workers only ever create directories and regular files, never symlinks, so the
 //!   "every ancestor is a real directory" checks in [`super::tree`] cannot be invalidated by a
-//!   concurrent worker: symlinks are only made by barrier operations.
+//!   concurrent worker: symlinks are only made by barrier operations;
+//! - a hard link needs its target's content in place: it is a barrier, so every write queued
+//!   before it (the target's included) has been installed when it is applied.
 //!
 //! Errors and repair requests found by workers are reported at the next `apply` or barrier.
 //! Nothing is lost by reporting them late: a target is never committed while it is resyncing,
@@ -34,6 +36,7 @@ use std::thread::JoinHandle;
 use lockstep_common::event::FileWrite;
 use lockstep_common::relpath::RelPath;
 
+use super::meta::Ctx;
 use super::write::{Staging, Writer};
 use crate::applier::{ApplyError, ApplyOutcome};
 
@@ -66,12 +69,12 @@ pub(super) struct Pool {
 }
 
 impl Pool {
-    pub(super) fn new(root: PathBuf, threads: usize) -> Pool {
+    pub(super) fn new(root: PathBuf, threads: usize, ctx: Arc<Ctx>) -> Pool {
         let results = Arc::new(Mutex::new(Results::default()));
         let workers = (0..threads.max(1))
             .map(|i| {
                 let (tx, rx) = mpsc::sync_channel(QUEUE);
-                let writer = Writer { root: root.clone(), ..Default::default() };
+                let writer = Writer::new(root.clone(), ctx.clone());
                 let res = results.clone();
                 let h = std::thread::Builder::new()
                     .name(format!("apply-{i}"))

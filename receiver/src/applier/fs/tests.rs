@@ -1,16 +1,22 @@
 //! Tests against real temp directories: each op, chunked and delta writes, hash mismatches,
-//! crash replay, symlink containment, resync pruning and the position file.
+//! crash replay, symlink containment, resync pruning and the position file; owners, extended
+//! attributes and ACLs, holes, hard links, special files and `safe_links` (they run as root,
+//! here and in CI; the unprivileged receiver is tested in a child process that drops root).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
-use lockstep_common::event::{Block, Change, FileWrite, FsOp, JournalId, Seq, BLOCK_SIZE, CHUNK_BYTES};
+use lockstep_common::config::FsTargetOptions;
+use lockstep_common::event::{
+    Block, Change, FileWrite, FsOp, JournalId, Meta, Seq, SpecialKind, Xattr, BLOCK_SIZE, CHUNK_BYTES,
+};
 use lockstep_common::proto;
 use lockstep_common::relpath::RelPath;
 
-use super::FsApplier;
+use super::{FsApplier, FsReport, What};
 use crate::applier::{Applier, ApplyError, ApplyOutcome, Position};
 
 fn rp(s: &str) -> RelPath {
@@ -18,7 +24,14 @@ fn rp(s: &str) -> RelPath {
 }
 
 fn new_applier(dir: &Path) -> FsApplier {
-    FsApplier::open(dir.join("root"), dir.join("state/position"), false).unwrap()
+    open_with(dir, FsTargetOptions::default()).0
+}
+
+/// An applier on `dir/root` (position in `dir/state`) with `opts`, and its report.
+fn open_with(dir: &Path, opts: FsTargetOptions) -> (FsApplier, Arc<FsReport>) {
+    let report = Arc::new(FsReport::new("web-1", "www"));
+    let a = FsApplier::open(dir.join("root"), dir.join("state/position"), opts, report.clone()).unwrap();
+    (a, report)
 }
 
 /// Deterministic pseudo-random bytes.
@@ -424,18 +437,25 @@ fn symlinks_and_escapes() {
     apply_ok(&mut a, fsop(FsOp::Symlink { path: rp("g"), target: b"d".to_vec(), meta: None }));
     assert!(fs::symlink_metadata(root.join("g")).unwrap().file_type().is_symlink());
 
+    // As rsync -a copies them: absolute, leading outside, dangling, all verbatim.
     fs::write(root.join("e1"), b"stale").unwrap();
-    for (path, target) in [("e1", "/etc/passwd"), ("d/e2", "../../outside"), ("e3", "a/../../b")] {
-        let out = a
-            .apply(Seq(1), fsop(FsOp::Symlink { path: rp(path), target: target.as_bytes().to_vec(), meta: None }))
-            .unwrap();
-        assert!(out.skipped.is_some(), "{path} -> {target} not skipped");
-        assert!(fs::symlink_metadata(root.join(path)).is_err());
+    let verbatim = [("e1", "/etc/passwd"), ("d/e2", "../../outside"), ("e3", "a/../../b"), ("e4", "no/such/thing")];
+    for (path, target) in verbatim {
+        apply_ok(&mut a, fsop(FsOp::Symlink { path: rp(path), target: target.as_bytes().to_vec(), meta: None }));
+        assert_eq!(fs::read_link(root.join(path)).unwrap(), Path::new(target));
     }
-    // Allowed when configured.
-    let mut b = FsApplier::open(t.path().join("root2"), t.path().join("pos2"), true).unwrap();
-    apply_ok(&mut b, fsop(FsOp::Symlink { path: rp("e1"), target: b"/etc/passwd".to_vec(), meta: None }));
-    assert_eq!(fs::read_link(t.path().join("root2/e1")).unwrap(), Path::new("/etc/passwd"));
+    // Skipped with safe_links, and whatever was at the path goes.
+    let t2 = tempfile::tempdir().unwrap();
+    let (mut b, report) = open_with(t2.path(), FsTargetOptions { safe_links: true, ..Default::default() });
+    let root2 = t2.path().join("root");
+    fs::write(root2.join("e1"), b"stale").unwrap();
+    for (path, target) in verbatim.iter().take(3) {
+        apply_ok(&mut b, fsop(FsOp::Symlink { path: rp(path), target: target.as_bytes().to_vec(), meta: None }));
+        assert!(fs::symlink_metadata(root2.join(path)).is_err(), "{path} -> {target} not skipped");
+    }
+    apply_ok(&mut b, fsop(FsOp::Symlink { path: rp("e4"), target: b"no/such/thing".to_vec(), meta: None }));
+    assert!(fs::symlink_metadata(root2.join("e4")).unwrap().file_type().is_symlink(), "a safe dangling link");
+    assert_eq!(report.skipped_count(), 3);
 }
 
 #[test]
@@ -570,7 +590,14 @@ fn position_survives_reopen_and_corruption_is_reported() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     fs::write(&file, bytes).unwrap();
-    let err = FsApplier::open(t.path().join("root"), file.clone(), false).err().expect("corruption undetected");
+    let err = FsApplier::open(
+        t.path().join("root"),
+        file.clone(),
+        FsTargetOptions::default(),
+        Arc::new(FsReport::new("a", "s")),
+    )
+    .err()
+    .expect("corruption undetected");
     assert!(err.to_string().contains(&file.display().to_string()), "{err}");
     assert!(matches!(err, ApplyError::Io { .. }));
 }
@@ -737,4 +764,642 @@ fn a_rename_onto_its_ancestor_cut_short_after_parking_completes() {
     let snap = snapshot(&root);
     assert_eq!(snap.get("a/inner"), Some(&Entry::File(b"1".to_vec(), 0o644)));
     assert!(!snap.contains_key("a/other") && snap.len() == 2, "{snap:?}");
+}
+
+// ------------------------------------------------------------------ metadata (issue 18)
+
+fn meta(uid: u32, gid: u32, xattrs: &[(&str, &[u8])]) -> Meta {
+    let mut xattrs: Vec<Xattr> =
+        xattrs.iter().map(|(n, v)| Xattr { name: n.as_bytes().to_vec(), value: v.to_vec() }).collect();
+    xattrs.sort();
+    Meta { uid, gid, user: None, group: None, xattrs }
+}
+
+/// A one-event full write of `size` bytes holding `blocks` (zeros elsewhere).
+fn write_blocks(path: &str, size: u64, blocks: &[(u64, Vec<u8>)], mode: u32, meta: Option<Meta>) -> Change {
+    let mut content = vec![0u8; size as usize];
+    for (off, data) in blocks {
+        content[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+    }
+    Change::Fs(FsOp::Write(FileWrite {
+        path: rp(path),
+        first: true,
+        last: true,
+        delta: false,
+        size,
+        mode,
+        mtime_ns: 1_600_000_000_000_000_000,
+        blocks: blocks.iter().map(|(o, d)| Block { offset: *o, data: d.clone().into() }).collect(),
+        content_hash: Some(*blake3::hash(&content).as_bytes()),
+        meta,
+    }))
+}
+
+/// A small full write with `meta`.
+fn write_meta(path: &str, content: &[u8], mode: u32, meta: Option<Meta>) -> Change {
+    write_blocks(path, content.len() as u64, &[(0, content.to_vec())], mode, meta)
+}
+
+fn cpath(p: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+/// An extended attribute of `path` (not following a symlink).
+fn getx(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let (p, n) = (cpath(path), std::ffi::CString::new(name).unwrap());
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid C strings and buffer for the call.
+    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (r >= 0).then(|| buf[..r as usize].to_vec())
+}
+
+fn setx(path: &Path, name: &str, value: &[u8]) {
+    let (p, n) = (cpath(path), std::ffi::CString::new(name).unwrap());
+    // SAFETY: valid C strings and buffer for the call.
+    let r = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    assert_eq!(r, 0, "setxattr {name}: {}", std::io::Error::last_os_error());
+}
+
+/// Names of `path`'s extended attributes, sorted.
+fn listx(path: &Path) -> Vec<String> {
+    let p = cpath(path);
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid C string and buffer for the call.
+    let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "listxattr: {}", std::io::Error::last_os_error());
+    let mut v: Vec<String> = buf[..r as usize]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A POSIX ACL in its extended attribute form (`system.posix_acl_*`): version 2, then
+/// (tag, permissions, id) entries in the kernel's order.
+fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+const ACL_USER_OBJ: u16 = 0x01;
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP_OBJ: u16 = 0x04;
+const ACL_GROUP: u16 = 0x08;
+const ACL_MASK: u16 = 0x10;
+const ACL_OTHER: u16 = 0x20;
+const NO_ID: u32 = u32::MAX;
+
+#[test]
+fn owners_by_number_and_by_name() {
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, report) = open_with(t.path(), FsTargetOptions::default());
+    let root = t.path().join("root");
+    // Numeric (the default): whatever names the source had.
+    let mut m = meta(1234, 5678, &[]);
+    m.user = Some("nobody".into());
+    apply_ok(&mut a, write_meta("f", b"x", 0o4755, Some(m.clone())));
+    let st = fs::metadata(root.join("f")).unwrap();
+    assert_eq!((st.uid(), st.gid()), (1234, 5678));
+    // chown clears set-uid: the mode is set after it.
+    assert_eq!(st.mode() & 0o7777, 0o4755);
+    // Directories, symlinks (the link itself), special files, and a SetAttr of a file.
+    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("d"), mode: 0o2750, meta: Some(meta(11, 12, &[])) }));
+    let st = fs::metadata(root.join("d")).unwrap();
+    assert_eq!((st.uid(), st.gid(), st.mode() & 0o7777), (11, 12, 0o2750));
+    apply_ok(&mut a, fsop(FsOp::Symlink { path: rp("d/l"), target: b"../f".to_vec(), meta: Some(meta(21, 22, &[])) }));
+    let st = fs::symlink_metadata(root.join("d/l")).unwrap();
+    assert_eq!((st.uid(), st.gid()), (21, 22));
+    assert_eq!(fs::metadata(root.join("f")).unwrap().uid(), 1234, "the link's target is not touched");
+    apply_ok(&mut a, fsop(FsOp::SetAttr { path: rp("f"), mode: 0o640, meta: Some(meta(31, 32, &[])) }));
+    let st = fs::metadata(root.join("f")).unwrap();
+    assert_eq!((st.uid(), st.gid(), st.mode() & 0o7777), (31, 32, 0o640));
+    // Without Meta (an agent before 0.4.0) the owner stays as it is.
+    apply_ok(&mut a, fsop(FsOp::SetAttr { path: rp("f"), mode: 0o600, meta: None }));
+    assert_eq!(fs::metadata(root.join("f")).unwrap().uid(), 31);
+    assert_eq!(report.not_applied_count(What::Owner), 0);
+
+    // By name: the receiver's id for the name, the numeric id for a name it does not know,
+    // and root never by name (as rsync).
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, _) = open_with(t.path(), FsTargetOptions { numeric_ids: false, ..Default::default() });
+    let root = t.path().join("root");
+    let named = |uid, user: &str, gid, group: &str| Meta {
+        uid,
+        gid,
+        user: Some(user.into()),
+        group: Some(group.into()),
+        xattrs: vec![],
+    };
+    apply_ok(&mut a, write_meta("known", b"x", 0o644, Some(named(1234, "nobody", 4321, "nogroup"))));
+    let st = fs::metadata(root.join("known")).unwrap();
+    assert_eq!((st.uid(), st.gid()), (65534, 65534));
+    apply_ok(&mut a, write_meta("unknown", b"x", 0o644, Some(named(1234, "no-such-user-here", 4321, "nor-group"))));
+    let st = fs::metadata(root.join("unknown")).unwrap();
+    assert_eq!((st.uid(), st.gid()), (1234, 4321));
+    apply_ok(&mut a, write_meta("root", b"x", 0o644, Some(named(0, "nobody", 0, "nogroup"))));
+    let st = fs::metadata(root.join("root")).unwrap();
+    assert_eq!((st.uid(), st.gid()), (0, 0));
+    // Switched off: left as the receiver creates it.
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, _) = open_with(t.path(), FsTargetOptions { owners: false, ..Default::default() });
+    apply_ok(&mut a, write_meta("f", b"x", 0o644, Some(meta(1234, 5678, &[]))));
+    assert_eq!(fs::metadata(t.path().join("root/f")).unwrap().uid(), 0);
+}
+
+#[test]
+fn extended_attributes_are_exactly_the_sources() {
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, report) = open_with(t.path(), FsTargetOptions::default());
+    let root = t.path().join("root");
+    let m = meta(0, 0, &[("user.a", b"1"), ("user.b", b"2"), ("trusted.t", b"secret")]);
+    apply_ok(&mut a, write_meta("f", b"x", 0o644, Some(m)));
+    let f = root.join("f");
+    assert_eq!(listx(&f), ["trusted.t", "user.a", "user.b"]);
+    assert_eq!(getx(&f, "user.b").unwrap(), b"2");
+    // Replaced and removed (SetAttr), on a file and on a directory.
+    setx(&f, "user.stray", b"left by someone");
+    apply_ok(&mut a, fsop(FsOp::SetAttr { path: rp("f"), mode: 0o644, meta: Some(meta(0, 0, &[("user.a", b"3")])) }));
+    assert_eq!(listx(&f), ["user.a"]);
+    assert_eq!(getx(&f, "user.a").unwrap(), b"3");
+    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("d"), mode: 0o755, meta: Some(meta(0, 0, &[("user.d", b"")])) }));
+    assert_eq!(getx(&root.join("d"), "user.d").unwrap(), b"");
+    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("d"), mode: 0o755, meta: Some(meta(0, 0, &[])) }));
+    assert!(listx(&root.join("d")).is_empty());
+    // Redone over a partial result (another value, a stray attribute): the same end state.
+    let m = meta(7, 8, &[("user.a", b"final"), ("user.z", b"z")]);
+    let change = fsop(FsOp::SetAttr { path: rp("f"), mode: 0o600, meta: Some(m) });
+    apply_ok(&mut a, change.clone());
+    setx(&f, "user.a", b"half");
+    setx(&f, "user.stray", b"x");
+    apply_ok(&mut a, change);
+    assert_eq!(listx(&f), ["user.a", "user.z"]);
+    assert_eq!(getx(&f, "user.a").unwrap(), b"final");
+    assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o600);
+    // A delta keeps them (the staging copy gets them again from Meta).
+    let m = meta(0, 0, &[("user.kept", b"k")]);
+    apply_ok(&mut a, write_meta("g", b"abc", 0o644, Some(m.clone())));
+    let Change::Fs(FsOp::Write(mut w)) =
+        delta_write("g", b"aXc", vec![Block { offset: 1, data: bytes::Bytes::from_static(b"X") }])
+    else {
+        unreachable!()
+    };
+    w.meta = Some(m);
+    apply_ok(&mut a, fsop(FsOp::Write(w)));
+    assert_eq!(fs::read(root.join("g")).unwrap(), b"aXc");
+    assert_eq!(getx(&root.join("g"), "user.kept").unwrap(), b"k");
+    assert_eq!(report.not_applied_count(What::Xattr), 0);
+
+    // xattrs = false leaves them alone (neither set nor removed); ACLs still apply.
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, _) = open_with(t.path(), FsTargetOptions { xattrs: false, ..Default::default() });
+    apply_ok(&mut a, write_meta("f", b"x", 0o644, Some(meta(0, 0, &[("user.a", b"1")]))));
+    assert!(listx(&t.path().join("root/f")).is_empty());
+}
+
+#[test]
+fn acls_round_trip_and_inherited_ones_go() {
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, report) = open_with(t.path(), FsTargetOptions::default());
+    let root = t.path().join("root");
+    // user::rw- user:1000:r-- group::r-- mask::r-- other::--- (mode 0640: group bits = mask).
+    let access = acl(&[
+        (ACL_USER_OBJ, 6, NO_ID),
+        (ACL_USER, 4, 1000),
+        (ACL_GROUP_OBJ, 4, NO_ID),
+        (ACL_MASK, 4, NO_ID),
+        (ACL_OTHER, 0, NO_ID),
+    ]);
+    apply_ok(&mut a, write_meta("f", b"x", 0o640, Some(meta(0, 0, &[("system.posix_acl_access", &access)]))));
+    assert_eq!(getx(&root.join("f"), "system.posix_acl_access").unwrap(), access);
+    assert_eq!(fs::metadata(root.join("f")).unwrap().mode() & 0o7777, 0o640);
+    // A directory with a default ACL: new files in it inherit an access ACL from it, which
+    // the source's file does not have.
+    let default = acl(&[
+        (ACL_USER_OBJ, 7, NO_ID),
+        (ACL_GROUP_OBJ, 5, NO_ID),
+        (ACL_GROUP, 7, 1234),
+        (ACL_MASK, 7, NO_ID),
+        (ACL_OTHER, 5, NO_ID),
+    ]);
+    let dir_meta = meta(0, 0, &[("system.posix_acl_default", &default)]);
+    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("shared"), mode: 0o755, meta: Some(dir_meta) }));
+    assert_eq!(getx(&root.join("shared"), "system.posix_acl_default").unwrap(), default);
+    apply_ok(&mut a, write_meta("shared/plain", b"x", 0o644, Some(meta(0, 0, &[]))));
+    let plain = root.join("shared/plain");
+    assert_eq!(getx(&plain, "system.posix_acl_access"), None, "an inherited ACL the source does not have");
+    assert_eq!(fs::metadata(&plain).unwrap().mode() & 0o7777, 0o644);
+    // (Without Meta, an old agent's file keeps what it inherits, as before.)
+    apply_ok(&mut a, write_meta("shared/old", b"x", 0o644, None));
+    assert!(getx(&root.join("shared/old"), "system.posix_acl_access").is_some());
+    assert_eq!(report.not_applied_count(What::Acl), 0);
+
+    // acls = false: not set, other attributes still are.
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, _) = open_with(t.path(), FsTargetOptions { acls: false, ..Default::default() });
+    let m = meta(0, 0, &[("system.posix_acl_access", &access), ("user.a", b"1")]);
+    apply_ok(&mut a, write_meta("f", b"x", 0o640, Some(m)));
+    assert_eq!(listx(&t.path().join("root/f")), ["user.a"]);
+}
+
+/// Bytes the file really occupies on disk.
+fn allocated(p: &Path) -> u64 {
+    fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn sparse_full_writes_keep_holes() {
+    const MIB: u64 = 1 << 20;
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, _) = open_with(t.path(), FsTargetOptions::default());
+    let root = t.path().join("root");
+    let (b1, b2) = (data(BLOCK_SIZE, 1), data(BLOCK_SIZE, 2));
+    // Blocks at 0 and 5 MiB of a 16 MiB file, across two events with a gap between them and a
+    // hole at the end; one block of zeros sent anyway (as agents before 0.4.0 do).
+    let blocks = [(0, b1.clone()), (2 * MIB, vec![0u8; BLOCK_SIZE]), (5 * MIB, b2.clone())];
+    let size = 16 * MIB;
+    let Change::Fs(FsOp::Write(whole)) = write_blocks("s", size, &blocks, 0o644, None) else { unreachable!() };
+    let first = FileWrite { last: false, content_hash: None, blocks: whole.blocks[..2].to_vec(), ..whole.clone() };
+    let second = FileWrite { first: false, blocks: whole.blocks[2..].to_vec(), ..whole.clone() };
+    apply_ok(&mut a, fsop(FsOp::Write(first)));
+    apply_ok(&mut a, fsop(FsOp::Write(second)));
+    let p = root.join("s");
+    let got = fs::read(&p).unwrap();
+    assert_eq!(got.len() as u64, size);
+    assert!(got[..BLOCK_SIZE] == b1[..] && got[5 * MIB as usize..][..BLOCK_SIZE] == b2[..]);
+    assert!(got[BLOCK_SIZE..5 * MIB as usize].iter().all(|b| *b == 0));
+    // The two data blocks, not the block of zeros.
+    assert!(allocated(&p) < 3 * BLOCK_SIZE as u64, "holes filled: {} bytes allocated", allocated(&p));
+
+    // A delta on the sparse file keeps its holes (the base copy copies data only); a block of
+    // zeros in a delta punches a hole.
+    let mut next = got.clone();
+    let patch = data(BLOCK_SIZE, 3);
+    next[MIB as usize..][..BLOCK_SIZE].copy_from_slice(&patch);
+    next[..BLOCK_SIZE].fill(0);
+    let blocks =
+        vec![Block { offset: MIB, data: patch.into() }, Block { offset: 0, data: vec![0u8; BLOCK_SIZE].into() }];
+    apply_ok(&mut a, delta_write("s", &next, blocks));
+    assert!(fs::read(&p).unwrap() == next);
+    // Two data blocks: the patch and the one at 5 MiB; the first became a hole.
+    assert!(allocated(&p) < 3 * BLOCK_SIZE as u64, "delta filled holes: {} bytes allocated", allocated(&p));
+    assert!(allocated(&p) >= 2 * BLOCK_SIZE as u64);
+
+    // A file of one big hole, with O_DIRECT-sized data at its end.
+    let tail = data(2 * MIB as usize, 4);
+    apply_ok(&mut a, write_blocks("h", 64 * MIB, &[(62 * MIB, tail)], 0o600, None));
+    assert!(allocated(&root.join("h")) <= 3 * MIB);
+
+    // sparse = false: every byte allocated, same content.
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, _) = open_with(t.path(), FsTargetOptions { sparse: false, ..Default::default() });
+    apply_ok(&mut a, write_blocks("s", size, &[(0, b1), (5 * MIB, b2)], 0o644, None));
+    let p = t.path().join("root/s");
+    assert!(allocated(&p) >= size, "{} of {size} allocated", allocated(&p));
+    assert!(fs::read(&p).unwrap() == got);
+}
+
+#[test]
+fn hard_links_live_and_in_a_resync() {
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, _) = open_with(t.path(), FsTargetOptions::default());
+    let root = t.path().join("root");
+    apply_ok(&mut a, write_meta("d/f", b"shared", 0o640, Some(meta(5, 6, &[]))));
+    fs::write(root.join("other"), b"old file in the way").unwrap();
+    let link = |p: &str, t: &str| fsop(FsOp::Link { path: rp(p), target: rp(t) });
+    for change in [link("e/g", "d/f"), link("other", "d/f"), link("e/g", "d/f")] {
+        apply_ok(&mut a, change);
+    }
+    let (f, g, o) = (
+        fs::metadata(root.join("d/f")).unwrap(),
+        fs::metadata(root.join("e/g")).unwrap(),
+        fs::metadata(root.join("other")).unwrap(),
+    );
+    assert_eq!((f.ino(), f.nlink()), (g.ino(), 3));
+    assert_eq!(o.ino(), f.ino());
+    assert!(fs::read_dir(root.join("e")).unwrap().count() == 1, "staging name left behind");
+    // A target that is missing, or not a regular file: the content is asked for.
+    apply_ok(&mut a, fsop(FsOp::Mkdir { path: rp("dir"), mode: 0o755, meta: None }));
+    for target in ["missing", "dir", "d/f/below"] {
+        let out = a.apply(Seq(1), link("h", target)).unwrap();
+        assert_eq!(out.repairs.len(), 1, "{target}");
+        assert_eq!(out.repairs[0].0, rp("h"));
+    }
+    // A link's name replaced by a write gets its own file; the other names keep theirs.
+    apply_ok(&mut a, write_meta("e/g", b"new", 0o644, None));
+    assert_eq!(fs::read(root.join("d/f")).unwrap(), b"shared");
+
+    // In a resync, writes run on workers; the link waits for its target's content.
+    a.begin_resync().unwrap();
+    let mut snap = full_write("big/f", &data(3 * CHUNK_BYTES, 7), 0o644, 0);
+    snap.push(link("big/g", "big/f"));
+    snap.extend(full_write("x", b"x", 0o644, 0));
+    snap.push(link("y", "x"));
+    for c in snap {
+        apply_ok(&mut a, c);
+    }
+    a.end_resync().unwrap();
+    let (f, g) = (fs::metadata(root.join("big/f")).unwrap(), fs::metadata(root.join("big/g")).unwrap());
+    assert_eq!((f.ino(), f.nlink()), (g.ino(), 2));
+    assert_eq!(fs::metadata(root.join("y")).unwrap().ino(), fs::metadata(root.join("x")).unwrap().ino());
+    assert!(!root.join("d").exists(), "pruned");
+
+    // hard_links = false: a copy with the same content, mode, owner, attributes and mtime.
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, _) = open_with(t.path(), FsTargetOptions { hard_links: false, ..Default::default() });
+    let root = t.path().join("root");
+    apply_ok(&mut a, write_meta("f", b"content", 0o604, Some(meta(5, 6, &[("user.x", b"1")]))));
+    apply_ok(&mut a, link("g", "f"));
+    let (f, g) = (fs::metadata(root.join("f")).unwrap(), fs::metadata(root.join("g")).unwrap());
+    assert_ne!(f.ino(), g.ino());
+    assert_eq!(fs::read(root.join("g")).unwrap(), b"content");
+    assert_eq!((g.mode(), g.uid(), g.gid(), g.mtime(), g.mtime_nsec()), (f.mode(), 5, 6, f.mtime(), f.mtime_nsec()));
+    assert_eq!(getx(&root.join("g"), "user.x").unwrap(), b"1");
+}
+
+#[test]
+fn fifos_and_devices() {
+    use std::os::unix::fs::FileTypeExt;
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, report) = open_with(t.path(), FsTargetOptions::default());
+    let root = t.path().join("root");
+    let special =
+        |p: &str, kind, mode, rdev| fsop(FsOp::Special { path: rp(p), kind, mode, rdev, meta: Some(meta(3, 4, &[])) });
+    fs::write(root.join("p"), b"a file where the FIFO goes").unwrap();
+    apply_ok(&mut a, special("p", SpecialKind::Fifo, 0o620, 0));
+    let m = fs::symlink_metadata(root.join("p")).unwrap();
+    assert!(m.file_type().is_fifo());
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o620, 3, 4));
+    apply_ok(&mut a, special("p", SpecialKind::Fifo, 0o600, 0));
+    assert_eq!(fs::symlink_metadata(root.join("p")).unwrap().mode() & 0o7777, 0o600);
+    // Devices only when asked: what was at the path goes, and it is counted.
+    fs::write(root.join("null"), b"stale").unwrap();
+    let null = libc::makedev(1, 3);
+    apply_ok(&mut a, special("null", SpecialKind::CharDevice, 0o666, null));
+    assert!(fs::symlink_metadata(root.join("null")).is_err());
+    assert_eq!(report.not_applied_count(What::Device), 1);
+    assert!(report.json()["metadata_not_applied"]["device"] == 1);
+
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, _) = open_with(t.path(), FsTargetOptions { devices: true, specials: false, ..Default::default() });
+    let root = t.path().join("root");
+    apply_ok(&mut a, special("null", SpecialKind::CharDevice, 0o666, null));
+    let m = fs::symlink_metadata(root.join("null")).unwrap();
+    assert!(m.file_type().is_char_device());
+    assert_eq!((m.rdev(), m.mode() & 0o7777, m.uid()), (null, 0o666, 3));
+    apply_ok(&mut a, special("p", SpecialKind::Fifo, 0o600, 0));
+    assert!(fs::symlink_metadata(root.join("p")).is_err(), "specials = false");
+    assert!(fs::read_dir(&root).unwrap().count() == 1, "staging name left behind");
+}
+
+/// The test binary re-runs one test as a child that dropped root: the variable names its
+/// directory.
+const UNPRIVILEGED_DIR: &str = "LOCKSTEP_TEST_UNPRIVILEGED_DIR";
+
+#[test]
+fn unprivileged_receiver_applies_what_it_can() {
+    use std::os::unix::fs::FileTypeExt;
+    const NOBODY: u32 = 65534;
+    if let Ok(dir) = std::env::var(UNPRIVILEGED_DIR) {
+        // The child: from here on as nobody, without capabilities.
+        // SAFETY: plain syscalls; the process is this one test.
+        unsafe {
+            assert_eq!(libc::setgroups(0, std::ptr::null()), 0);
+            assert_eq!(libc::setgid(NOBODY), 0);
+            assert_eq!(libc::setuid(NOBODY), 0);
+        }
+        assert!(!super::meta::chown_capability(fs::read_to_string("/proc/self/status").ok().as_deref(), NOBODY));
+        let dir = Path::new(&dir);
+        let (mut a, report) = open_with(dir, FsTargetOptions { devices: true, ..Default::default() });
+        let root = dir.join("root");
+        let m = meta(1234, 1234, &[("user.ok", b"1"), ("trusted.secret", b"2")]);
+        apply_ok(&mut a, write_meta("f", b"content", 0o640, Some(m)));
+        let f = root.join("f");
+        assert_eq!(fs::read(&f).unwrap(), b"content");
+        let st = fs::metadata(&f).unwrap();
+        assert_eq!((st.uid(), st.mode() & 0o7777), (NOBODY, 0o640), "owned by the receiver's user");
+        assert_eq!(listx(&f), ["user.ok"]);
+        assert_eq!(report.not_applied_count(What::Owner), 1);
+        assert_eq!(report.not_applied_count(What::Xattr), 1);
+        // A FIFO needs no privilege; a device does, and is counted.
+        apply_ok(
+            &mut a,
+            fsop(FsOp::Special { path: rp("p"), kind: SpecialKind::Fifo, mode: 0o600, rdev: 0, meta: None }),
+        );
+        assert!(fs::symlink_metadata(root.join("p")).unwrap().file_type().is_fifo());
+        let dev = FsOp::Special { path: rp("c"), kind: SpecialKind::CharDevice, mode: 0o600, rdev: 0x103, meta: None };
+        apply_ok(&mut a, fsop(dev));
+        assert!(fs::symlink_metadata(root.join("c")).is_err());
+        assert_eq!(report.not_applied_count(What::Device), 1);
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(t.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let name = "applier::fs::tests::unprivileged_receiver_applies_what_it_can";
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(UNPRIVILEGED_DIR, t.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "child failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("1 passed"), "the child did not run the test:\n{stdout}");
+}
+
+// ------------------------------------------------------------------ safe_links (issue 18)
+
+fn symlink_op(path: &str, target: &str) -> Change {
+    fsop(FsOp::Symlink { path: rp(path), target: target.as_bytes().to_vec(), meta: None })
+}
+
+fn rename_op(from: &str, to: &str) -> Change {
+    fsop(FsOp::Rename { from: rp(from), to: rp(to) })
+}
+
+fn link_at(root: &Path, p: &str) -> Option<String> {
+    fs::read_link(root.join(p)).ok().map(|t| t.display().to_string())
+}
+
+#[test]
+fn safe_links_follow_renames() {
+    let t = tempfile::tempdir().unwrap();
+    let safe = FsTargetOptions { safe_links: true, ..Default::default() };
+    let (mut a, report) = open_with(t.path(), safe);
+    let root = t.path().join("root");
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || {
+        a.session_start(J).unwrap();
+        apply_from(
+            &mut a,
+            1,
+            &[
+                fsop(FsOp::Mkdir { path: rp("a/b"), mode: 0o755, meta: None }),
+                // Safe from a/b (climbs to the root), unsafe one level up.
+                symlink_op("a/b/held", "../../x"),
+                // Unsafe now, safe two levels deeper.
+                symlink_op("a/out", "../../y"),
+                symlink_op("abs", "/etc/passwd"),
+            ],
+        );
+    });
+    assert_eq!(link_at(&root, "a/b/held").as_deref(), Some("../../x"));
+    assert_eq!(link_at(&root, "a/out"), None);
+    assert_eq!(report.skipped_count(), 2);
+    let text = handle.render();
+    assert!(text.contains("lockstep_receiver_symlinks_skipped{agent=\"web-1\",source=\"www\"} 2"), "{text}");
+    let status = report.json();
+    assert_eq!(status["skipped_symlinks"]["count"], 2);
+    assert_eq!(status["skipped_symlinks"]["examples"], serde_json::json!(["a/out", "abs"]));
+
+    // A rename that makes a held link unsafe removes it...
+    apply_from(&mut a, 5, &[rename_op("a/b", "c")]);
+    assert_eq!(link_at(&root, "c/held"), None);
+    assert!(root.join("c").is_dir());
+    assert_eq!(report.skipped_count(), 3);
+    // ... one that makes a skipped link safe brings it back, with its target verbatim.
+    apply_from(&mut a, 6, &[rename_op("c", "p/q/c"), rename_op("a", "p/q/a")]);
+    assert_eq!(link_at(&root, "p/q/c/held").as_deref(), Some("../../x"));
+    assert_eq!(link_at(&root, "p/q/a/out").as_deref(), Some("../../y"));
+    assert_eq!(report.skipped_count(), 1);
+    // A skipped link renamed itself stays skipped under its new name (and asks for nothing).
+    let out = apply_from(&mut a, 8, &[rename_op("abs", "p/abs2")]);
+    assert!(out[0].repairs.is_empty());
+    assert!(!root.join("p/abs2").exists());
+    // A SetAttr of it changes nothing and asks for nothing.
+    let out = apply_from(&mut a, 9, &[fsop(FsOp::SetAttr { path: rp("p/abs2"), mode: 0o777, meta: None })]);
+    assert!(out[0].repairs.is_empty());
+    assert_eq!(report.json()["skipped_symlinks"]["examples"], serde_json::json!(["p/abs2"]));
+    // A file written at a skipped path replaces it; a removal of its directory forgets it.
+    apply_from(&mut a, 10, &[symlink_op("p/q/a/b2", "../../../../z")]);
+    assert_eq!(report.skipped_count(), 2);
+    apply_from(&mut a, 11, &write_meta("p/abs2", b"now a file", 0o644, None).into_iter_once());
+    apply_from(&mut a, 12, &[fsop(FsOp::Remove { path: rp("p/q") })]);
+    assert_eq!(report.skipped_count(), 0);
+    assert!(a.commit(at(12)).unwrap());
+
+    // What the standby holds equals what a fresh receiver of the final tree holds.
+    let mut expected = BTreeMap::new();
+    expected.insert("p".to_string(), Entry::Dir(0o755));
+    expected.insert("p/abs2".to_string(), Entry::File(b"now a file".to_vec(), 0o644));
+    assert_eq!(snapshot(&root), expected);
+}
+
+/// Lets a single change be passed where a slice is expected.
+trait IntoIterOnce {
+    fn into_iter_once(self) -> Vec<Change>;
+}
+impl IntoIterOnce for Change {
+    fn into_iter_once(self) -> Vec<Change> {
+        vec![self]
+    }
+}
+
+#[test]
+fn skipped_links_survive_a_restart_and_a_resync_clears_them() {
+    let t = tempfile::tempdir().unwrap();
+    let safe = FsTargetOptions { safe_links: true, ..Default::default() };
+    let root = t.path().join("root");
+    {
+        let (mut a, _) = open_with(t.path(), safe);
+        a.session_start(J).unwrap();
+        apply_from(
+            &mut a,
+            1,
+            &[fsop(FsOp::Mkdir { path: rp("a"), mode: 0o755, meta: None }), symlink_op("a/l", "../../y")],
+        );
+        assert!(a.commit(at(2)).unwrap());
+    }
+    let (mut a, report) = open_with(t.path(), safe);
+    a.session_start(J).unwrap();
+    assert_eq!(report.skipped_count(), 1, "the skipped set is kept beside the position");
+    apply_from(&mut a, 3, &[rename_op("a", "d/a")]);
+    assert_eq!(link_at(&root, "d/a/l").as_deref(), Some("../../y"), "restored after a restart");
+    // Killed right after applying a change that made a link skipped (no commit): the restart
+    // commits what was applied, skipped set included.
+    apply_from(&mut a, 4, &[symlink_op("abs", "/abs")]);
+    drop(a);
+    let (mut a, report) = open_with(t.path(), safe);
+    a.session_start(J).unwrap();
+    assert_eq!(a.position(), Some(at(4)));
+    assert_eq!(report.skipped_count(), 1);
+
+    // A resync clears the set: the snapshot says again what is left out.
+    a.begin_resync().unwrap();
+    assert_eq!(report.skipped_count(), 0);
+    for c in [fsop(FsOp::Mkdir { path: rp("d/a"), mode: 0o755, meta: None }), symlink_op("top", "../out")] {
+        apply_ok(&mut a, c);
+    }
+    a.end_resync().unwrap();
+    assert!(a.commit(at(10)).unwrap());
+    drop(a);
+    let (_, report) = open_with(t.path(), safe);
+    assert_eq!(report.json()["skipped_symlinks"]["examples"], serde_json::json!(["top"]));
+    assert!(snapshot(&root).keys().all(|k| k.starts_with('d')), "{:?}", snapshot(&root));
+
+    // safe_links switched off: the links it left out are created; on again: removed.
+    let (_, report) = open_with(t.path(), FsTargetOptions::default());
+    assert_eq!(report.skipped_count(), 0);
+    assert_eq!(link_at(&root, "top").as_deref(), Some("../out"));
+    let (_, report) = open_with(t.path(), safe);
+    assert_eq!(report.skipped_count(), 1);
+    assert_eq!(link_at(&root, "top"), None);
+}
+
+#[test]
+fn a_redone_rename_changes_the_skipped_set_once() {
+    let safe = FsTargetOptions { safe_links: true, ..Default::default() };
+    let setup = [
+        fsop(FsOp::Mkdir { path: rp("a/b"), mode: 0o755, meta: None }),
+        symlink_op("a/b/l", "../../../x"),
+        symlink_op("a/b/held", "../../h"),
+    ];
+    // Applied whole, then redone (the process died before recording it as applied).
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, report) = open_with(t.path(), safe);
+    a.session_start(J).unwrap();
+    apply_from(&mut a, 1, &setup);
+    assert_eq!(report.skipped_count(), 1);
+    for _ in 0..2 {
+        let out = apply_from(&mut a, 4, &[rename_op("a", "d/e/a")]);
+        assert!(out[0].repairs.is_empty());
+        assert_eq!(report.skipped_count(), 0);
+    }
+    let done = snapshot(&t.path().join("root"));
+    assert_eq!(done.get("d/e/a/b/l"), Some(&Entry::Link(b"../../../x".to_vec())));
+    assert_eq!(done.get("d/e/a/b/held"), Some(&Entry::Link(b"../../h".to_vec())));
+    // Died after the tree's rename, before the set's: the redo finds the source gone and
+    // still moves (and restores) the skipped link.
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, report) = open_with(t.path(), safe);
+    let root = t.path().join("root");
+    a.session_start(J).unwrap();
+    apply_from(&mut a, 1, &setup);
+    fs::create_dir_all(root.join("d/e")).unwrap();
+    fs::rename(root.join("a"), root.join("d/e/a")).unwrap();
+    let out = apply_from(&mut a, 4, &[rename_op("a", "d/e/a")]);
+    assert!(out[0].repairs.is_empty());
+    assert_eq!(report.skipped_count(), 0);
+    assert_eq!(snapshot(&root), done);
+
+    // Moving closer to the root: the removal of a link that became unsafe is redone from the
+    // set when the process died after recording it.
+    let t = tempfile::tempdir().unwrap();
+    let (mut a, report) = open_with(t.path(), safe);
+    let root = t.path().join("root");
+    a.session_start(J).unwrap();
+    apply_from(&mut a, 1, &setup);
+    apply_from(&mut a, 4, &[rename_op("a/b", "c")]);
+    assert_eq!(report.skipped_count(), 2);
+    assert_eq!(link_at(&root, "c/held"), None);
+    std::os::unix::fs::symlink("../../h", root.join("c/held")).unwrap();
+    apply_from(&mut a, 4, &[rename_op("a/b", "c")]);
+    assert_eq!(link_at(&root, "c/held"), None, "the redo removes what the set lists");
+    assert_eq!(report.skipped_count(), 2);
 }

@@ -6,17 +6,26 @@
 //! buffer): on the machines lockstep was measured on, copying into freshly allocated page-cache
 //! pages costs about 2.8 s of CPU per GiB, while the disk takes a direct write at several times
 //! that speed with almost no CPU. Small files, deltas and unaligned pieces use ordinary writes.
+//!
+//! Holes (see [`super::sparse`]): a full write's ranges no block covers are zeros, left
+//! unwritten (holes; the running hash takes zeros for them); with `sparse` a block of zeros is
+//! not written either, and in a delta it punches a hole. On the last chunk, before the rename,
+//! the staging file gets the source's owner, extended attributes, mode and mtime (see
+//! [`super::meta`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lockstep_common::event::FileWrite;
 use lockstep_common::relpath::RelPath;
 
+use super::meta::{Ctx, Node};
+use super::sparse::{copy_keeping_holes, fill_holes, hash_zeros, is_zero, punch_hole};
 use super::tree::{ensure_parents, io_err, lstat, remove_any, staging_path};
 use crate::applier::{ApplyError, ApplyOutcome};
 
@@ -32,8 +41,9 @@ pub(super) struct Staging {
     direct: Option<File>,
     /// Where the staging file lives (a sibling of the target).
     pub(super) tmp: PathBuf,
-    /// Running hash of a full write while its blocks arrive contiguously from offset 0; `None`
-    /// once they did not (or for deltas and reopened staging files), then the file is re-read.
+    /// Running hash of a full write while its blocks arrive in order (gaps between them are
+    /// holes, hashed as zeros); `None` once they did not (or for deltas and reopened staging
+    /// files), then the file is re-read.
     hasher: Option<blake3::Hasher>,
     /// How many leading bytes `hasher` has seen.
     hashed: u64,
@@ -41,9 +51,10 @@ pub(super) struct Staging {
 
 /// Applies `FileWrite`s under `root`: the staging state of writes in progress. The applier owns
 /// one, and during a resync each parallel worker owns one (see `pool`).
-#[derive(Default)]
 pub(super) struct Writer {
     pub(super) root: PathBuf,
+    /// The target's options and metadata context, shared with the applier.
+    pub(super) ctx: Arc<Ctx>,
     /// Writes in progress (between a `first` and a `last` chunk), by path.
     pub(super) staging: HashMap<RelPath, Staging>,
     /// Writes whose staging was lost (continued after a restart without their first chunk):
@@ -62,6 +73,10 @@ const DIRECT_ALIGN: usize = 4096;
 const BOUNCE_BYTES: usize = lockstep_common::event::CHUNK_BYTES;
 
 impl Writer {
+    pub(super) fn new(root: PathBuf, ctx: Arc<Ctx>) -> Writer {
+        Writer { root, ctx, staging: HashMap::new(), abandoned: HashSet::new(), bounce: Vec::new() }
+    }
+
     pub(super) fn apply_write(&mut self, w: FileWrite) -> Result<ApplyOutcome, ApplyError> {
         let mut outcome = ApplyOutcome::default();
         if w.first {
@@ -91,17 +106,26 @@ impl Writer {
         }
 
         let st = self.staging.get_mut(&w.path).expect("staging present");
+        let sparse = self.ctx.opts.sparse;
         for b in &w.blocks {
-            write_block(st, &mut self.bounce, &b.data, b.offset)
-                .map_err(io_err(format!("write staging file {}", st.tmp.display())))?;
             match &mut st.hasher {
-                Some(h) if b.offset == st.hashed => {
+                Some(h) if b.offset >= st.hashed => {
+                    hash_zeros(h, b.offset - st.hashed);
                     h.update(&b.data);
-                    st.hashed += b.data.len() as u64;
+                    st.hashed = b.offset + b.data.len() as u64;
                 }
                 Some(_) => st.hasher = None,
                 None => {}
             }
+            let ctx = format!("write staging file {}", st.tmp.display());
+            if sparse && !b.data.is_empty() && is_zero(&b.data) {
+                // A full write's staging file holds nothing yet where this block goes (its
+                // blocks do not overlap): already a hole. A delta's base has data there.
+                if !w.delta || punch_hole(&st.file, b.offset, b.data.len() as u64).map_err(io_err(ctx.clone()))? {
+                    continue;
+                }
+            }
+            write_block(st, &mut self.bounce, &b.data, b.offset).map_err(io_err(ctx))?;
         }
         if !w.last {
             return Ok(outcome);
@@ -127,23 +151,23 @@ impl Writer {
             && lstat(&target)
                 .map_err(io_err(format!("inspect {}", target.display())))?
                 .is_some_and(|m| m.file_type().is_file());
-        if base_is_file {
-            // Reflink or copy_file_range where the filesystem supports it. `target` was just
-            // seen as a regular file (not a symlink), and `tmp` was just removed.
-            fs::copy(&target, &tmp).map_err(io_err(format!("copy {} to staging", target.display())))?;
-            // The copy carries the target's mode, which may lack write permission.
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
-                .map_err(io_err(format!("chmod staging file {}", tmp.display())))?;
-        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(!base_is_file)
-            .truncate(!base_is_file)
+            .create(true)
+            .truncate(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(io_err(format!("create staging file {}", tmp.display())))?;
+        if base_is_file {
+            // Data extents only, so holes stay holes; cloned where the filesystem can. `target`
+            // was just seen as a regular file, and is opened without following a symlink.
+            let ctx = || format!("copy {} to staging", target.display());
+            let base =
+                OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&target).map_err(io_err(ctx()))?;
+            copy_keeping_holes(&base, &file).map_err(io_err(ctx()))?;
+        }
         let hasher = (!w.delta).then(blake3::Hasher::new);
         let direct = if !base_is_file && w.size >= DIRECT_MIN_FILE {
             // Not supported everywhere (e.g. tmpfs): then ordinary writes.
@@ -178,8 +202,15 @@ impl Writer {
     fn finish(&self, st: Staging, w: &FileWrite) -> Result<Option<String>, ApplyError> {
         let ctx = |what: &str| format!("{what} staging file {}", st.tmp.display());
         st.file.set_len(w.size).map_err(io_err(ctx("truncate")))?;
+        if !self.ctx.opts.sparse {
+            fill_holes(&st.file, w.size).map_err(io_err(ctx("fill holes of")))?;
+        }
         let hash = match st.hasher {
-            Some(h) if st.hashed == w.size => h.finalize(),
+            Some(mut h) if st.hashed <= w.size => {
+                // What no block covered up to the end is a hole.
+                hash_zeros(&mut h, w.size - st.hashed);
+                h.finalize()
+            }
             _ => hash_file(&st.file, w.size).map_err(io_err(ctx("read back")))?,
         };
         if Some(*hash.as_bytes()) != w.content_hash {
@@ -187,7 +218,8 @@ impl Writer {
             remove_any(&st.tmp)?;
             return Ok(Some("content hash mismatch".into()));
         }
-        st.file.set_permissions(fs::Permissions::from_mode(w.mode)).map_err(io_err(ctx("chmod")))?;
+        // Owner, attributes, mode (in that order, see `meta`), then mtime.
+        self.ctx.apply(&Node::File(&st.file), &w.path, w.meta.as_ref(), Some(w.mode))?;
         st.file.set_modified(mtime(w.mtime_ns)).map_err(io_err(ctx("set mtime of")))?;
         drop(st.file);
 

@@ -141,7 +141,16 @@ impl Cluster {
             kind: SourceKind::Postgres,
             path: None,
             dsn: Some(self.dsn()),
-            allow_external_symlinks: false,
+            safe_links: None,
+            allow_external_symlinks: None,
+            owners: None,
+            numeric_ids: None,
+            xattrs: None,
+            acls: None,
+            sparse: None,
+            hard_links: None,
+            specials: None,
+            devices: None,
         }
     }
 
