@@ -35,7 +35,23 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A port that was free a moment ago.
+/// Fails unless the built `lockstep-agent` has the test failpoints compiled in (its
+/// `failpoints` feature), for tests that configure them through `FAILPOINTS`: without them the
+/// agent would ignore the variable and such a test would prove nothing.
+pub fn require_agent_failpoints() -> Result<()> {
+    let out = Command::new(bin("lockstep-agent")).arg("--version").output()?;
+    let version = String::from_utf8_lossy(&out.stdout);
+    if !version.contains("test failpoints compiled in") {
+        bail!(
+            "{} was built without test failpoints ({}); build it with `cargo test --workspace` or \
+             `cargo build -p lockstep-agent --features failpoints`",
+            bin("lockstep-agent").display(),
+            version.trim()
+        );
+    }
+    Ok(())
+}
+
 /// A port on 127.0.0.1 that is free now and that this process has not handed out before.
 ///
 /// Taken below the kernel's ephemeral range (32768 and up by default), walking up from a
