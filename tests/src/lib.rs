@@ -4,11 +4,14 @@
 //! symlinks and empty directories.
 
 pub mod measure;
-pub mod pg;
 pub mod proxy;
 pub mod tree;
 
-use std::net::{SocketAddr, TcpListener};
+/// The PostgreSQL cluster harness and free ports live in `lockstep-testkit`, shared with the
+/// receiver's unit tests.
+pub use lockstep_testkit::{free_port, pg};
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,28 +53,6 @@ pub fn require_agent_failpoints() -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A port on 127.0.0.1 that is free now and that this process has not handed out before.
-///
-/// Taken below the kernel's ephemeral range (32768 and up by default), walking up from a
-/// per-process start: a port the kernel picked for `bind(0)` and released could be picked
-/// again for the next caller (tests run in parallel) or become an outgoing connection's
-/// source port before the daemon that was given it binds it — then that daemon fails with
-/// "Address already in use".
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const FIRST: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(u32::MAX, std::process::id() % 1000 * 11, Ordering::SeqCst, Ordering::SeqCst);
-    for _ in 0..SPAN {
-        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A replication setup on this host: one agent watching `src`, one receiver applying to
