@@ -3,10 +3,15 @@
 //! The applier commits each round's standby transaction with `synchronous_commit = off`: the
 //! changes are visible at once, without waiting for the standby's WAL flush. Before that round
 //! is acknowledged (and so before the agent may forget it), the session runs the commit's
-//! durable half — here: a WAL flush barrier on a second connection. A transaction that gets a
-//! transaction id and commits synchronously waits until WAL is flushed up to its own commit
-//! record, which lies after every commit that returned before it; so once the barrier returns,
-//! the round's transaction (and its position row) is on disk.
+//! durable half — here: a WAL flush barrier on a second connection. A transaction that writes
+//! WAL and commits synchronously waits until WAL is flushed up to its own commit record, which
+//! lies after every commit that returned before it; so once the barrier returns, the round's
+//! transaction (and its position row) is on disk. It must write WAL itself: PostgreSQL commits
+//! a transaction that wrote none asynchronously even with `synchronous_commit = on`, a
+//! transaction id (`txid_current()`) notwithstanding — which is what the barrier once relied
+//! on, and a crash of the standby then lost rounds already acknowledged. So the barrier
+//! rewrites the position row unchanged (`SET seq = seq`), and reads it back in the same
+//! statement. With no position row there is nothing to make durable, and nothing is written.
 //!
 //! A barrier proves nothing about commits a crash of the standby already threw away (a
 //! crash-restart after a backend was killed, an immediate shutdown, a failover): it would
@@ -109,13 +114,13 @@ fn run(conn: PgConn, agent: String, source: String, rx: mpsc::Receiver<Request>)
                                     debug!(error = %e, "standby flush connection ended");
                                 }
                             });
-                            // One autocommit transaction that takes a transaction id commits
-                            // synchronously, after reading the position row.
+                            // One autocommit transaction that writes WAL (the position row,
+                            // rewritten unchanged) commits synchronously; it returns the row.
                             let setup = async {
                                 c.batch_execute("SET synchronous_commit = on").await?;
                                 c.prepare(
-                                    "SELECT pg_catalog.txid_current(), (SELECT seq FROM lockstep.applied_position \
-                                     WHERE agent = $1 AND source = $2)",
+                                    "UPDATE lockstep.applied_position SET seq = seq \
+                                     WHERE agent = $1 AND source = $2 RETURNING seq",
                                 )
                                 .await
                             };
@@ -128,10 +133,10 @@ fn run(conn: PgConn, agent: String, source: String, rx: mpsc::Receiver<Request>)
                     }
                 }
                 let (c, stmt) = client.as_ref().expect("connected above");
-                let barrier = c.query_one(stmt, &[&agent, &source]).await;
+                let barrier = c.query_opt(stmt, &[&agent, &source]).await;
                 match barrier {
                     Ok(row) => {
-                        let kept: Option<i64> = row.get(1);
+                        let kept: Option<i64> = row.map(|r| r.get(0));
                         return match (seq, kept) {
                             (None, _) => Ok(()),
                             (Some(want), Some(kept)) if kept as u64 >= want => Ok(()),
