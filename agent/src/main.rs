@@ -65,18 +65,19 @@ fn load(path: &std::path::Path) -> Result<AgentConfig, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_format);
-    // Test builds only: failpoints named in FAILPOINTS (e.g. `journal::hold_flushes=return(30000)`)
-    // stay configured while this guard lives, i.e. for the whole process.
-    #[cfg(feature = "failpoints")]
-    let _failpoints = {
-        tracing::warn!(failpoints = %std::env::var("FAILPOINTS").unwrap_or_default(), "built with test failpoints");
-        fail::FailScenario::setup()
-    };
     match cli.cmd {
         Cmd::Run { config } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
+            };
+            // Test builds only: failpoints named in FAILPOINTS (e.g.
+            // `journal::hold_flushes=return(30000)`) stay configured while this guard lives,
+            // i.e. until the daemon stops.
+            #[cfg(feature = "failpoints")]
+            let _failpoints = {
+                tracing::warn!(failpoints = %std::env::var("FAILPOINTS").unwrap_or_default(), "built with test failpoints");
+                fail::FailScenario::setup()
             };
             lockstep_common::daemon::run_until_signal(|shutdown| async move {
                 lockstep_agent::run(cfg, shutdown).await.map_err(|e| format!("{e:#}"))
