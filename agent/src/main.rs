@@ -8,8 +8,15 @@ use clap::{Parser, Subcommand};
 use lockstep_common::config::AgentConfig;
 use lockstep_common::telemetry::{self, LogFormat};
 
+/// `--version`; a build with test failpoints says so, so a binary can be checked for them.
+const VERSION: &str = if cfg!(feature = "failpoints") {
+    concat!(env!("CARGO_PKG_VERSION"), " (test failpoints compiled in: not for production)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 #[derive(Parser)]
-#[command(name = "lockstep-agent", version, about = "lockstep source agent: capture, journal and ship changes")]
+#[command(name = "lockstep-agent", version = VERSION, about = "lockstep source agent: capture, journal and ship changes")]
 struct Cli {
     /// Log format on stderr: text or json.
     #[arg(long, global = true, default_value = "text")]
@@ -68,6 +75,14 @@ fn main() -> ExitCode {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
+            // Test builds only: failpoints named in FAILPOINTS (e.g.
+            // `journal::hold_flushes=return(30000)`) stay configured while this guard lives,
+            // i.e. until the daemon stops.
+            #[cfg(feature = "failpoints")]
+            let _failpoints = {
+                tracing::warn!(failpoints = %std::env::var("FAILPOINTS").unwrap_or_default(), "built with test failpoints");
+                fail::FailScenario::setup()
+            };
             lockstep_common::daemon::run_until_signal(|shutdown| async move {
                 lockstep_agent::run(cfg, shutdown).await.map_err(|e| format!("{e:#}"))
             })

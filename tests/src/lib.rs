@@ -4,11 +4,14 @@
 //! symlinks and empty directories.
 
 pub mod measure;
-pub mod pg;
 pub mod proxy;
 pub mod tree;
 
-use std::net::{SocketAddr, TcpListener};
+/// The PostgreSQL cluster harness and free ports live in `lockstep-testkit`, shared with the
+/// receiver's unit tests.
+pub use lockstep_testkit::{free_port, pg};
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,27 +38,21 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A port that was free a moment ago.
-/// A port on 127.0.0.1 that is free now and that this process has not handed out before.
-///
-/// Taken below the kernel's ephemeral range (32768 and up by default), walking up from a
-/// per-process start: a port the kernel picked for `bind(0)` and released could be picked
-/// again for the next caller (tests run in parallel) or become an outgoing connection's
-/// source port before the daemon that was given it binds it — then that daemon fails with
-/// "Address already in use".
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const FIRST: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(u32::MAX, std::process::id() % 1000 * 11, Ordering::SeqCst, Ordering::SeqCst);
-    for _ in 0..SPAN {
-        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
+/// Fails unless the built `lockstep-agent` has the test failpoints compiled in (its
+/// `failpoints` feature), for tests that configure them through `FAILPOINTS`: without them the
+/// agent would ignore the variable and such a test would prove nothing.
+pub fn require_agent_failpoints() -> Result<()> {
+    let out = Command::new(bin("lockstep-agent")).arg("--version").output()?;
+    let version = String::from_utf8_lossy(&out.stdout);
+    if !version.contains("test failpoints compiled in") {
+        bail!(
+            "{} was built without test failpoints ({}); build it with `cargo test --workspace` or \
+             `cargo build -p lockstep-agent --features failpoints`",
+            bin("lockstep-agent").display(),
+            version.trim()
+        );
     }
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    Ok(())
 }
 
 /// A replication setup on this host: one agent watching `src`, one receiver applying to

@@ -725,8 +725,11 @@ fn pg_source_and_standby_servers_crash_mid_load() -> Result<()> {
 /// seq, and the receiver recognises it by commit LSN. Nothing may be lost, applied twice (the
 /// keyless table would show a doubled row) or resynced, and the stream must go on. Once the
 /// receiver is restarted in that window too, coming back ahead of the journal's durable end.
+/// The hook is the agent's failpoint `journal::hold_flushes`, in builds with its `failpoints`
+/// feature (which `cargo test --workspace` enables; see README, Tests).
 #[test]
 fn pg_agent_killed_between_shipping_and_journal_flush() -> Result<()> {
+    lockstep_tests::require_agent_failpoints()?;
     let pg = PgCluster::start()?;
     let mut s = pg_setup(&pg)?;
     pg.psql(
@@ -741,7 +744,7 @@ fn pg_agent_killed_between_shipping_and_journal_flush() -> Result<()> {
         // Nothing this agent appends is durable before `started` + the delay: the kill must
         // come before that for the test to mean anything.
         const HELD: Duration = Duration::from_secs(30);
-        s.agent_env = vec![("LOCKSTEP_TEST_JOURNAL_FLUSH_DELAY_MS".into(), HELD.as_millis().to_string())];
+        s.agent_env = vec![("FAILPOINTS".into(), format!("journal::hold_flushes=return({})", HELD.as_millis()))];
         let started = Instant::now();
         s.start_agent()?;
         s.wait_caught_up(Duration::from_secs(15))?;

@@ -319,12 +319,13 @@ fn flush_loop(
     Ok(())
 }
 
-/// Test hook: `LOCKSTEP_TEST_JOURNAL_FLUSH_DELAY_MS` holds every journal flush back this long
-/// (and stops sled's own periodic flush), so tests can kill the agent while records are
-/// shipped but not yet durable. Not for production use.
+/// Test hook, the failpoint `journal::hold_flushes` (`return(MS)`): holds every journal flush
+/// back MS milliseconds (and stops sled's own periodic flush), so tests can kill the agent while
+/// records are shipped but not yet durable. It exists only in builds with the `failpoints`
+/// feature, which release builds never enable; elsewhere this is always `None`.
 pub(crate) fn test_flush_delay() -> Option<std::time::Duration> {
-    std::env::var("LOCKSTEP_TEST_JOURNAL_FLUSH_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(std::time::Duration::from_millis)
+    fail::fail_point!("journal::hold_flushes", |ms| {
+        ms.and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis)
+    });
+    None
 }

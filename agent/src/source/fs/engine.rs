@@ -461,6 +461,9 @@ impl Engine {
                 h.content = true;
                 h.subtree = true;
             }
+            if batch.moved_in {
+                self.catch_up_with_watcher();
+            }
             let mut hints: Vec<(RelPath, Hint)> =
                 batch.hints.drain().filter_map(|(p, h)| self.rel(&p).map(|r| (r, h))).collect();
             // Sorted, parents come before their children.
@@ -478,6 +481,23 @@ impl Engine {
         self.flush()?;
         self.done.clear();
         Ok(scanned)
+    }
+
+    /// Waits until the watcher has finished handling the events it handed on so far. Called
+    /// before the destinations of moves are compared with the disk: notify's inotify backend
+    /// learns of a moved directory only when its thread handles the move, and until then it
+    /// reports changes inside the directory under the old path (which the engine cannot place),
+    /// then none at all until it has re-registered the watches under the new path. A
+    /// comparison made before that could miss a change made in that window, for good (a
+    /// deleted file would stay on the standby). Made after it, it sees every such change; later
+    /// ones come with their right paths. notify's thread handles requests in turn with the
+    /// kernel's events, after the batch of events that held the move (the watch updates
+    /// included): a request that changes nothing, answered, shows that it is done.
+    fn catch_up_with_watcher(&mut self) {
+        if let Some(w) = self.watcher.as_mut() {
+            use notify::Watcher as _;
+            let _ = w.configure(notify::Config::default());
+        }
     }
 
     fn full_scan(&mut self, why: &str) -> R<()> {
@@ -911,6 +931,9 @@ impl Engine {
             tracing::warn!(
                 "the watcher lost events while the first index was built; changes made then may be missing on receivers seeded meanwhile until the next resync"
             );
+        }
+        if batch.moved_in {
+            self.catch_up_with_watcher();
         }
         let mut paths = std::collections::BTreeSet::new();
         for (from, to) in &batch.renames {

@@ -776,6 +776,50 @@ async fn changes_right_after_a_directory_rename_are_not_lost() {
     h.stop().await;
 }
 
+/// notify learns of a directory rename only when its thread handles the event: until then it
+/// reports changes inside the directory under the old path, and while it re-registers the
+/// watches, not at all. A busy machine can hold its thread there after the engine has handled
+/// the rename (the destination compared with the disk as it then was). A file deleted and one
+/// created in the moved directory in that window must still reach the journal. The window is
+/// forced by a failpoint that stops notify's thread right after it handed on the rename.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changes_in_a_moved_directory_before_the_watcher_caught_up_are_not_lost() {
+    const { assert!(cfg!(feature = "failpoints"), "needs the failpoints feature (the crate's dev-dependencies enable it)") };
+    let scenario = fail::FailScenario::setup();
+    let mut h = Harness::new(&[]);
+    std::fs::create_dir_all(h.p("a/sub")).unwrap();
+    for f in ["a/f", "a/g", "a/sub/h"] {
+        std::fs::write(h.p(f), f).unwrap();
+    }
+    h.start().await;
+    let mut model = Model::from_disk(&h.root, &[]);
+    let (reached_tx, reached) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    fail::cfg("fs::watch::stall_after_rename", &format!("return({})", h.root.display())).unwrap();
+    fail::cfg_callback("fs::watch::stalled", move || {
+        let _ = reached_tx.send(());
+        let _ = go_rx.lock().unwrap().recv();
+    })
+    .unwrap();
+    std::fs::rename(h.p("a"), h.p("b")).unwrap();
+    reached.recv_timeout(Duration::from_secs(10)).expect("notify's thread stopped after the rename");
+    // The engine handles the rename meanwhile (its thread is not the one stopped).
+    model.apply_all(&h.ops_until(|ops| ops.iter().any(|o| matches!(o, FsOp::Rename { .. }))).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::remove_file(h.p("b/f")).unwrap();
+    std::fs::remove_file(h.p("b/sub/h")).unwrap();
+    std::fs::write(h.p("b/sub/new"), "new").unwrap();
+    drop(go);
+    fail::remove("fs::watch::stall_after_rename");
+    model.apply_all(&h.settle().await);
+    let on_disk = Model::from_disk(&h.root, &[]).nodes;
+    // Stopped before asserting: a failed assertion must not leave the engine's thread running.
+    h.stop().await;
+    scenario.teardown();
+    assert_eq!(model.nodes, on_disk);
+}
+
 /// A snapshot reads the disk on its own: a file created and deleted while one runs can be in
 /// it without the index ever knowing the file. Its deletion must still reach the journal, or
 /// the receiver seeded by that snapshot keeps it.

@@ -29,10 +29,35 @@ pub(crate) fn start(root: &Path, tx: Sender<Msg>) -> notify::Result<notify::Reco
                 return;
             }
         }
+        #[cfg(feature = "failpoints")]
+        let renamed = res
+            .as_ref()
+            .ok()
+            .filter(|ev| matches!(ev.kind, EventKind::Modify(ModifyKind::Name(RenameMode::Both))))
+            .and_then(|ev| ev.paths.first().cloned());
         let _ = tx.send(Msg::Fs(res));
+        #[cfg(feature = "failpoints")]
+        if let Some(from) = renamed {
+            stall_after_rename(&from);
+        }
     })?;
     w.watch(root, RecursiveMode::Recursive)?;
     Ok(w)
+}
+
+/// Test hook (builds with the `failpoints` feature only): with the failpoint
+/// `fs::watch::stall_after_rename` set to `return(DIR)`, notify's thread stops right after
+/// handing on a rename of a path under DIR, until the failpoint `fs::watch::stalled` (set to
+/// `pause`) is turned off — as a busy machine may hold it there, before notify has updated its
+/// watches for the move, so that it still reports changes inside the moved directory under
+/// the old path, or not at all.
+#[cfg(feature = "failpoints")]
+fn stall_after_rename(from: &Path) {
+    fail::fail_point!("fs::watch::stall_after_rename", |dir: Option<String>| {
+        if dir.is_some_and(|d| from.starts_with(d)) {
+            fail::fail_point!("fs::watch::stalled");
+        }
+    });
 }
 
 /// Whether a watcher error means the inotify watch limit was hit.
@@ -65,6 +90,9 @@ pub(crate) struct Batch {
     /// The inotify watch limit was hit.
     pub watch_limit: bool,
     pub repairs: Vec<RepairRequest>,
+    /// Something was moved to a path in the tree (a rename or a move in): see
+    /// `Engine::catch_up_with_watcher`.
+    pub moved_in: bool,
     pub stop: bool,
     pub events: usize,
 }
@@ -109,6 +137,7 @@ impl Batch {
                 self.renames.push((ev.paths[0].clone(), ev.paths[1].clone()));
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                self.moved_in = true;
                 for p in &ev.paths {
                     self.hint(p, Hint { content: true, subtree: true });
                 }

@@ -3,135 +3,40 @@
 //! with identical rows, truncate, schema changes, chunked transactions, dedupe, resync, the
 //! position row, refusals, SQL errors, reconnects and a bulk insert.
 //!
-//! The server binaries must be at [`PG_BIN`] (Debian's postgresql-15 package). Running as root,
-//! the cluster runs as the system user `lockstep-pg` (created if missing), since PostgreSQL
-//! refuses to run as root.
+//! The clusters come from `lockstep-testkit`, the harness the end-to-end tests use too: it
+//! finds the server binaries (`LOCKSTEP_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`,
+//! else `PATH`), picks free ports, and when run as root runs the server as an unprivileged
+//! system user (PostgreSQL refuses to run as root).
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lockstep_common::config::TargetConfig;
 use lockstep_common::event::{Change, JournalId, Seq, SourceKind};
 use lockstep_common::proto::{self, pg_op, pg_value, PgColumn, PgOp, PgRelation, PgTransaction, PgTuple, PgValue};
+use lockstep_testkit::pg::PgCluster;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use super::PgApplier;
 use crate::applier::{Applier, ApplyError, Position};
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-const PG_USER: &str = "lockstep-pg";
-
 // ---------------------------------------------------------------- throwaway cluster
 
-/// The uid and gid to run the server as, when we are root (creating the user once).
-fn server_ids() -> Option<(u32, u32)> {
-    static IDS: OnceLock<Option<(u32, u32)>> = OnceLock::new();
-    *IDS.get_or_init(|| {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return None;
-        }
-        let lookup = || -> Option<(u32, u32)> {
-            let id = |flag: &str| -> Option<u32> {
-                let out = Command::new("id").arg(flag).arg(PG_USER).output().ok()?;
-                String::from_utf8(out.stdout).ok()?.trim().parse().ok().filter(|_| out.status.success())
-            };
-            Some((id("-u")?, id("-g")?))
-        };
-        for _ in 0..20 {
-            if let Some(ids) = lookup() {
-                return Some(ids);
-            }
-            // Exit status 9 ("already exists") or a busy /etc/passwd lock (another test
-            // process creating it at the same time) are both fine: look again.
-            let _ = Command::new("useradd")
-                .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER])
-                .status();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("cannot create or find the system user {PG_USER} to run PostgreSQL as");
-    })
-}
-
-/// Runs a server binary as the server user.
-fn pg_command(bin: &str, cwd: &Path) -> Command {
-    let path = Path::new(PG_BIN).join(bin);
-    let mut cmd = match server_ids() {
-        Some(_) => {
-            let mut c = Command::new("setpriv");
-            c.args([
-                &format!("--reuid={PG_USER}"),
-                &format!("--regid={PG_USER}"),
-                "--init-groups",
-                path.to_str().expect("utf-8 path"),
-            ]);
-            c
-        }
-        None => Command::new(path),
-    };
-    cmd.current_dir(cwd);
-    cmd
-}
-
-/// A PostgreSQL cluster in a temporary directory, stopped and removed on drop.
-struct Cluster {
-    dir: PathBuf,
-    port: u16,
-}
+/// A cluster for one test, with the standby database `postgres`.
+struct Cluster(PgCluster);
 
 impl Cluster {
     fn start() -> Cluster {
-        assert!(
-            Path::new(PG_BIN).join("initdb").exists() && Path::new(PG_BIN).join("pg_ctl").exists(),
-            "PostgreSQL server binaries not found in {PG_BIN}: install Debian's postgresql-15 package \
-             (apt-get install postgresql-15) to run the PostgreSQL applier tests"
-        );
-        let dir = tempfile::Builder::new().prefix("lockstep-pgtest-").tempdir_in("/tmp").unwrap().keep();
-        if let Some((uid, gid)) = server_ids() {
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
-        }
-        let data = dir.join("data");
-        let out = pg_command("initdb", &dir)
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync", "--encoding=UTF8", "--locale=C"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "initdb failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let out = pg_command("pg_ctl", &dir)
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.join("log"))
-            .args(["-w", "-t", "60", "-o"])
-            .arg(format!("-p {port} -k {} -c listen_addresses=127.0.0.1", dir.display()))
-            .arg("start")
-            .output()
-            .unwrap();
-        let cluster = Cluster { dir, port };
-        if !out.status.success() {
-            let log = std::fs::read_to_string(cluster.dir.join("log")).unwrap_or_default();
-            panic!(
-                "pg_ctl start failed: {}{}\n{log}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        cluster
+        Self::start_with(&[])
+    }
+
+    /// With extra `postgresql.conf` lines.
+    fn start_with(conf: &[&str]) -> Cluster {
+        Cluster(PgCluster::start_with(conf).unwrap_or_else(|e| panic!("start a PostgreSQL cluster: {e:#}")))
     }
 
     fn dsn(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+        self.0.dsn("postgres")
     }
 
     fn target(&self) -> TargetConfig {
@@ -160,17 +65,6 @@ impl Cluster {
 
     fn db(&self) -> Db {
         Db::connect(&self.dsn())
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = pg_command("pg_ctl", &self.dir)
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["stop", "-m", "immediate"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -1218,20 +1112,13 @@ fn pg_session_start_reconnects_after_the_connection_died() {
 /// starts from what the standby kept, made durable first.
 #[test]
 fn pg_flush_barrier_fails_when_the_standby_lost_the_commit() {
-    let pg = Cluster::start();
+    let mut pg = Cluster::start();
     let mut a = pg.open();
     commit_first_kv_row(&mut a);
     a.apply(Seq(2), tx(200, vec![kv_relation(1, "kv"), insert(1, &[vec![Some("2"), Some("b")]])])).unwrap();
     assert!(a.prepare_commit(pos(2)).unwrap().is_some());
-    let out = pg_command("pg_ctl", &pg.dir)
-        .arg("-D")
-        .arg(pg.dir.join("data"))
-        .arg("-l")
-        .arg(pg.dir.join("log"))
-        .args(["restart", "-m", "immediate", "-w", "-t", "60"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A crash: the postmaster is killed and started again (crash recovery) on the same port.
+    pg.0.restart().unwrap_or_else(|e| panic!("{e:#}"));
     // Whether the restart kept seq 2 depends on the WAL writer; a barrier for a commit the
     // standby does not hold (seq 3 here) must fail either way.
     let e = a.st.flusher.barrier(Some(3))().expect_err("a barrier for a commit the standby lacks");
@@ -1241,6 +1128,38 @@ fn pg_flush_barrier_fails_when_the_standby_lost_the_commit() {
     assert!(kept == pos(1) || kept == pos(2), "{kept:?}");
     assert_eq!(pg.db().count("SELECT count(*) FROM kv"), kept.seq.0 as i64);
     a.st.flusher.barrier(Some(kept.seq.0))().expect("a barrier for what the standby holds");
+}
+
+/// A round is committed asynchronously (visible at once); the durable half of its commit must
+/// leave the standby's WAL flushed through that commit. PostgreSQL flushes WAL at a synchronous
+/// commit only for a transaction that wrote WAL itself (one that merely took a transaction id
+/// commits asynchronously), so a barrier that writes nothing returns with the round still in
+/// WAL buffers, and a crash of the standby then loses a round already acknowledged. The WAL
+/// writer is slowed down here, so that nothing else flushes the round meanwhile.
+#[test]
+fn pg_the_durable_half_of_a_commit_flushes_the_standby_wal() {
+    let pg = Cluster::start_with(&["wal_writer_delay = 10s"]);
+    let mut a = pg.open();
+    let db = pg.db();
+    commit_first_kv_row(&mut a);
+    let lsn = |f: &str| -> i64 { db.count(&format!("SELECT (pg_catalog.{f}() - '0/0'::pg_lsn)::bigint")) };
+    for seq in 2..10u64 {
+        let id = seq.to_string();
+        a.apply(Seq(seq), tx(seq * 100, vec![kv_relation(1, "kv"), insert(1, &[vec![Some(id.as_str()), Some("x")]])]))
+            .unwrap();
+        let durable = a.prepare_commit(pos(seq)).unwrap().expect("a commit with a durable half");
+        let committed = lsn("pg_current_wal_insert_lsn");
+        if lsn("pg_current_wal_flush_lsn") >= committed {
+            // Flushed by someone else before the barrier ran: proves nothing, try another round.
+            durable().unwrap();
+            continue;
+        }
+        durable().unwrap();
+        let flushed = lsn("pg_current_wal_flush_lsn");
+        assert!(flushed >= committed, "WAL flushed to {flushed}, but round {seq} committed at {committed}");
+        return;
+    }
+    panic!("every round's WAL was flushed before its barrier ran; the barrier went untested");
 }
 
 #[test]

@@ -1,11 +1,13 @@
-//! Throwaway PostgreSQL clusters for end-to-end tests and benchmarks: `initdb` into a fresh
-//! directory, a postmaster on a free port of 127.0.0.1 (plus a unix socket in that directory)
-//! configured for logical replication, and the client tools (`psql`, `pgbench`) pointed at it.
+//! Throwaway PostgreSQL clusters for the receiver's applier tests, the end-to-end tests and the
+//! benchmarks: `initdb` into a fresh directory, a postmaster on a free port of 127.0.0.1 (plus
+//! a unix socket in that directory) configured for logical replication, and the client tools
+//! (`psql`, `pgbench`) pointed at it.
 //! Everything is blocking; nothing is shared between clusters except, when running as root, the
 //! unprivileged system user [`PG_USER`] the server runs as (PostgreSQL refuses to run as root).
 //!
 //! Binaries: `$LOCKSTEP_PG_BIN` if set, else the highest version under
-//! `/usr/lib/postgresql/*/bin`, else `pg_config --bindir`.
+//! `/usr/lib/postgresql/*/bin`, else the directory of `initdb` on `PATH`, else
+//! `pg_config --bindir`.
 //!
 //! Set `LOCKSTEP_KEEP=1` to keep a cluster's directory (data, `postgres.log`) after the test.
 
@@ -722,6 +724,9 @@ fn find_bin_dir() -> Result<PathBuf> {
     }
     if let Some((_, bin)) = best {
         return Ok(bin);
+    }
+    if let Some(dir) = which("initdb").and_then(|p| p.parent().map(Path::to_path_buf)) {
+        return Ok(dir);
     }
     let out = Command::new("pg_config").arg("--bindir").output();
     if let Ok(out) = out {
