@@ -461,7 +461,7 @@ impl Engine {
                 h.content = true;
                 h.subtree = true;
             }
-            if batch.moved_in {
+            if batch.watches_changing {
                 self.catch_up_with_watcher();
             }
             let mut hints: Vec<(RelPath, Hint)> =
@@ -484,6 +484,8 @@ impl Engine {
     }
 
     /// Waits until the watcher has finished handling the events it handed on so far. Called
+    /// before new directories are walked: notify hands on a directory's creation before it
+    /// adds the watch on it, and what is created inside before then reports nothing. And
     /// before the destinations of moves are compared with the disk: notify's inotify backend
     /// learns of a moved directory only when its thread handles the move, and until then it
     /// reports changes inside the directory under the old path (which the engine cannot place),
@@ -932,7 +934,7 @@ impl Engine {
                 "the watcher lost events while the first index was built; changes made then may be missing on receivers seeded meanwhile until the next resync"
             );
         }
-        if batch.moved_in {
+        if batch.watches_changing {
             self.catch_up_with_watcher();
         }
         let mut paths = std::collections::BTreeSet::new();

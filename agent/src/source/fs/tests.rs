@@ -820,6 +820,49 @@ async fn changes_in_a_moved_directory_before_the_watcher_caught_up_are_not_lost(
     assert_eq!(model.nodes, on_disk);
 }
 
+/// notify hands on a directory's creation before it adds the watch on it (at the end of the
+/// batch of kernel events it read); what is created inside before then reports nothing. An
+/// engine that walked the new directory right away could record it without a file created a
+/// moment later, and never hear of that file. The engine walks a new directory only once the
+/// watcher has caught up, and walks it again when the directory's own creation arrives (it may
+/// have recorded it already through its parent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn files_created_in_a_new_directory_before_its_watch_are_not_lost() {
+    const { assert!(cfg!(feature = "failpoints"), "needs the failpoints feature (the crate's dev-dependencies enable it)") };
+    let scenario = fail::FailScenario::setup();
+    let mut h = Harness::new(&[]);
+    h.start().await;
+    let mut model = Model::from_disk(&h.root, &[]);
+    let (reached_tx, reached) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    fail::cfg("fs::watch::stall_after_mkdir", &format!("return({})", h.p("p").display())).unwrap();
+    fail::cfg_callback("fs::watch::stalled", move || {
+        let _ = reached_tx.send(());
+        let _ = go_rx.lock().unwrap().recv();
+    })
+    .unwrap();
+    std::fs::create_dir(h.p("p")).unwrap();
+    reached.recv_timeout(Duration::from_secs(10)).expect("notify's thread stopped after p's creation");
+    // notify has handed on p's creation but not yet watched p.
+    std::fs::create_dir(h.p("p/d")).unwrap();
+    // An engine that walks p now records p/d empty (give it the chance; a correct one waits).
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2)
+        && !h.all_ops(h.mark).iter().any(|o| matches!(o, FsOp::Mkdir { path, .. } if *path == rp("p/d")))
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(h.p("p/d/f"), "made before p/d was watched").unwrap();
+    drop(go);
+    fail::remove("fs::watch::stall_after_mkdir");
+    model.apply_all(&h.settle().await);
+    let on_disk = Model::from_disk(&h.root, &[]).nodes;
+    h.stop().await;
+    scenario.teardown();
+    assert_eq!(model.nodes, on_disk);
+}
+
 /// A snapshot reads the disk on its own: a file created and deleted while one runs can be in
 /// it without the index ever knowing the file. Its deletion must still reach the journal, or
 /// the receiver seeded by that snapshot keeps it.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 
-use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{Event, EventKind, RecursiveMode, Watcher};
 
 use crate::source::RepairRequest;
@@ -35,10 +35,20 @@ pub(crate) fn start(root: &Path, tx: Sender<Msg>) -> notify::Result<notify::Reco
             .ok()
             .filter(|ev| matches!(ev.kind, EventKind::Modify(ModifyKind::Name(RenameMode::Both))))
             .and_then(|ev| ev.paths.first().cloned());
+        #[cfg(feature = "failpoints")]
+        let created_dir = res
+            .as_ref()
+            .ok()
+            .filter(|ev| matches!(ev.kind, EventKind::Create(CreateKind::Folder)))
+            .and_then(|ev| ev.paths.first().cloned());
         let _ = tx.send(Msg::Fs(res));
         #[cfg(feature = "failpoints")]
         if let Some(from) = renamed {
             stall_after_rename(&from);
+        }
+        #[cfg(feature = "failpoints")]
+        if let Some(dir) = created_dir {
+            stall_after_mkdir(&dir);
         }
     })?;
     w.watch(root, RecursiveMode::Recursive)?;
@@ -60,6 +70,19 @@ fn stall_after_rename(from: &Path) {
     });
 }
 
+/// Test hook (builds with the `failpoints` feature only): with the failpoint
+/// `fs::watch::stall_after_mkdir` set to `return(DIR)`, notify's thread stops right after
+/// handing on the creation of directory DIR, until the failpoint `fs::watch::stalled` (set to
+/// `pause`) is turned off — before it has read (and added watches for) what happens next.
+#[cfg(feature = "failpoints")]
+fn stall_after_mkdir(created: &Path) {
+    fail::fail_point!("fs::watch::stall_after_mkdir", |dir: Option<String>| {
+        if dir.is_some_and(|d| created == Path::new(&d)) {
+            fail::fail_point!("fs::watch::stalled");
+        }
+    });
+}
+
 /// Whether a watcher error means the inotify watch limit was hit.
 pub(crate) fn is_watch_limit(e: &notify::Error) -> bool {
     match &e.kind {
@@ -74,7 +97,8 @@ pub(crate) fn is_watch_limit(e: &notify::Error) -> bool {
 pub(crate) struct Hint {
     /// Content may have changed even if size and mtime did not (a write was seen): read it.
     pub content: bool,
-    /// If it is a directory, reconcile everything below it too (it was moved in).
+    /// If it is a directory, reconcile everything below it too (it was moved in, or just
+    /// created).
     pub subtree: bool,
 }
 
@@ -90,9 +114,9 @@ pub(crate) struct Batch {
     /// The inotify watch limit was hit.
     pub watch_limit: bool,
     pub repairs: Vec<RepairRequest>,
-    /// Something was moved to a path in the tree (a rename or a move in): see
-    /// `Engine::catch_up_with_watcher`.
-    pub moved_in: bool,
+    /// Something was moved to a path in the tree (a rename or a move in), or a directory was
+    /// created: see `Engine::catch_up_with_watcher`.
+    pub watches_changing: bool,
     pub stop: bool,
     pub events: usize,
 }
@@ -137,7 +161,7 @@ impl Batch {
                 self.renames.push((ev.paths[0].clone(), ev.paths[1].clone()));
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
-                self.moved_in = true;
+                self.watches_changing = true;
                 for p in &ev.paths {
                     self.hint(p, Hint { content: true, subtree: true });
                 }
@@ -145,6 +169,15 @@ impl Batch {
             EventKind::Modify(ModifyKind::Metadata(_)) => {
                 for p in &ev.paths {
                     self.hint(p, Hint::default());
+                }
+            }
+            // notify watches a new directory only after handing on its creation, so what is
+            // created in it before then reports nothing: the engine walks it once the watcher
+            // has caught up (`watches_changing`), even if it recorded it already through its parent.
+            EventKind::Create(CreateKind::Folder) => {
+                self.watches_changing = true;
+                for p in &ev.paths {
+                    self.hint(p, Hint { content: true, subtree: true });
                 }
             }
             EventKind::Access(AccessKind::Close(AccessMode::Write))
