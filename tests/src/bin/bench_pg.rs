@@ -10,10 +10,10 @@
 //!     row is visible on the standby, and from the source's COMMIT returning until then (both
 //!     replicators stream a large transaction while it runs: lockstep always, native with the
 //!     subscription's `streaming = on` — `parallel` from PostgreSQL 16 —, its best setting);
-//!  2b. the same transaction committed while the replicator is stopped (the backlog after an
+//!  3. the same transaction committed while the replicator is stopped (the backlog after an
 //!     outage): from restarting it (lockstep: the agent; native: `ALTER SUBSCRIPTION ... ENABLE`)
 //!     until the last row is visible;
-//!  3. the initial copy of an existing database (`SNAP_TABLES` tables of `SNAP_ROWS` rows,
+//!  4. the initial copy of an existing database (`SNAP_TABLES` tables of `SNAP_ROWS` rows,
 //!     mixed types): from starting the daemons (lockstep, which also creates the tables on the
 //!     standby) or creating the subscription (native, `copy_data = true`, tables created
 //!     beforehand) until every row is on the standby.
