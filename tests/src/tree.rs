@@ -60,44 +60,25 @@ fn scan_with_allocation(root: &Path) -> std::io::Result<(BTreeMap<PathBuf, Entry
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir)? {
-            let e = e?;
-            let path = e.path();
-            let meta = std::fs::symlink_metadata(&path)?;
+            let path = e?.path();
             let rel = path.strip_prefix(root).expect("under root").to_path_buf();
-            let mode = meta.permissions().mode() & 0o7777;
-            let ft = meta.file_type();
-            let attrs =
-                || -> std::io::Result<Attrs> { Ok(Attrs { uid: meta.uid(), gid: meta.gid(), xattrs: xattrs(&path)? }) };
-            let entry = if ft.is_symlink() {
-                Entry::Symlink { target: std::fs::read_link(&path)?, uid: meta.uid(), gid: meta.gid() }
-            } else if ft.is_dir() {
-                stack.push(path.clone());
-                Entry::Dir { mode, attrs: attrs()? }
-            } else if ft.is_file() {
-                let data = std::fs::read(&path)?;
-                allocated.insert(rel.clone(), meta.blocks() * 512);
-                if meta.nlink() > 1 {
-                    inodes.entry((meta.dev(), meta.ino())).or_default().push(rel.clone());
-                }
-                Entry::File {
-                    mode,
-                    len: data.len() as u64,
-                    hash: *blake3::hash(&data).as_bytes(),
-                    attrs: attrs()?,
-                    links: Vec::new(),
-                }
-            } else {
-                let kind = if ft.is_fifo() {
-                    'p'
-                } else if ft.is_char_device() {
-                    'c'
-                } else if ft.is_block_device() {
-                    'b'
-                } else {
-                    's'
-                };
-                Entry::Special { kind, mode, rdev: meta.rdev(), attrs: attrs()? }
+            // A live tree: an entry (a receiver's staging file, say) may vanish while it is
+            // listed; it is not part of the tree then.
+            let (entry, meta) = match read_entry(&path) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
             };
+            match &entry {
+                Entry::Dir { .. } => stack.push(path),
+                Entry::File { .. } => {
+                    allocated.insert(rel.clone(), meta.blocks() * 512);
+                    if meta.nlink() > 1 {
+                        inodes.entry((meta.dev(), meta.ino())).or_default().push(rel.clone());
+                    }
+                }
+                _ => {}
+            }
             out.insert(rel, entry);
         }
     }
@@ -110,6 +91,40 @@ fn scan_with_allocation(root: &Path) -> std::io::Result<(BTreeMap<PathBuf, Entry
         }
     }
     Ok((out, allocated))
+}
+
+/// The entry at `path` (not followed), with its lstat.
+fn read_entry(path: &Path) -> std::io::Result<(Entry, std::fs::Metadata)> {
+    let meta = std::fs::symlink_metadata(path)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    let ft = meta.file_type();
+    let attrs = || -> std::io::Result<Attrs> { Ok(Attrs { uid: meta.uid(), gid: meta.gid(), xattrs: xattrs(path)? }) };
+    let entry = if ft.is_symlink() {
+        Entry::Symlink { target: std::fs::read_link(path)?, uid: meta.uid(), gid: meta.gid() }
+    } else if ft.is_dir() {
+        Entry::Dir { mode, attrs: attrs()? }
+    } else if ft.is_file() {
+        let data = std::fs::read(path)?;
+        Entry::File {
+            mode,
+            len: data.len() as u64,
+            hash: *blake3::hash(&data).as_bytes(),
+            attrs: attrs()?,
+            links: Vec::new(),
+        }
+    } else {
+        let kind = if ft.is_fifo() {
+            'p'
+        } else if ft.is_char_device() {
+            'c'
+        } else if ft.is_block_device() {
+            'b'
+        } else {
+            's'
+        };
+        Entry::Special { kind, mode, rdev: meta.rdev(), attrs: attrs()? }
+    };
+    Ok((entry, meta))
 }
 
 /// Every extended attribute of `path` (not following symlinks).

@@ -100,10 +100,9 @@ pub(crate) struct Engine {
 }
 
 /// Margin before the first snapshot's start for [`Engine::sync_entry`]: the kernel stamps
-/// ctime from a coarse clock that may lag the real time by a tick or more; a second is ample,
-/// and journaling a path that changed a moment before the snapshot started costs only a
-/// resend.
-const CUTOFF_MARGIN_NS: i64 = 1_000_000_000;
+/// ctime from a coarse clock that lags the real time by up to a tick (10 ms at 100 Hz).
+/// Journaling a path that changed a moment before the snapshot started costs only a resend.
+const CUTOFF_MARGIN_NS: i64 = 50_000_000;
 
 /// How long after the engine last saw a snapshot running (or learnt that one ran) it still
 /// treats vanished unknown paths as possibly sent by it; covers the watcher's events of
