@@ -209,13 +209,15 @@ fn lockstep_initial(tree_mib: u64) -> Result<(Spread, Spread, Spread, u64)> {
     for round in 0..INITIAL_ROUNDS {
         // Who goes first alternates: the first gigabytes written after a quiet spell go faster.
         let rsync_first = round % 2 == 0;
+        // Nothing of lockstep's runs while rsync runs (an idle agent still watches the source
+        // tree, and inotify wakes it for every file rsync opens).
+        s.kill_agent();
+        s.kill_receiver();
         if rsync_first {
             theirs.push(rsync_initial(&src, &work, round)?);
         }
         // A cold start of both daemons into a new standby each round (nothing is deleted in
         // between: deletions would slow ext4's inode allocation for whoever runs next).
-        s.kill_agent();
-        s.kill_receiver();
         fs::write(&s.agent_cfg, agent_cfg.replace("agent-data", &format!("agent-data-{round}")))?;
         fs::write(
             &s.receiver_cfg,
@@ -252,6 +254,8 @@ fn lockstep_initial(tree_mib: u64) -> Result<(Spread, Spread, Spread, u64)> {
             bail!("standby differs after the initial sync:\n{}", diff.join("\n"));
         }
         if !rsync_first {
+            s.kill_agent();
+            s.kill_receiver();
             theirs.push(rsync_initial(&src, &work, round)?);
         }
         eprintln!(
